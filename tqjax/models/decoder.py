@@ -1,0 +1,152 @@
+"""The Llama-family decoder in Flax NNX (Llama, Qwen2, Mistral: one implementation).
+
+`Decoder(tokens [B, T], caches) -> (logits [B, T, V] float32, caches)`. `caches` is a tuple
+of per-layer caches of any type that implements the cache protocol (`lengths`, `update`,
+`attend`; see `tqjax.dense_cache.DenseCache`); the model never looks at the cache type.
+Positions come from the caches: token t of row b is at `lengths[b] + t`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tqjax.dense_cache import DenseCache
+from tqjax.models.config import ModelConfig
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * y.astype(x.dtype)
+
+
+def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, D // 2] float32 for positions [B, T]."""
+  inv_freq = jnp.asarray(config.rope_inv_freq())  # [D // 2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B, T, N, D] by position; halves convention (x[:D/2], x[D/2:] are pairs)."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  c = cos[:, :, None, :].astype(x.dtype)  # [B, T, 1, D // 2]
+  s = sin[:, :, None, :].astype(x.dtype)
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    h, k, d = config.num_heads, config.num_kv_heads, config.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+    self.sliding_window = config.layer_window(layer)
+    self.q_proj = _linear(config.hidden_size, h * d, config.qkv_bias, dtype, rngs)
+    self.k_proj = _linear(config.hidden_size, k * d, config.qkv_bias, dtype, rngs)
+    self.v_proj = _linear(config.hidden_size, k * d, config.qkv_bias, dtype, rngs)
+    self.o_proj = _linear(h * d, config.hidden_size, config.o_bias, dtype, rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any
+               ) -> tuple[jax.Array, Any]:
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    cache = cache.update(k, v)
+    out = cache.attend(q, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    hid, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+    self.gate_proj = _linear(hid, inter, bias, dtype, rngs)
+    self.up_proj = _linear(hid, inter, bias, dtype, rngs)
+    self.down_proj = _linear(inter, hid, bias, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                            dtype=dtype)
+    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any
+               ) -> tuple[jax.Array, Any]:
+    attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, cache
+
+
+class Decoder(nnx.Module):
+  """Llama-family causal LM. Parameter names follow transformers' state dict."""
+
+  def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                  param_dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([Block(config, i, dtype=dtype, rngs=rngs)
+                            for i in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
+
+  def __call__(self, tokens: jax.Array, caches: Sequence[Any]
+               ) -> tuple[jax.Array, tuple[Any, ...]]:
+    """tokens [B, T] int -> (logits [B, T, V] float32, new caches)."""
+    if tokens.ndim != 2:
+      raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
+    if len(caches) != self.config.num_layers:
+      raise ValueError(f"expected {self.config.num_layers} layer caches, got {len(caches)}")
+    t = tokens.shape[1]
+    positions = caches[0].lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+    cos, sin = rope_cos_sin(self.config, positions)
+    x = self.embed_tokens(tokens)  # [B, T, hidden]
+    new_caches = []
+    for block, cache in zip(self.layers, caches):
+      x, cache = block(x, cos, sin, cache)
+      new_caches.append(cache)
+    x = self.norm(x)
+    if self.lm_head is None:
+      w = self.embed_tokens.embedding[...]  # [V, hidden]
+      logits = jnp.einsum("bth,vh->btv", x, w, preferred_element_type=jnp.float32)
+    else:
+      w = self.lm_head.kernel[...]  # [hidden, V]
+      logits = jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)
+    return logits, tuple(new_caches)
+
+
+def init_caches(config: ModelConfig, batch: int, capacity: int,
+                dtype: jnp.dtype = jnp.float32) -> tuple[DenseCache, ...]:
+  """One empty `DenseCache` per layer."""
+  return tuple(DenseCache.init(batch, config.num_kv_heads, config.head_dim, capacity, dtype)
+               for _ in range(config.num_layers))

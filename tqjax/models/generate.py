@@ -1,0 +1,179 @@
+"""Jitted prefill / chunk / decode steps and generation over any cache type.
+
+A `Runner` holds a model split into (graphdef, state) once, so every step is one jitted
+program with the caches donated (their buffers are reused in place); the programs re-trace
+per cache pytree type, so compressed caches go through the same functions. The strict
+protocol: prefill the prompt into exact `DenseCache`s, optionally convert them
+(`convert_caches`, e.g. to a compressed cache), then feed chunks (a question) and decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tqjax.models.config import ModelConfig
+from tqjax.models.decoder import Decoder, init_caches
+
+Caches = tuple[Any, ...]
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+  """Next tokens [B] int32 from logits [B, V]: greedy at temperature 0, else sampled."""
+  if temperature < 0:
+    raise ValueError(f"{temperature=} must be >= 0")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"{top_k=} must be >= 1 or None")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"{top_p=} must be in (0, 1] or None")
+  logits = logits.astype(jnp.float32)
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < top_p  # always keeps the first
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, caches: Caches
+             ) -> tuple[jax.Array, Caches]:
+  return nnx.merge(graphdef, state)(tokens, caches)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capacity", "cache_dtype"))
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, *, capacity: int,
+             cache_dtype: jnp.dtype) -> tuple[jax.Array, Caches]:
+  model = nnx.merge(graphdef, state)
+  caches = init_caches(model.config, tokens.shape[0], capacity, cache_dtype)
+  return model(tokens, caches)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("temperature", "top_k", "top_p"), donate_argnums=(3,))
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, caches: Caches,
+            key: jax.Array, *, temperature: float, top_k: int | None, top_p: float | None
+            ) -> tuple[jax.Array, Caches, jax.Array]:
+  logits, caches = nnx.merge(graphdef, state)(tokens, caches)
+  key, sub = jax.random.split(key)
+  next_tokens = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+  return next_tokens, caches, key
+
+
+_sample = jax.jit(sample_logits, static_argnames=("temperature", "top_k", "top_p"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  """A model split once into (graphdef, state), with its jitted steps."""
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  config: ModelConfig
+  dtype: jnp.dtype  # parameter dtype, the default cache dtype
+
+  @classmethod
+  def from_model(cls, model: Decoder | Runner) -> Runner:
+    if isinstance(model, Runner):
+      return model
+    if not isinstance(model, Decoder):
+      raise TypeError(f"expected a tqjax Decoder or Runner, got {type(model).__name__}")
+    graphdef, state = nnx.split(model)
+    return cls(graphdef, state, model.config, model.dtype)
+
+  def init_caches(self, batch: int, capacity: int, dtype: jnp.dtype | None = None) -> Caches:
+    return init_caches(self.config, batch, capacity, dtype or self.dtype)
+
+  def forward(self, tokens: jax.Array, caches: Caches) -> tuple[jax.Array, Caches]:
+    """Chunk step: tokens [B, T] through caches of any type (donated) -> logits [B, T, V]."""
+    return _forward(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), caches)
+
+  def prefill(self, tokens: jax.Array, capacity: int, dtype: jnp.dtype | None = None
+              ) -> tuple[jax.Array, Caches]:
+    """Fresh exact `DenseCache`s of `capacity` filled with tokens [B, T] -> (logits, caches)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+      raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
+    if capacity < tokens.shape[1]:
+      raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
+    return _prefill(self.graphdef, self.state, tokens, capacity=capacity,
+                    cache_dtype=jnp.dtype(dtype or self.dtype))
+
+  def decode_step(self, tokens: jax.Array, caches: Caches, key: jax.Array, *,
+                  temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None) -> tuple[jax.Array, Caches, jax.Array]:
+    """tokens [B, 1] -> (next tokens [B] int32, caches, next key); caches are donated."""
+    return _decode(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), caches, key,
+                   temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def generate(self, prompt_ids: jax.Array, *, max_new_tokens: int,
+               capacity: int | None = None,
+               convert_caches: Callable[[Caches], Caches] | None = None,
+               temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, eos_id: int | None = None
+               ) -> jax.Array:
+    """New tokens [B, N] int32, N <= max_new_tokens (fewer only when every row hit eos_id;
+    rows that finished earlier are filled with eos_id)."""
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
+      raise ValueError(f"expected prompt_ids [B, T] with T >= 1, got {prompt_ids.shape}")
+    if max_new_tokens < 1:
+      raise ValueError(f"{max_new_tokens=} must be >= 1")
+    needed = prompt_ids.shape[1] + max_new_tokens - 1  # the last token is never fed back
+    capacity = needed if capacity is None else capacity
+    if capacity < needed:
+      raise ValueError(f"{capacity=} is too small: the prompt ({prompt_ids.shape[1]}) plus "
+                       f"{max_new_tokens=} needs {needed}")
+    logits, caches = self.prefill(prompt_ids, capacity)
+    if convert_caches is not None:
+      caches = convert_caches(caches)
+    key, sub = jax.random.split(jax.random.key(seed))
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    token = _sample(logits[:, -1], sub, **sampling)
+    out = [token]
+    done = None if eos_id is None else token == eos_id
+    for _ in range(max_new_tokens - 1):
+      if done is not None and bool(jnp.all(done)):
+        break
+      token, caches, key = self.decode_step(token[:, None], caches, key, **sampling)
+      if done is not None:
+        token = jnp.where(done, jnp.int32(eos_id), token)
+        done = done | (token == eos_id)
+      out.append(token)
+    return jnp.stack(out, axis=1)
+
+
+def prefill(model: Decoder | Runner, tokens: jax.Array, capacity: int,
+            dtype: jnp.dtype | None = None) -> tuple[jax.Array, Caches]:
+  return Runner.from_model(model).prefill(tokens, capacity, dtype)
+
+
+def forward(model: Decoder | Runner, tokens: jax.Array, caches: Caches
+            ) -> tuple[jax.Array, Caches]:
+  return Runner.from_model(model).forward(tokens, caches)
+
+
+def generate(model: Decoder | Runner, prompt_ids: jax.Array, *, max_new_tokens: int,
+             capacity: int | None = None,
+             convert_caches: Callable[[Caches], Caches] | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, eos_id: int | None = None) -> jax.Array:
+  """Prefill exactly, convert the caches if asked, then decode. See `Runner.generate`."""
+  return Runner.from_model(model).generate(
+    prompt_ids, max_new_tokens=max_new_tokens, capacity=capacity,
+    convert_caches=convert_caches, temperature=temperature, top_k=top_k, top_p=top_p,
+    seed=seed, eos_id=eos_id)

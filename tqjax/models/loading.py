@@ -1,0 +1,106 @@
+"""Loading Hugging Face checkpoints (hub ids, local folders, GGUF files) into the decoder.
+
+transformers loads the checkpoint as a float32 torch model on CPU (GGUF weights are
+dequantized by transformers); its state dict is converted to JAX arrays of the requested
+dtype and placed into the NNX model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tqjax.hub import resolve_model
+from tqjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from tqjax.models.decoder import Decoder
+
+
+def _to_jax(tensor: Any, dtype: jnp.dtype, transpose: bool = False) -> jax.Array:
+  array = tensor.detach().to("cpu").float().numpy()
+  if transpose:
+    array = array.T
+  return jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
+
+
+def from_state_dict(config: ModelConfig, state_dict: dict[str, Any],
+                    dtype: jnp.dtype = jnp.float32) -> Decoder:
+  """Builds a `Decoder` from a transformers Llama/Qwen2/Mistral state dict (torch tensors)."""
+  model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  used: set[str] = set()
+
+  def put(variable: nnx.Variable, name: str, transpose: bool = False) -> None:
+    if name not in state_dict:
+      raise KeyError(f"checkpoint has no tensor {name!r}")
+    value = _to_jax(state_dict[name], dtype, transpose)
+    if value.shape != variable.shape:
+      raise ValueError(f"{name}: expected shape {variable.shape}, got {value.shape}")
+    variable.set_value(value)
+    used.add(name)
+
+  def put_linear(linear: nnx.Linear, prefix: str) -> None:
+    put(linear.kernel, f"{prefix}.weight", transpose=True)  # torch [out, in] -> [in, out]
+    if linear.bias is not None:
+      put(linear.bias, f"{prefix}.bias")
+
+  put(model.embed_tokens.embedding, "model.embed_tokens.weight")
+  for i, block in enumerate(model.layers):
+    p = f"model.layers.{i}"
+    put(block.input_layernorm.weight, f"{p}.input_layernorm.weight")
+    put(block.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      put_linear(getattr(block.self_attn, name), f"{p}.self_attn.{name}")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      put_linear(getattr(block.mlp, name), f"{p}.mlp.{name}")
+  put(model.norm.weight, "model.norm.weight")
+  if model.lm_head is not None:
+    put_linear(model.lm_head, "lm_head")
+  # Tied checkpoints may list lm_head.weight as an alias of the embedding; rotary buffers
+  # are recomputed from the config.
+  unused = [n for n in state_dict if n not in used and n != "lm_head.weight"
+            and not n.endswith("rotary_emb.inv_freq")]
+  if unused:
+    raise ValueError(f"checkpoint tensors not used by the {config.model_type} decoder: "
+                     f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
+  return model
+
+
+def from_torch(hf_model: Any, dtype: jnp.dtype = jnp.float32) -> Decoder:
+  """Converts a built transformers `*ForCausalLM` (Llama, Qwen2, Mistral) to a `Decoder`."""
+  config = ModelConfig.from_hf(hf_model.config)
+  return from_state_dict(config, hf_model.state_dict(), dtype)
+
+
+def load_model(name_or_path: str, *, gguf_file: str | None = None,
+               dtype: jnp.dtype = jnp.float32) -> tuple[Decoder, Any, ModelConfig]:
+  """(model, tokenizer, config) from an alias (`tqjax.hub.DEFAULT_MODEL`), a hub id, a local
+  folder, or a GGUF file (a path to it, or a folder/hub id plus `gguf_file`)."""
+  import torch
+  import transformers
+
+  if gguf_file is None:
+    resolved = resolve_model(name_or_path)
+    path, gguf_file = resolved.path, resolved.gguf_file
+  else:
+    path = name_or_path
+  kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
+  where = f"{path!r}" + ("" if gguf_file is None else f" (gguf_file={gguf_file!r})")
+  try:
+    hf_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+  except (OSError, ValueError) as e:
+    raise OSError(
+      f"could not load a model config for {name_or_path!r}: tried {where} as a "
+      f"{'GGUF file' if gguf_file else 'local folder or Hugging Face hub id'} "
+      f"(no network access to the hub? offline aliases: smollm2-135m). "
+      f"transformers said: {e}") from e
+  if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{name_or_path!r} is a {hf_config.model_type!r} model; supported "
+                     f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+    path, dtype=torch.float32, **kwargs)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+  model = from_torch(hf_model, dtype)
+  return model, tokenizer, model.config
