@@ -1,0 +1,547 @@
+"""Fused dequantize + attention decode over a TurboQuant-compressed KV region.
+
+A compressed key or value is a sum of *segments* (see ``tqjax.quantizer``): segment i
+has a d_i x D map A_i, a codebook c_i of 2**b_i centroids, packed codes (``tqjax.packing``
+layout) and one scale n_i per token. With the projected query ``qk_i = A_i q`` (already
+multiplied by the softmax scale and any key transform) the logit of token s is
+
+    score[s] = sum_i n_i[s] * <qk_i, c_i[codes_i[s]]>,
+
+and the value side accumulates, per value segment j, in the rotated domain
+
+    acc_j = sum_s p[s] * n_j[s] * c_j[codes_j[s]],   p = exp(score - m).
+
+The kernel reads codes and scales only; it returns the flash-decoding partials
+``(m, l, acc_j)`` over the compressed region. The caller merges them with the exact
+window (:func:`merge_partials`) and rotates the output back (``out = sum_j acc_j @ A_j / l``).
+
+Design (measured on the H200, see ``bench/kernels.py``):
+
+* Triton-lowered Pallas (``plgpu.CompilerParams``), not Mosaic GPU. The work is a
+  per-element table lookup followed by a small matrix product; the Triton lowering gives
+  masked loads, ``join``-based interleaving, integer ops on any tile shape and an
+  ``interpret`` mode that runs the same kernel body on CPU, so every configuration is
+  tested here and lowered for CUDA in CI. Mosaic GPU offers no gather, table lookup or
+  interpret path for this body.
+* One program per (batch row, KV head, split of S): all G query heads of the KV head
+  (or the T*G query rows of a chunk) are rows of one small matrix, so each code is read
+  from memory once. Query rows are padded to 16 for the tensor-core ``dot``.
+* Codes are unpacked in registers with shifts and masks and interleaved back into
+  coordinate order with ``join`` + ``reshape``, so each segment is one dot of depth d_i.
+  A segment whose dim is not a power of two (96 in the 32 + 96 outlier split) is padded
+  in-kernel to the next power of two with masked loads and zero query columns.
+* Split-K over S (flash decoding): the splits' partials are combined by
+  :func:`merge_partials` outside the kernel (a few KB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from tqjax import packing
+from pallas_kernels import tuned_block_sizes
+
+Array = jax.Array
+
+# Query rows are padded to this for the tensor-core dot (mma m16n8k16).
+_MIN_ROWS = 16
+# Smallest dot depth that the Triton tensor-core dot accepts.
+_MIN_DEPTH = 16
+
+
+class Partial(NamedTuple):
+  """Flash-decoding partial result over a set of tokens.
+
+  m: [..., G] float32 row max of the logits (-inf where no token was valid).
+  l: [..., G] float32 sum of exp(logit - m).
+  acc: per value segment j, [..., G, d_j] float32, sum of exp(logit - m) * value_j.
+  """
+  m: Array
+  l: Array
+  acc: tuple[Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentLayout:
+  """Static layout of one segment's packed codes (derived from dim and bits)."""
+  dim: int
+  bits: int
+
+  def __post_init__(self):
+    packing.check_bits(self.bits)
+    if self.dim < 8 or self.dim % 8:
+      raise ValueError(f"segment dim must be a positive multiple of 8, got {self.dim}")
+
+  @property
+  def packed(self) -> int:
+    return packing.packed_size(self.dim, self.bits)
+
+  @property
+  def padded_dim(self) -> int:
+    """Coordinates the kernel computes on: a power of two >= 16."""
+    return max(_MIN_DEPTH, pl.next_power_of_2(self.dim))
+
+  def planes(self) -> list[tuple[int, int, int, int]]:
+    """(shift, width, byte offset, bytes) of each bit plane."""
+    out, offset = [], 0
+    for shift, width in packing.planes(self.bits):
+      size = packing.plane_bytes(self.dim, width)
+      out.append((shift, width, offset, size))
+      offset += size
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel body.
+
+
+def _interleave(parts: list[Array]) -> Array:
+  """[[S, n]] * p (p a power of two) -> [S, n * p] with out[:, j * p + t] = parts[t][:, j]."""
+  if len(parts) == 1:
+    return parts[0]
+  evens = _interleave(parts[0::2])
+  odds = _interleave(parts[1::2])
+  rows, cols = evens.shape
+  return jnp.stack([evens, odds], axis=-1).reshape(rows, 2 * cols)
+
+
+def _load_codes(codes_ref, rows: slice | Any, seg: SegmentLayout, row_mask) -> Array:
+  """Unpacks one segment's codes of a tile of tokens.
+
+  Args:
+    codes_ref: [S, P] uint8 ref (P = packed bytes of the segment).
+    rows: the token slice of the tile (``pl.ds``).
+    seg: the segment layout.
+    row_mask: [block_s] bool or None, rows that may be read.
+
+  Returns:
+    [block_s, padded_dim] int32 codes in coordinate order (padding columns hold 0).
+  """
+  codes = None
+  for shift, width, offset, size in seg.planes():
+    per_byte = 8 // width
+    padded_bytes = seg.padded_dim // per_byte
+    col_mask = None
+    if padded_bytes != size:
+      col_mask = jnp.arange(padded_bytes) < size
+    mask = None
+    if row_mask is not None and col_mask is not None:
+      mask = row_mask[:, None] & col_mask[None, :]
+    elif row_mask is not None:
+      mask = jnp.broadcast_to(row_mask[:, None], (row_mask.shape[0], padded_bytes))
+    elif col_mask is not None:
+      mask = col_mask[None, :]
+    ref = codes_ref.at[rows, pl.ds(offset, padded_bytes)]
+    if mask is None:
+      plane = ref[...]
+    else:
+      plane = plgpu.load(ref, mask=mask, other=0)
+    plane = plane.astype(jnp.int32)  # [block_s, padded_bytes]
+    low = (1 << width) - 1
+    parts = [(plane >> (t * width)) & low for t in range(per_byte)]
+    plane_codes = _interleave(parts)  # [block_s, padded_dim]
+    if shift:
+      plane_codes = plane_codes << shift
+    codes = plane_codes if codes is None else codes | plane_codes
+  return codes
+
+
+def _lookup(codes: Array, centroids: tuple[float, ...] | None, cb_ref, bits: int,
+            dtype) -> Array:
+  """c[codes] as ``dtype``: a select tree on constants, or a gather from ``cb_ref``."""
+  if centroids is None:
+    return cb_ref[codes].astype(dtype)
+  values = [jnp.asarray(c, dtype) for c in centroids]
+  level = 0
+  while len(values) > 1:
+    bit = ((codes >> level) & 1) == 1
+    values = [jnp.where(bit, hi, lo) for lo, hi in zip(values[0::2], values[1::2])]
+    level += 1
+  return jnp.broadcast_to(values[0], codes.shape)
+
+
+def _decode_kernel(
+    lengths_ref,  # [B] int32 (whole array)
+    *refs,
+    key_segs: tuple[SegmentLayout, ...],
+    value_segs: tuple[SegmentLayout, ...],
+    key_centroids: tuple[tuple[float, ...] | None, ...],
+    value_centroids: tuple[tuple[float, ...] | None, ...],
+    seq_len: int,
+    split_len: int,
+    block_s: int,
+    lookup: str,
+):
+  nk, nv = len(key_segs), len(value_segs)
+  it = iter(refs)
+  q_refs = [next(it) for _ in range(nk)]  # [Gp, padded_dim_i] float16
+  kc_refs = [next(it) for _ in range(nk)]  # [S, P_i] uint8
+  kn_refs = [next(it) for _ in range(nk)]  # [S] float16 | float32
+  kcb_refs = [next(it) for _ in range(nk)]  # [2**b_i] float32
+  vc_refs = [next(it) for _ in range(nv)]  # [S, P_j] uint8
+  vn_refs = [next(it) for _ in range(nv)]  # [S]
+  vcb_refs = [next(it) for _ in range(nv)]  # [2**b_j] float32
+  m_ref = next(it)  # [Gp] float32
+  l_ref = next(it)  # [Gp] float32
+  acc_refs = [next(it) for _ in range(nv)]  # [Gp, padded_dim_j] float32
+
+  b = pl.program_id(0)
+  split = pl.program_id(2)
+  length = lengths_ref[b]
+  start = split * split_len
+  end = jnp.minimum(jnp.minimum(start + split_len, length), seq_len)
+  num_blocks = jnp.maximum(end - start + block_s - 1, 0) // block_s
+  rows = q_refs[0].shape[0]
+
+  qs = [r[...] for r in q_refs]
+  ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
+  cv = [None if lookup == "gather" else value_centroids[j] for j in range(nv)]
+  need_row_mask = seq_len % block_s != 0 or split_len % block_s != 0
+
+  def body(i, carry):
+    m_prev, l_prev, accs = carry
+    s0 = start + i * block_s
+    tile = pl.ds(pl.multiple_of(s0, block_s), block_s)
+    pos = s0 + jnp.arange(block_s)
+    valid = pos < end
+    row_mask = (pos < seq_len) if need_row_mask else None
+
+    scores = jnp.zeros((rows, block_s), jnp.float32)
+    for t in range(nk):
+      seg = key_segs[t]
+      codes = _load_codes(kc_refs[t], tile, seg, row_mask)
+      keys = _lookup(codes, ck[t], kcb_refs[t], seg.bits, jnp.float16)
+      dots = lax.dot_general(qs[t], keys, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [Gp, block_s]
+      if row_mask is None:
+        n = kn_refs[t][tile].astype(jnp.float32)
+      else:
+        n = plgpu.load(kn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
+      scores = scores + dots * n[None, :]
+    scores = jnp.where(valid[None, :], scores, -jnp.inf)
+
+    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    corr = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(scores - m_safe[:, None])  # [Gp, block_s]
+    l_next = l_prev * corr + jnp.sum(p, axis=1)
+
+    new_accs = []
+    for t in range(nv):
+      seg = value_segs[t]
+      codes = _load_codes(vc_refs[t], tile, seg, row_mask)
+      vals = _lookup(codes, cv[t], vcb_refs[t], seg.bits, jnp.float16)
+      if row_mask is None:
+        n = vn_refs[t][tile].astype(jnp.float32)
+      else:
+        n = plgpu.load(vn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
+      n = jnp.where(valid, n, 0.0)  # garbage scales past the length may be inf/nan
+      pn = (p * n[None, :]).astype(jnp.float16)
+      upd = lax.dot_general(pn, vals, (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)  # [Gp, padded_dim]
+      new_accs.append(accs[t] * corr[:, None] + upd)
+    return m_next, l_next, tuple(new_accs)
+
+  m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
+  l0 = jnp.zeros((rows,), jnp.float32)
+  acc0 = tuple(jnp.zeros((rows, seg.padded_dim), jnp.float32) for seg in value_segs)
+  m, l, accs = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
+  m_ref[...] = m
+  l_ref[...] = l
+  for t in range(nv):
+    acc_refs[t][...] = accs[t]
+
+
+# ----------------------------------------------------------------------------------------
+# Wrapper.
+
+
+def _static_centroids(c) -> tuple[float, ...] | None:
+  """The centroids as Python floats when known at trace time, else None."""
+  try:
+    values = np.asarray(c, np.float32)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+  return tuple(float(x) for x in values.reshape(-1))
+
+
+def _check_segments(name: str, q, codes, scales, centroids, shape_bk_s) -> list[SegmentLayout]:
+  n = len(codes)
+  if not (len(scales) == len(centroids) == n) or (q is not None and len(q) != n):
+    raise ValueError(
+        f"{name}: every segment needs codes, scales and centroids"
+        f"{' and a query' if q is not None else ''}; got {len(codes)} codes, "
+        f"{len(scales)} scales, {len(centroids)} centroids"
+        f"{'' if q is None else f', {len(q)} queries'}")
+  if n == 0:
+    raise ValueError(f"{name}: at least one segment is needed")
+  segs = []
+  for i in range(n):
+    c = centroids[i]
+    if c.ndim != 1 or c.shape[0] & (c.shape[0] - 1) or c.shape[0] < 2:
+      raise ValueError(f"{name}[{i}]: centroids must be [2**bits], got shape {c.shape}")
+    bits = int(np.log2(c.shape[0]))
+    if codes[i].dtype != jnp.uint8:
+      raise TypeError(f"{name}[{i}]: codes must be uint8, got {codes[i].dtype}")
+    if q is not None:
+      dim = q[i].shape[-1]
+    else:
+      dim = None
+      for d in range(8, 8 * 1024 + 1, 8):
+        if packing.packed_size(d, bits) == codes[i].shape[-1]:
+          dim = d
+          break
+      if dim is None:
+        raise ValueError(f"{name}[{i}]: no dim packs into {codes[i].shape[-1]} bytes "
+                         f"at {bits=}")
+    seg = SegmentLayout(dim, bits)
+    want = (*shape_bk_s, seg.packed)
+    if codes[i].shape != want:
+      raise ValueError(f"{name}[{i}]: codes must be [B, K, S, packed_size({dim}, {bits})]"
+                       f" = {want}, got {codes[i].shape}")
+    if scales[i].shape != tuple(shape_bk_s):
+      raise ValueError(f"{name}[{i}]: scales must be [B, K, S] = {tuple(shape_bk_s)}, "
+                       f"got {scales[i].shape}")
+    if scales[i].dtype not in (jnp.float16, jnp.float32, jnp.bfloat16):
+      raise TypeError(f"{name}[{i}]: scales must be float16/bfloat16/float32, "
+                      f"got {scales[i].dtype}")
+    segs.append(seg)
+  return segs
+
+
+def value_dims_from_codes(v_codes: Sequence[Array], v_centroids: Sequence[Array]) -> tuple[int, ...]:
+  """The value segments' dims implied by their packed widths (multiples of 8)."""
+  dims = []
+  for codes, c in zip(v_codes, v_centroids):
+    bits = int(np.log2(c.shape[0]))
+    for d in range(8, 8 * 1024 + 1, 8):
+      if packing.packed_size(d, bits) == codes.shape[-1]:
+        dims.append(d)
+        break
+  return tuple(dims)
+
+
+def decode(
+    qk: Sequence[Array],
+    k_codes: Sequence[Array],
+    k_scales: Sequence[Array],
+    k_centroids: Sequence[Array],
+    v_codes: Sequence[Array],
+    v_scales: Sequence[Array],
+    v_centroids: Sequence[Array],
+    lengths: Array,
+    *,
+    implementation: str = "xla",
+    interpret: bool = False,
+    block_s: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    lookup: str | None = None,
+) -> Partial:
+  """Attention partials of query rows over a compressed KV region.
+
+  Args:
+    qk: per key segment i, [B, K, G, d_i] float32: the rotated, scaled query rows. For a
+      chunk of T query tokens pass G = T * G' rows (every query sees every valid
+      compressed token; causality lives in the exact window).
+    k_codes: per key segment, [B, K, S, packed_size(d_i, b_i)] uint8.
+    k_scales: per key segment, [B, K, S] float16/bfloat16/float32 (n_i).
+    k_centroids: per key segment, [2**b_i] float32.
+    v_codes, v_scales, v_centroids: the same for the value segments (dims d_j).
+    lengths: [B] int32, valid compressed tokens per row (tokens >= length are ignored).
+    implementation: "xla" (the jnp reference) or "pallas" (the fused kernel).
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
+    block_s, num_splits, num_warps, num_stages: kernel tiling; default from
+      :mod:`pallas_kernels.tuned_block_sizes`.
+    lookup: "select" (centroids baked into the kernel as constants; needs concrete
+      centroids) or "gather" (centroids read from memory); default "select" when the
+      centroids are concrete.
+
+  Returns:
+    :class:`Partial` with m, l: [B, K, G] and acc_j: [B, K, G, d_j] (rotated domain,
+    unnormalized).
+  """
+  if implementation not in ("xla", "pallas"):
+    raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}')
+  qk, k_codes, k_scales, k_centroids = map(tuple, (qk, k_codes, k_scales, k_centroids))
+  v_codes, v_scales, v_centroids = map(tuple, (v_codes, v_scales, v_centroids))
+  if not qk:
+    raise ValueError("qk: at least one key segment is needed")
+  B, K, G = qk[0].shape[:3]
+  S = k_codes[0].shape[2] if k_codes else 0
+  key_segs = _check_segments("keys", qk, k_codes, k_scales, k_centroids, (B, K, S))
+  value_segs = _check_segments("values", None, v_codes, v_scales, v_centroids, (B, K, S))
+  for i, q in enumerate(qk):
+    if q.shape[:3] != (B, K, G) or q.ndim != 4:
+      raise ValueError(f"qk[{i}] must be [B, K, G, d] = ({B}, {K}, {G}, d), got {q.shape}")
+  if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be [B] = ({B},) integer, got {lengths.shape} "
+                     f"{lengths.dtype}")
+  if implementation == "xla":
+    return decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales,
+                            v_centroids, lengths)
+
+  static_ck = tuple(_static_centroids(c) for c in k_centroids)
+  static_cv = tuple(_static_centroids(c) for c in v_centroids)
+  if lookup is None:
+    lookup = "gather" if any(c is None for c in static_ck + static_cv) else "select"
+  if lookup not in ("select", "gather"):
+    raise ValueError(f'lookup must be "select" or "gather", got {lookup!r}')
+  if lookup == "select" and any(c is None for c in static_ck + static_cv):
+    raise ValueError('lookup="select" bakes the centroids into the kernel and needs them '
+                     'concrete (numpy or a non-traced array); got traced centroids: pass '
+                     'lookup="gather"')
+  if G > 128:
+    raise ValueError(f"pallas decode supports at most 128 query rows per KV head, got {G=}")
+  cfg = tuned_block_sizes.decode_config(
+      batch=B, kv_heads=K, seq_len=S, head_dim=sum(s.dim for s in key_segs),
+      key_bits=tuple(s.bits for s in key_segs), value_bits=tuple(s.bits for s in value_segs))
+  block_s = block_s or cfg.block_s
+  num_warps = num_warps or cfg.num_warps
+  num_stages = num_stages or cfg.num_stages
+  if block_s < 16 or block_s & (block_s - 1):
+    raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
+  blocks_total = max(1, pl.cdiv(S, block_s))
+  if num_splits is None:
+    num_splits = tuned_block_sizes.num_splits(B * K, blocks_total, cfg.target_programs)
+  num_splits = max(1, min(num_splits, blocks_total))
+  split_len = pl.cdiv(blocks_total, num_splits) * block_s
+  num_splits = pl.cdiv(max(S, 1), split_len)
+  return _decode_pallas(
+      qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
+      lengths.astype(jnp.int32), key_segs=tuple(key_segs), value_segs=tuple(value_segs),
+      static_ck=static_ck, static_cv=static_cv, block_s=block_s, split_len=split_len,
+      num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
+      interpret=interpret)
+
+
+def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
+                   lengths, *, key_segs, value_segs, static_ck, static_cv, block_s,
+                   split_len, num_splits, num_warps, num_stages, lookup, interpret):
+  B, K, G = qk[0].shape[:3]
+  S = k_codes[0].shape[2]
+  rows = max(_MIN_ROWS, pl.next_power_of_2(G))
+  qs = []
+  for q, seg in zip(qk, key_segs):
+    q = jnp.pad(q.astype(jnp.float32),
+                ((0, 0), (0, 0), (0, rows - G), (0, seg.padded_dim - seg.dim)))
+    qs.append(q.astype(jnp.float16))
+  kcb = [jnp.asarray(c, jnp.float32) for c in k_centroids]
+  vcb = [jnp.asarray(c, jnp.float32) for c in v_centroids]
+
+  def bks(shape_tail):  # per (b, k) block of a [B, K, ...] array
+    n = len(shape_tail)
+    return pl.BlockSpec((None, None, *shape_tail), lambda b, k, s: (b, k) + (0,) * n)
+
+  whole = lambda shape: pl.BlockSpec(shape, lambda b, k, s: (0,) * len(shape))
+  in_specs = (
+      [whole((B,))]
+      + [bks((rows, seg.padded_dim)) for seg in key_segs]
+      + [bks((S, seg.packed)) for seg in key_segs]
+      + [bks((S,)) for _ in key_segs]
+      + [whole(c.shape) for c in kcb]
+      + [bks((S, seg.packed)) for seg in value_segs]
+      + [bks((S,)) for _ in value_segs]
+      + [whole(c.shape) for c in vcb])
+  out_block = lambda tail: pl.BlockSpec(
+      (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))
+  out_specs = ([out_block((rows,)), out_block((rows,))]
+               + [out_block((rows, seg.padded_dim)) for seg in value_segs])
+  out_shape = ([jax.ShapeDtypeStruct((B, K, num_splits, rows), jnp.float32)] * 2
+               + [jax.ShapeDtypeStruct((B, K, num_splits, rows, seg.padded_dim),
+                                       jnp.float32) for seg in value_segs])
+  kernel = functools.partial(
+      _decode_kernel, key_segs=key_segs, value_segs=value_segs, key_centroids=static_ck,
+      value_centroids=static_cv, seq_len=S, split_len=split_len, block_s=block_s,
+      lookup=lookup)
+  m, l, *accs = pl.pallas_call(
+      kernel,
+      grid=(B, K, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="tq_decode",
+  )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
+  parts = Partial(m[..., :G], l[..., :G],
+                  tuple(a[..., :G, :seg.dim] for a, seg in zip(accs, value_segs)))
+  return merge_partials(parts, axis=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Combining partials.
+
+
+def merge_partials(*parts: Partial, axis: int | None = None) -> Partial:
+  """Merges flash-decoding partials over disjoint token sets.
+
+  Either several :class:`Partial` of equal shapes (e.g. the compressed region and the
+  exact window), or one whose ``axis`` (an axis of m, before the row axis) enumerates
+  the splits to merge. Rows that saw no token (m = -inf) contribute nothing.
+  """
+  if axis is not None:
+    if len(parts) != 1:
+      raise ValueError(f"merge over an axis takes one Partial, got {len(parts)}")
+    (p,) = parts
+    axis = axis % p.m.ndim
+    m = jnp.max(p.m, axis=axis)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    w = jnp.exp(p.m - jnp.expand_dims(m_safe, axis))
+    l = jnp.sum(w * p.l, axis=axis)
+    acc = tuple(jnp.sum(w[..., None] * a, axis=axis) for a in p.acc)
+    return Partial(m, l, acc)
+  if not parts:
+    raise ValueError("merge_partials needs at least one Partial")
+  stacked = Partial(jnp.stack([p.m for p in parts]), jnp.stack([p.l for p in parts]),
+                    tuple(jnp.stack(a) for a in zip(*(p.acc for p in parts))))
+  return merge_partials(stacked, axis=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference.
+
+
+def dequantize_segment(codes: Array, centroids: Array, dim: int) -> Array:
+  """[..., packed] uint8 -> [..., dim] float32 centroid values c[codes]."""
+  bits = int(np.log2(centroids.shape[0]))
+  idx = packing.unpack(codes, dim, bits).astype(jnp.int32)
+  return jnp.asarray(centroids, jnp.float32)[idx]
+
+
+def decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
+                     lengths) -> Partial:
+  """Plain-jnp float32 computation of :func:`decode` (same arguments and result)."""
+  S = k_codes[0].shape[2]
+  scores = 0.0
+  for q, codes, n, c in zip(qk, k_codes, k_scales, k_centroids):
+    keys = dequantize_segment(codes, c, q.shape[-1])  # [B, K, S, d]
+    dots = jnp.einsum("bkgd,bksd->bkgs", q.astype(jnp.float32), keys,
+                      precision=lax.Precision.HIGHEST)
+    scores = scores + dots * n.astype(jnp.float32)[:, :, None, :]
+  valid = jnp.arange(S)[None, :] < lengths[:, None]  # [B, S]
+  scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  p = jnp.exp(scores - m_safe[..., None])  # [B, K, G, S]
+  l = jnp.sum(p, axis=-1)
+  accs = []
+  for codes, n, c, dim in zip(v_codes, v_scales, v_centroids,
+                              value_dims_from_codes(v_codes, v_centroids)):
+    vals = dequantize_segment(codes, c, dim)  # [B, K, S, d]
+    n = jnp.where(valid[:, None, :], n.astype(jnp.float32), 0.0)
+    accs.append(jnp.einsum("bkgs,bksd->bkgd", p * n[:, :, None, :], vals,
+                           precision=lax.Precision.HIGHEST))
+  return Partial(m, l, tuple(accs))

@@ -1,0 +1,74 @@
+"""Tuned tiling of the Pallas kernels, as data keyed by device kind.
+
+Key schema of ``DECODE``: ``(device_kind, head_dim, key_bits, value_bits)`` where
+``device_kind`` is ``jax.devices()[0].device_kind`` (e.g. ``"NVIDIA H200"``),
+``head_dim`` the sum of the key segments' dims, and ``key_bits`` / ``value_bits`` the
+tuples of the segments' bit widths (``(4,)`` for 4-bit mse, ``(3, 1)`` for 4-bit prod,
+``(3, 2)`` for the 32@3 + 96@2 split). Value: :class:`DecodeConfig`. A missing key
+falls back to ``(device_kind, "*", "*", "*")`` and then to ``DEFAULT``; this is a
+lookup of tiling data, not of implementations.
+
+``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
+
+Numbers come from ``bench/kernels.py --tune`` on the named device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  block_s: int  # tokens per tile (power of two)
+  num_warps: int
+  num_stages: int
+  target_programs: int  # split S until batch * kv_heads * splits reaches this
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+  block_n: int  # tokens per program (power of two)
+  num_warps: int
+  num_stages: int
+
+
+DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=528)
+ENCODE_DEFAULT = EncodeConfig(block_n=64, num_warps=4, num_stages=2)
+
+DECODE: dict[tuple, DecodeConfig] = {}
+
+ENCODE: dict[tuple, EncodeConfig] = {}
+
+
+def _device_kind() -> str:
+  try:
+    return jax.devices()[0].device_kind
+  except RuntimeError:
+    return "cpu"
+
+
+def decode_config(*, batch: int, kv_heads: int, seq_len: int, head_dim: int,
+                  key_bits: tuple[int, ...], value_bits: tuple[int, ...]) -> DecodeConfig:
+  del batch, kv_heads, seq_len  # The table is not (yet) keyed by them.
+  kind = _device_kind()
+  for key in ((kind, head_dim, tuple(key_bits), tuple(value_bits)), (kind, "*", "*", "*")):
+    if key in DECODE:
+      return DECODE[key]
+  return DEFAULT
+
+
+def encode_config(*, head_dim: int) -> EncodeConfig:
+  kind = _device_kind()
+  for key in ((kind, head_dim), (kind, "*")):
+    if key in ENCODE:
+      return ENCODE[key]
+  return ENCODE_DEFAULT
+
+
+def num_splits(programs: int, blocks: int, target_programs: int) -> int:
+  """Splits of S per (row, head) so that programs * splits >= target_programs."""
+  want = -(-target_programs // max(programs, 1))
+  return max(1, min(want, blocks))
