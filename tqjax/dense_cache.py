@@ -13,10 +13,23 @@ unnormalized pieces (accumulator, row max, row sum) so that a cache with several
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+def einsum_f32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum accumulating and returning float32 whatever the operand dtypes.
+
+  XLA:CPU has no bf16 x bf16 -> f32 dot for batched contractions, so on CPU the operands
+  are upcast first (exact: every bf16/f16 value is a float32); elsewhere the dot
+  accumulates in float32 directly (`preferred_element_type`).
+  """
+  if jax.default_backend() == "cpu":
+    return jnp.einsum(subscripts, a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 
 
 def attention_mask(
@@ -50,6 +63,7 @@ def _check_attention_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     raise ValueError(f"q heads H={h} must be a multiple of kv heads K={k.shape[1]}")
 
 
+@functools.partial(jax.jit, static_argnames=("sliding_window",))
 def dense_attention_partial(
   q: jax.Array,  # [B, T, H, D]
   k: jax.Array,  # [B, K, S, D]
@@ -70,8 +84,7 @@ def dense_attention_partial(
   b, t, h, d = q.shape
   kh = k.shape[1]
   qg = q.reshape(b, t, kh, h // kh, d)  # [B, T, K, G, D]
-  logits = jnp.einsum("btkgd,bksd->btkgs", qg, k,
-                      preferred_element_type=jnp.float32) * jnp.float32(scale)
+  logits = einsum_f32("btkgd,bksd->btkgs", qg, k) * jnp.float32(scale)
   mask = attention_mask(q_positions, kv_positions, kv_valid, sliding_window)  # [B, T, S]
   mask = mask[:, :, None, None, :]  # [B, T, 1, 1, S]
   logits = jnp.where(mask, logits, -jnp.inf)
@@ -79,8 +92,7 @@ def dense_attention_partial(
   safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.where(mask, jnp.exp(logits - safe_max[..., None]), 0.0)  # [B, T, K, G, S]
   row_sum = jnp.sum(p, axis=-1)
-  acc = jnp.einsum("btkgs,bksd->btkgd", p.astype(v.dtype) if v.dtype != jnp.float32 else p,
-                   v, preferred_element_type=jnp.float32)
+  acc = einsum_f32("btkgs,bksd->btkgd", p.astype(v.dtype), v)
   return acc.reshape(b, t, h, d), row_max.reshape(b, t, h), row_sum.reshape(b, t, h)
 
 
@@ -101,6 +113,7 @@ def combine_partials(
   return (acc / total[..., None]).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("sliding_window",))
 def dense_attention(
   q: jax.Array,  # [B, T, H, D]
   k: jax.Array,  # [B, K, S, D]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tqjax.dense_cache import DenseCache
+from tqjax.dense_cache import DenseCache, einsum_f32
 from tqjax.models.config import ModelConfig
 
 
@@ -138,10 +138,10 @@ class Decoder(nnx.Module):
     x = self.norm(x)
     if self.lm_head is None:
       w = self.embed_tokens.embedding[...]  # [V, hidden]
-      logits = jnp.einsum("bth,vh->btv", x, w, preferred_element_type=jnp.float32)
+      logits = einsum_f32("bth,vh->btv", x, w)
     else:
       w = self.lm_head.kernel[...]  # [hidden, V]
-      logits = jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)
+      logits = einsum_f32("bth,hv->btv", x, w)
     return logits, tuple(new_caches)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tqjax.hub import resolve_model
+from tqjax.hub import DEFAULT_MODEL, resolve_model
 from tqjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from tqjax.models.decoder import Decoder
 
@@ -74,10 +74,9 @@ def from_torch(hf_model: Any, dtype: jnp.dtype = jnp.float32) -> Decoder:
   return from_state_dict(config, hf_model.state_dict(), dtype)
 
 
-def load_model(name_or_path: str, *, gguf_file: str | None = None,
-               dtype: jnp.dtype = jnp.float32) -> tuple[Decoder, Any, ModelConfig]:
-  """(model, tokenizer, config) from an alias (`tqjax.hub.DEFAULT_MODEL`), a hub id, a local
-  folder, or a GGUF file (a path to it, or a folder/hub id plus `gguf_file`)."""
+def load_hf(name_or_path: str, *, gguf_file: str | None = None) -> tuple[Any, Any]:
+  """(transformers model in float32 on CPU, tokenizer) for an alias, hub id, local folder
+  or GGUF file, after checking that the architecture is supported."""
   import torch
   import transformers
 
@@ -87,20 +86,41 @@ def load_model(name_or_path: str, *, gguf_file: str | None = None,
   else:
     path = name_or_path
   kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
-  where = f"{path!r}" + ("" if gguf_file is None else f" (gguf_file={gguf_file!r})")
+  where = f"{path!r}" + ("" if gguf_file is None else f" with gguf_file={gguf_file!r}")
+  tried = "a GGUF file" if gguf_file else "a local folder or a Hugging Face hub id"
+
+  def failed(e: Exception) -> OSError:
+    return OSError(
+      f"could not load {name_or_path!r}: tried {where} as {tried} (no access to the hub? "
+      f"offline alias: {DEFAULT_MODEL!r}). transformers said: {e}")
+
+  def check(hf_config: Any) -> None:
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"{name_or_path!r} is a {hf_config.model_type!r} model; supported "
+                       f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+  hf_config = None
+  if gguf_file is None:  # cheap for folders and hub ids: reject before loading weights
+    try:
+      hf_config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+      raise failed(e) from e
+    check(hf_config)
+  # (a GGUF file is parsed in Python on every call, ~10 s for 100 MB: parse it once)
   try:
-    hf_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, config=hf_config, dtype=torch.float32, **kwargs).eval()
   except (OSError, ValueError) as e:
-    raise OSError(
-      f"could not load a model config for {name_or_path!r}: tried {where} as a "
-      f"{'GGUF file' if gguf_file else 'local folder or Hugging Face hub id'} "
-      f"(no network access to the hub? offline aliases: smollm2-135m). "
-      f"transformers said: {e}") from e
-  if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{name_or_path!r} is a {hf_config.model_type!r} model; supported "
-                     f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
-  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-    path, dtype=torch.float32, **kwargs)
+    raise failed(e) from e
+  check(hf_model.config)
   tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+  return hf_model, tokenizer
+
+
+def load_model(name_or_path: str, *, gguf_file: str | None = None,
+               dtype: jnp.dtype = jnp.float32) -> tuple[Decoder, Any, ModelConfig]:
+  """(model, tokenizer, config) from an alias (`tqjax.hub.DEFAULT_MODEL`), a hub id, a local
+  folder, or a GGUF file (a path to it, or a folder/hub id plus `gguf_file`)."""
+  hf_model, tokenizer = load_hf(name_or_path, gguf_file=gguf_file)
   model = from_torch(hf_model, dtype)
   return model, tokenizer, model.config
