@@ -1,0 +1,445 @@
+"""The compressed KV cache: TurboQuant codes for old tokens, an exact window for new ones.
+
+Per layer, `TurboQuantCache` holds
+
+* a **compressed region** preallocated to a capacity S_cap: for each key and value segment
+  (see `tqjax.quantizer`) packed codes [B, K, S_cap, P_i] uint8 and scales [B, K, S_cap];
+  slot j holds the token at position j;
+* an **exact window** of the newest tokens, [B, K, W + F, D], flushed into the compressed
+  region F tokens at a time (F = ``flush_block``) whenever it would overflow, so at least
+  W = ``window`` of the newest tokens stay exact;
+* per-row ``lengths`` (all tokens) and ``compressed`` (tokens in the compressed region).
+
+**Key transforms** (DESIGN §2). Softmax ignores a constant added to every score, and
+q·k = (q∘s)·(k/s), so every key — compressed or in the window — is stored as
+k' = ((k − μ)/s)[π] and every query used as q' = (q∘s)[π], with μ, s and the channel order π
+per layer and KV head, estimated from the prefill (``from_dense``) and then frozen:
+scores change by the per-query constant q·μ only. Centering removes the huge per-channel
+offsets of Qwen2-family keys (k_proj has a bias); scaling by s_c = σ_c^α evens out the
+channels; π puts the channels with the largest σ first, where an outlier split spends
+more bits.
+
+Attention works in the rotated domain: the query is projected once per key segment, the
+output accumulated per value segment and rotated back once. The jnp path here is the
+reference; ``implementation="pallas"`` runs the fused decode kernel of `pallas_kernels`
+for the compressed region and merges it with the window the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tqjax import dense_cache
+from tqjax import quantizer as qz
+from tqjax.dense_cache import DenseCache
+
+KeyTransform = Literal["none", "center", "center_scale"]
+KEY_TRANSFORMS = ("none", "center", "center_scale")
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """Bits of one tensor (keys or values): ``bits``, or a 64-channel-style outlier split."""
+  bits: int
+  kind: qz.Kind = "mse"
+  outlier_fraction: float = 0.0  # share of channels (the largest) quantized at outlier_bits
+  outlier_bits: int | None = None
+
+  def quantizer(self, head_dim: int, *, seed: int, rotation: str, norm_correction: bool,
+                scale_dtype: str) -> qz.QuantizerConfig:
+    outliers = int(round(self.outlier_fraction * head_dim))
+    return qz.QuantizerConfig(
+        head_dim, self.bits, kind=self.kind, rotation=rotation, seed=seed,
+        norm_correction=norm_correction, outlier_channels=outliers,
+        outlier_bits=self.outlier_bits if outliers else None, scale_dtype=scale_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """How a layer's cache compresses; validated at construction. Presets below."""
+  keys: TensorSpec = TensorSpec(4)
+  values: TensorSpec = TensorSpec(4)
+  window: int = 64  # newest tokens kept exact
+  flush_block: int = 32  # tokens moved from the window into the codes at a time
+  key_transform: KeyTransform = "center_scale"
+  scale_power: float = 0.5  # s_c = σ_c ** scale_power
+  norm_correction: bool = True
+  rotation: str = "hadamard"
+  scale_dtype: str = "float16"
+  seed: int = 0
+  # (layer, keys, values) overrides, e.g. more bits for the outlier layer 0.
+  layer_overrides: tuple[tuple[int, TensorSpec, TensorSpec], ...] = ()
+  name: str = "custom"
+
+  def __post_init__(self):
+    if self.window < 1:
+      raise ValueError(f"window must be >= 1, got {self.window}")
+    if not 1 <= self.flush_block <= self.window:
+      raise ValueError(f"flush_block must be in 1..window={self.window}, got {self.flush_block}")
+    if self.key_transform not in KEY_TRANSFORMS:
+      raise ValueError(f"key_transform must be one of {KEY_TRANSFORMS}, got {self.key_transform!r}")
+    if self.scale_power < 0:
+      raise ValueError(f"scale_power must be >= 0, got {self.scale_power}")
+    for layer, keys, values in ((None, self.keys, self.values), *self.layer_overrides):
+      if values.kind != "mse":
+        raise ValueError(f"values are quantized with kind='mse' only, got {values} (layer {layer})")
+      for spec in (keys, values):  # builds, and so validates, a quantizer at head_dim 128
+        spec.quantizer(128, seed=0, rotation=self.rotation, norm_correction=False,
+                       scale_dtype=self.scale_dtype)
+
+  def specs(self, layer: int) -> tuple[TensorSpec, TensorSpec]:
+    for index, keys, values in self.layer_overrides:
+      if index == layer:
+        return keys, values
+    return self.keys, self.values
+
+  def quantizers(self, layer: int, head_dim: int) -> tuple[qz.QuantizerConfig, qz.QuantizerConfig]:
+    keys, values = self.specs(layer)
+    make = lambda spec, salt: spec.quantizer(
+        head_dim, seed=self.seed * 1000 + 2 * layer + salt, rotation=self.rotation,
+        norm_correction=self.norm_correction, scale_dtype=self.scale_dtype)
+    return make(keys, 0), make(values, 1)
+
+  def bits_per_coordinate(self, num_layers: int, head_dim: int) -> float:
+    """Mean stored bits per K/V coordinate of the compressed region, every overhead counted."""
+    total = 0.0
+    for layer in range(num_layers):
+      k, v = self.quantizers(layer, head_dim)
+      total += k.bits_per_coordinate + v.bits_per_coordinate
+    return total / (2 * num_layers)
+
+  # Named presets.
+  @classmethod
+  def k4v4(cls, **kw) -> CacheConfig:
+    return cls(TensorSpec(4), TensorSpec(4), name="k4v4", **kw)
+
+  @classmethod
+  def k3v3(cls, **kw) -> CacheConfig:
+    return cls(TensorSpec(3), TensorSpec(3), name="k3v3", **kw)
+
+  @classmethod
+  def k2v2(cls, **kw) -> CacheConfig:
+    return cls(TensorSpec(2), TensorSpec(2), name="k2v2", **kw)
+
+  @classmethod
+  def k3p5v3p5(cls, **kw) -> CacheConfig:
+    """3.5 bits: the half of the channels with the largest spread at 4 bits, the rest at 3."""
+    spec = TensorSpec(3, outlier_fraction=0.5, outlier_bits=4)
+    return cls(spec, spec, name="k3.5v3.5", **kw)
+
+  @classmethod
+  def k2p5v2p5(cls, **kw) -> CacheConfig:
+    spec = TensorSpec(2, outlier_fraction=0.5, outlier_bits=3)
+    return cls(spec, spec, name="k2.5v2.5", **kw)
+
+  @classmethod
+  def k4v4_prod(cls, **kw) -> CacheConfig:
+    """Keys by TurboQuant_prod (3-bit mse + 1-bit QJL), values 4-bit mse."""
+    return cls(TensorSpec(4, kind="prod"), TensorSpec(4), name="k4v4-prod", **kw)
+
+  @classmethod
+  def k8v8(cls, **kw) -> CacheConfig:
+    return cls(TensorSpec(8), TensorSpec(8), name="k8v8", **kw)
+
+  @classmethod
+  def plain_k4v4(cls, **kw) -> CacheConfig:
+    """The paper's TurboQuant with no key transforms (for comparison)."""
+    return cls(TensorSpec(4), TensorSpec(4), key_transform="none", norm_correction=False,
+               name="plain-k4v4", **kw)
+
+
+PRESETS = {
+    "k4v4": CacheConfig.k4v4, "k3v3": CacheConfig.k3v3, "k2v2": CacheConfig.k2v2,
+    "k3.5v3.5": CacheConfig.k3p5v3p5, "k2.5v2.5": CacheConfig.k2p5v2p5,
+    "k4v4-prod": CacheConfig.k4v4_prod, "k8v8": CacheConfig.k8v8,
+    "plain-k4v4": CacheConfig.plain_k4v4,
+}
+
+
+def preset(name: str, **overrides) -> CacheConfig:
+  """A named preset, e.g. ``preset("k4v4", window=128)``."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown cache preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyTransformState:
+  """k' = ((k − mean) / scale)[..., order], q' = (q ∘ scale)[..., order], per KV head."""
+  mean: jax.Array  # [K, D] float32
+  scale: jax.Array  # [K, D] float32
+  order: jax.Array  # [K, D] int32, a permutation of the channels
+
+  @classmethod
+  def identity(cls, num_kv_heads: int, head_dim: int) -> KeyTransformState:
+    return cls(jnp.zeros((num_kv_heads, head_dim)), jnp.ones((num_kv_heads, head_dim)),
+               jnp.tile(jnp.arange(head_dim, dtype=jnp.int32), (num_kv_heads, 1)))
+
+  @classmethod
+  def estimate(cls, k, valid, config: CacheConfig) -> KeyTransformState:
+    """From prefill keys k [B, K, S, D] and their validity [B, S]."""
+    w = valid[:, None, :, None].astype(jnp.float32)  # [B, 1, S, 1]
+    count = jnp.maximum(jnp.sum(w, axis=(0, 2)), 1.0)  # [1, 1]
+    k = k.astype(jnp.float32)
+    mean = jnp.sum(k * w, axis=(0, 2)) / count  # [K, D]
+    if config.key_transform == "none":
+      mean = jnp.zeros_like(mean)
+    spread = jnp.sqrt(jnp.sum(((k - mean[None, :, None]) ** 2) * w, axis=(0, 2)) / count)
+    spread = jnp.maximum(spread, 1e-6 * jnp.max(spread, axis=-1, keepdims=True) + 1e-30)
+    if config.key_transform == "center_scale":
+      scale = spread ** config.scale_power
+      scale = scale / jnp.exp(jnp.mean(jnp.log(scale), axis=-1, keepdims=True))
+    else:
+      scale = jnp.ones_like(spread)
+    order = jnp.argsort(-spread / scale, axis=-1).astype(jnp.int32)  # widest channels first
+    return cls(mean, scale, order)
+
+  def keys(self, k):  # k [B, T, K, D] -> [B, T, K, D] float32
+    k = (k.astype(jnp.float32) - self.mean) / self.scale
+    return jnp.take_along_axis(k, jnp.broadcast_to(self.order, k.shape), axis=-1)
+
+  def queries(self, q):  # q [B, T, K, G, D] -> [B, T, K, G, D] float32
+    q = q.astype(jnp.float32) * self.scale[:, None, :]
+    return jnp.take_along_axis(q, jnp.broadcast_to(self.order[:, None, :], q.shape), axis=-1)
+
+
+def _value_order(v, valid, head_dim: int):
+  """Channel order of the values: widest first (for an outlier split), per KV head."""
+  w = valid[:, None, :, None].astype(jnp.float32)
+  spread = jnp.sum(v.astype(jnp.float32) ** 2 * w, axis=(0, 2))  # [K, D]
+  return jnp.argsort(-spread, axis=-1).astype(jnp.int32)
+
+
+def _permute(x, order):  # x [..., K, D], order [K, D]
+  return jnp.take_along_axis(x, jnp.broadcast_to(order, x.shape), axis=-1)
+
+
+def _unpermute(x, order):  # inverse of _permute
+  inverse = jnp.argsort(order, axis=-1)
+  return jnp.take_along_axis(x, jnp.broadcast_to(inverse, x.shape), axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TurboQuantCache:
+  """Compressed per-layer KV cache; same protocol as `DenseCache` (update / attend)."""
+  key_quantizer: qz.Quantizer
+  value_quantizer: qz.Quantizer
+  transform: KeyTransformState
+  value_order: jax.Array  # [K, D] int32
+  k_codes: tuple[jax.Array, ...]  # per key segment [B, K, S_cap, P_i] uint8
+  k_scales: tuple[jax.Array, ...]  # per key segment [B, K, S_cap]
+  v_codes: tuple[jax.Array, ...]  # per value segment [B, K, S_cap, P_i] uint8
+  v_scales: tuple[jax.Array, ...]  # per value segment [B, K, S_cap]
+  window_k: jax.Array  # [B, K, W + F, D] transformed keys
+  window_v: jax.Array  # [B, K, W + F, D] values
+  lengths: jax.Array  # [B] int32: all tokens
+  compressed: jax.Array  # [B] int32: tokens in the compressed region (positions 0 .. compressed-1)
+  window: int = dataclasses.field(metadata=dict(static=True))
+  flush_block: int = dataclasses.field(metadata=dict(static=True))
+  implementation: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+  # Construction.
+
+  @classmethod
+  def init(cls, config: CacheConfig, *, layer: int, batch: int, num_kv_heads: int, head_dim: int,
+           capacity: int, dtype=jnp.bfloat16, transform: KeyTransformState | None = None,
+           value_order=None, implementation: str = "xla") -> TurboQuantCache:
+    """An empty cache for ``capacity`` tokens (identity key transform unless given)."""
+    for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("capacity", capacity)):
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    kcfg, vcfg = config.quantizers(layer, head_dim)
+    lead = (batch, num_kv_heads, capacity)
+
+    def region(qcfg):
+      codes = tuple(jnp.zeros(lead + (qz.packing.packed_size(s.dim, s.bits),), jnp.uint8)
+                    for s in qcfg.segments)
+      scales = tuple(jnp.zeros(lead, qcfg.scale_dtype) for _ in qcfg.segments)
+      return codes, scales
+
+    k_codes, k_scales = region(kcfg)
+    v_codes, v_scales = region(vcfg)
+    window_shape = (batch, num_kv_heads, max(config.window + config.flush_block, 1), head_dim)
+    if transform is None:
+      transform = KeyTransformState.identity(num_kv_heads, head_dim)
+    if value_order is None:
+      value_order = KeyTransformState.identity(num_kv_heads, head_dim).order
+    return cls(qz.Quantizer.create(kcfg), qz.Quantizer.create(vcfg), transform, value_order,
+               k_codes, k_scales, v_codes, v_scales,
+               jnp.zeros(window_shape, dtype), jnp.zeros(window_shape, dtype),
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+               window=config.window, flush_block=config.flush_block,
+               implementation=implementation)
+
+  @classmethod
+  def from_dense(cls, dense: DenseCache, config: CacheConfig, *, layer: int,
+                 capacity: int | None = None, implementation: str = "xla") -> TurboQuantCache:
+    """Compresses a filled exact cache (the prefill): estimates and freezes the key
+    transforms from its keys, encodes all but the newest ``window`` tokens of each row and
+    keeps those exact. ``capacity`` defaults to the dense cache's."""
+    b, kh, s, d = dense.k.shape
+    capacity = s if capacity is None else capacity
+    if capacity < s:
+      raise ValueError(f"capacity={capacity} must be >= the dense cache's capacity {s}")
+    valid = jnp.arange(s)[None, :] < dense.lengths[:, None]  # [B, S]
+    transform = KeyTransformState.estimate(dense.k, valid, config)
+    value_order = _value_order(dense.v, valid, d)
+    cache = cls.init(config, layer=layer, batch=b, num_kv_heads=kh, head_dim=d, capacity=capacity,
+                     dtype=dense.k.dtype, transform=transform, value_order=value_order,
+                     implementation=implementation)
+    return cache._load(jnp.swapaxes(dense.k, 1, 2), jnp.swapaxes(dense.v, 1, 2), dense.lengths)
+
+  def _load(self, k, v, lengths) -> TurboQuantCache:
+    """Fills an empty cache with k, v [B, S, K, D] of which the first lengths[b] are valid."""
+    s = k.shape[1]
+    keep = jnp.minimum(lengths, self.window)  # exact tokens per row
+    compressed = lengths - keep
+    k_codes, k_scales = _encode_region(self.key_quantizer, self.transform.keys(k))
+    v_codes, v_scales = _encode_region(self.value_quantizer, _permute(v.astype(jnp.float32), self.value_order))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, self.capacity - s)] + [(0, 0)] * (x.ndim - 3))
+    # Window: positions compressed .. lengths-1 go to window slots 0 .. keep-1.
+    idx = compressed[:, None] + jnp.arange(self.window_k.shape[2])[None, :]  # [B, W+F]
+    take = lambda x: jnp.take_along_axis(x, jnp.clip(idx, 0, s - 1)[:, :, None, None], axis=1)
+    window_k = jnp.swapaxes(take(self.transform.keys(k)), 1, 2).astype(self.window_k.dtype)
+    window_v = jnp.swapaxes(take(v), 1, 2).astype(self.window_v.dtype)
+    return dataclasses.replace(
+        self, k_codes=tuple(map(pad, k_codes)), k_scales=tuple(map(pad, k_scales)),
+        v_codes=tuple(map(pad, v_codes)), v_scales=tuple(map(pad, v_scales)),
+        window_k=window_k, window_v=window_v, lengths=lengths.astype(jnp.int32),
+        compressed=compressed.astype(jnp.int32))
+
+  # Shapes and accounting.
+
+  @property
+  def capacity(self) -> int:
+    return self.k_scales[0].shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.window_k.shape[3]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.window_k.shape[1]
+
+  def memory_bytes(self) -> int:
+    """Bytes held by the cache's arrays (allocated capacity, window and transforms)."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(self) if hasattr(x, "nbytes")))
+
+  def bits_per_coordinate(self) -> float:
+    """Stored bits per K/V coordinate of the compressed region (codes and scales)."""
+    kc, vc = self.key_quantizer.config, self.value_quantizer.config
+    return (kc.bits_per_coordinate + vc.bits_per_coordinate) / 2
+
+  # The protocol.
+
+  def update(self, k, v) -> TurboQuantCache:
+    """Appends k, v [B, T, K, D] (keys after RoPE), flushing the window as it fills."""
+    b, kh, _, d = self.window_k.shape
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, kh, d):
+      raise ValueError(f"expected k, v [B={b}, T, K={kh}, D={d}], got {k.shape=}, {v.shape=}")
+    cache = self
+    k = self.transform.keys(k)  # [B, T, K, D] float32
+    step = max(self.flush_block, 1)
+    for start in range(0, k.shape[1], step):  # static chunks of at most F tokens
+      cache = cache._append(k[:, start:start + step], v[:, start:start + step])
+    return cache
+
+  def _append(self, k, v) -> TurboQuantCache:
+    t = k.shape[1]
+    held = self.lengths - self.compressed  # tokens in the window
+    room = self.window_k.shape[2]
+    cache = jax.lax.cond(jnp.any(held + t > room), lambda c: c._flush(held + t > room),
+                         lambda c: c, self)
+    held = cache.lengths - cache.compressed
+    write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(buf, new, (0, at, 0)))
+    window_k = write(cache.window_k, jnp.swapaxes(k, 1, 2).astype(cache.window_k.dtype), held)
+    window_v = write(cache.window_v, jnp.swapaxes(v, 1, 2).astype(cache.window_v.dtype), held)
+    return dataclasses.replace(cache, window_k=window_k, window_v=window_v,
+                               lengths=cache.lengths + jnp.int32(t))
+
+  def _flush(self, rows) -> TurboQuantCache:
+    """Moves the oldest F window tokens of the given rows [B] bool into the codes."""
+    f = self.flush_block
+    block_k = jnp.swapaxes(self.window_k[:, :, :f], 1, 2)  # [B, F, K, D] transformed keys
+    block_v = _permute(jnp.swapaxes(self.window_v[:, :, :f], 1, 2).astype(jnp.float32), self.value_order)
+    k_codes, k_scales = _encode_region(self.key_quantizer, block_k)
+    v_codes, v_scales = _encode_region(self.value_quantizer, block_v)
+    # Rows that do not flush write nowhere: their target index is out of bounds.
+    at = jnp.where(rows, self.compressed, self.capacity)[:, None] + jnp.arange(f)  # [B, F]
+    put = lambda buf, new: jax.vmap(lambda b_, n_, i_: b_.at[:, i_].set(n_, mode="drop"))(buf, new, at)
+    shifted = lambda w: jnp.where(rows[:, None, None, None], jnp.roll(w, -f, axis=2), w)
+    return dataclasses.replace(
+        self,
+        k_codes=tuple(map(put, self.k_codes, k_codes)), k_scales=tuple(map(put, self.k_scales, k_scales)),
+        v_codes=tuple(map(put, self.v_codes, v_codes)), v_scales=tuple(map(put, self.v_scales, v_scales)),
+        window_k=shifted(self.window_k), window_v=shifted(self.window_v),
+        compressed=self.compressed + jnp.where(rows, f, 0).astype(jnp.int32))
+
+  def attend(self, q, *, scale: float, sliding_window: int | None = None):
+    """Attention of q [B, T, H, D], the T tokens just appended, over every stored token."""
+    b, kh, room, d = self.window_k.shape
+    if q.ndim != 4 or q.shape[0] != b or q.shape[3] != d or q.shape[2] % kh:
+      raise ValueError(f"expected q [B={b}, T, H (multiple of K={kh}), D={d}], got {q.shape=}")
+    t, h = q.shape[1], q.shape[2]
+    q_pos = self.lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+    qg = self.transform.queries(q.reshape(b, t, kh, h // kh, d))  # [B, T, K, G, D]
+    # The compressed region: slot j is position j.
+    slots = jnp.arange(self.capacity, dtype=jnp.int32)
+    valid = slots[None, :] < self.compressed[:, None]
+    mask = dense_cache.attention_mask(q_pos, slots, valid, sliding_window)  # [B, T, S]
+    compressed = self._compressed_partial(qg, mask, scale)
+    # The exact window: slot i is position compressed + i.
+    w_pos = self.compressed[:, None] + jnp.arange(room, dtype=jnp.int32)  # [B, W+F]
+    w_valid = w_pos < self.lengths[:, None]
+    exact = dense_cache.dense_attention_partial(
+        qg.reshape(b, t, h, d), self.window_k, self.window_v, q_pos, w_pos, w_valid, scale,
+        sliding_window)
+    return dense_cache.combine_partials([compressed, exact], q.dtype)
+
+  def _compressed_partial(self, qg, mask, scale):
+    """(acc [B, T, H, D] in the original value basis, row max, row sum) over the codes."""
+    b, t, kh, g, d = qg.shape
+    kq, vq = self.key_quantizer, self.value_quantizer
+    logits = 0.0
+    for qp, seg_vals in zip(qz.project_query(kq, qg), _region_values(kq, self.k_codes, self.k_scales)):
+      logits = logits + jnp.einsum("btkgi,bksi->btkgs", qp, seg_vals)
+    logits = jnp.where(mask[:, :, None, None, :], logits * jnp.float32(scale), -jnp.inf)
+    row_max = jnp.max(logits, axis=-1)
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(logits - safe_max[..., None])  # masked entries are exp(-inf) = 0
+    acc = 0.0
+    for amap, seg_vals in zip(vq.maps, _region_values(vq, self.v_codes, self.v_scales)):
+      acc = acc + jnp.einsum("btkgs,bksi->btkgi", p, seg_vals) @ amap  # rotate back once
+    acc = _unpermute(acc, self.value_order[:, None, :])
+    return acc.reshape(b, t, kh * g, d), row_max.reshape(b, t, -1), jnp.sum(p, -1).reshape(b, t, -1)
+
+
+def _encode_region(quantizer: qz.Quantizer, x):
+  """x [B, S, K, D] -> per segment codes [B, K, S, P] and scales [B, K, S]."""
+  enc = qz.encode(quantizer, jnp.swapaxes(x, 1, 2))
+  return enc.codes, enc.scales
+
+
+def _region_values(quantizer: qz.Quantizer, codes, scales):
+  """Per segment n · c[codes]: [B, K, S, d_i] float32."""
+  return qz.segment_values(quantizer, qz.Encoded(tuple(codes), tuple(scales)))
+
+
+def convert_caches(dense_caches, config: CacheConfig, *, capacity: int | None = None,
+                   implementation: str = "xla"):
+  """Per-layer `TurboQuantCache.from_dense` over a model's tuple of dense caches."""
+  return tuple(TurboQuantCache.from_dense(c, config, layer=i, capacity=capacity,
+                                          implementation=implementation)
+               for i, c in enumerate(dense_caches))
