@@ -160,6 +160,8 @@ def _load_codes(codes_ref, rows: slice | Any, seg: SegmentLayout, row_mask) -> A
 def _lookup(codes: Array, centroids: tuple[float, ...] | None, cb_ref, bits: int,
             dtype) -> Array:
   """c[codes] as ``dtype``: a select tree on constants, or a gather from ``cb_ref``."""
+  if cb_ref is None:  # timing diagnostic: skip the lookup (values are the codes)
+    return codes.astype(dtype)
   if centroids is None:
     return cb_ref[codes].astype(dtype)
   values = [jnp.asarray(c, dtype) for c in centroids]
@@ -182,10 +184,11 @@ def _decode_kernel(
     split_len: int,
     block_s: int,
     lookup: str,
+    orient: str,
 ):
   nk, nv = len(key_segs), len(value_segs)
   it = iter(refs)
-  q_refs = [next(it) for _ in range(nk)]  # [Gp, padded_dim_i] float16
+  q_refs = [next(it) for _ in range(nk)]  # [Gp, padded_dim_i] float16 ([d, Gp] "tokens")
   kc_refs = [next(it) for _ in range(nk)]  # [S, P_i] uint8
   kn_refs = [next(it) for _ in range(nk)]  # [S] float16 | float32
   kcb_refs = [next(it) for _ in range(nk)]  # [2**b_i] float32
@@ -194,7 +197,7 @@ def _decode_kernel(
   vcb_refs = [next(it) for _ in range(nv)]  # [2**b_j] float32
   m_ref = next(it)  # [Gp] float32
   l_ref = next(it)  # [Gp] float32
-  acc_refs = [next(it) for _ in range(nv)]  # [Gp, padded_dim_j] float32
+  acc_refs = [next(it) for _ in range(nv)]  # [Gp, padded_dim_j] float32 ([d, Gp] "tokens")
 
   b = pl.program_id(0)
   split = pl.program_id(2)
@@ -202,11 +205,13 @@ def _decode_kernel(
   start = split * split_len
   end = jnp.minimum(jnp.minimum(start + split_len, length), seq_len)
   num_blocks = jnp.maximum(end - start + block_s - 1, 0) // block_s
-  rows = q_refs[0].shape[0]
+  rows = q_refs[0].shape[1 if orient == "tokens" else 0]
 
   qs = [r[...] for r in q_refs]
   ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
   cv = [None if lookup == "gather" else value_centroids[j] for j in range(nv)]
+  if lookup == "none":
+    kcb_refs, vcb_refs = [None] * nk, [None] * nv
   need_row_mask = seq_len % block_s != 0 or split_len % block_s != 0
 
   def body(i, carry):
@@ -217,25 +222,35 @@ def _decode_kernel(
     valid = pos < end
     row_mask = (pos < seq_len) if need_row_mask else None
 
-    scores = jnp.zeros((rows, block_s), jnp.float32)
+    # Logits as [Gp, block_s] ("rows": query rows are the dot's M) or as
+    # [block_s, Gp] ("tokens": tokens are M, so a tile of >= 64 tokens fills a wgmma).
+    tok = orient == "tokens"
+    ax = 0 if tok else 1  # the token axis of the logits
+    bcast = (lambda v: v[:, None]) if tok else (lambda v: v[None, :])  # per token
+    rowb = (lambda v: v[None, :]) if tok else (lambda v: v[:, None])  # per query row
+    scores = jnp.zeros((block_s, rows) if tok else (rows, block_s), jnp.float32)
     for t in range(nk):
       seg = key_segs[t]
       codes = _load_codes(kc_refs[t], tile, seg, row_mask)
       keys = _lookup(codes, ck[t], kcb_refs[t], seg.bits, jnp.float16)
-      dots = lax.dot_general(qs[t], keys, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [Gp, block_s]
+      if tok:  # [block_s, d] @ [d, Gp]
+        dots = lax.dot_general(keys, qs[t], (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+      else:  # [Gp, d] @ [block_s, d]^T
+        dots = lax.dot_general(qs[t], keys, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
       if row_mask is None:
         n = kn_refs[t][tile].astype(jnp.float32)
       else:
         n = plgpu.load(kn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
-      scores = scores + dots * n[None, :]
-    scores = jnp.where(valid[None, :], scores, -jnp.inf)
+      scores = scores + dots * bcast(n)
+    scores = jnp.where(bcast(valid), scores, -jnp.inf)
 
-    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=ax))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     corr = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(scores - m_safe[:, None])  # [Gp, block_s]
-    l_next = l_prev * corr + jnp.sum(p, axis=1)
+    p = jnp.exp(scores - rowb(m_safe))
+    l_next = l_prev * corr + jnp.sum(p, axis=ax)
 
     new_accs = []
     for t in range(nv):
@@ -247,15 +262,20 @@ def _decode_kernel(
       else:
         n = plgpu.load(vn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
       n = jnp.where(valid, n, 0.0)  # garbage scales past the length may be inf/nan
-      pn = (p * n[None, :]).astype(jnp.float16)
-      upd = lax.dot_general(pn, vals, (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)  # [Gp, padded_dim]
-      new_accs.append(accs[t] * corr[:, None] + upd)
+      pn = (p * bcast(n)).astype(jnp.float16)
+      if tok:  # [block_s, d]^T @ [block_s, Gp] -> [d, Gp]
+        upd = lax.dot_general(vals, pn, (((0,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+      else:  # [Gp, block_s] @ [block_s, d] -> [Gp, d]
+        upd = lax.dot_general(pn, vals, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+      new_accs.append(accs[t] * rowb(corr) + upd)
     return m_next, l_next, tuple(new_accs)
 
   m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((rows,), jnp.float32)
-  acc0 = tuple(jnp.zeros((rows, seg.padded_dim), jnp.float32) for seg in value_segs)
+  acc0 = tuple(jnp.zeros((seg.padded_dim, rows) if orient == "tokens" else
+                         (rows, seg.padded_dim), jnp.float32) for seg in value_segs)
   m, l, accs = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
   m_ref[...] = m
   l_ref[...] = l
@@ -349,6 +369,7 @@ def decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     lookup: str | None = None,
+    orient: str | None = None,
 ) -> Partial:
   """Attention partials of query rows over a compressed KV region.
 
@@ -365,9 +386,11 @@ def decode(
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes`.
+    orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
     lookup: "select" (centroids baked into the kernel as constants; needs concrete
       centroids) or "gather" (centroids read from memory); default "select" when the
-      centroids are concrete.
+      centroids are concrete. ("none" skips the lookup and gives wrong values: a timing
+      diagnostic for bench/kernels.py only.)
 
   Returns:
     :class:`Partial` with m, l: [B, K, G] and acc_j: [B, K, G, d_j] (rotated domain,
@@ -397,7 +420,7 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "select"
-  if lookup not in ("select", "gather"):
+  if lookup not in ("select", "gather", "none"):
     raise ValueError(f'lookup must be "select" or "gather", got {lookup!r}')
   if lookup == "select" and any(c is None for c in static_ck + static_cv):
     raise ValueError('lookup="select" bakes the centroids into the kernel and needs them '
@@ -408,6 +431,9 @@ def decode(
   cfg = tuned_block_sizes.decode_config(
       batch=B, kv_heads=K, seq_len=S, head_dim=sum(s.dim for s in key_segs),
       key_bits=tuple(s.bits for s in key_segs), value_bits=tuple(s.bits for s in value_segs))
+  orient = orient or cfg.orient
+  if orient not in ("rows", "tokens"):
+    raise ValueError(f'orient must be "rows" or "tokens", got {orient!r}')
   block_s = block_s or cfg.block_s
   num_warps = num_warps or cfg.num_warps
   num_stages = num_stages or cfg.num_stages
@@ -424,12 +450,13 @@ def decode(
       lengths.astype(jnp.int32), key_segs=tuple(key_segs), value_segs=tuple(value_segs),
       static_ck=static_ck, static_cv=static_cv, block_s=block_s, split_len=split_len,
       num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
-      interpret=interpret)
+      orient=orient, interpret=interpret)
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                    lengths, *, key_segs, value_segs, static_ck, static_cv, block_s,
-                   split_len, num_splits, num_warps, num_stages, lookup, interpret):
+                   split_len, num_splits, num_warps, num_stages, lookup, orient,
+                   interpret):
   B, K, G = qk[0].shape[:3]
   S = k_codes[0].shape[2]
   rows = max(_MIN_ROWS, pl.next_power_of_2(G))
@@ -437,7 +464,8 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   for q, seg in zip(qk, key_segs):
     q = jnp.pad(q.astype(jnp.float32),
                 ((0, 0), (0, 0), (0, rows - G), (0, seg.padded_dim - seg.dim)))
-    qs.append(q.astype(jnp.float16))
+    q = q.astype(jnp.float16)
+    qs.append(jnp.swapaxes(q, 2, 3) if orient == "tokens" else q)
   kcb = [jnp.asarray(c, jnp.float32) for c in k_centroids]
   vcb = [jnp.asarray(c, jnp.float32) for c in v_centroids]
 
@@ -448,7 +476,7 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   whole = lambda shape: pl.BlockSpec(shape, lambda b, k, s: (0,) * len(shape))
   in_specs = (
       [whole((B,))]
-      + [bks((rows, seg.padded_dim)) for seg in key_segs]
+      + [bks(q.shape[2:]) for q in qs]
       + [bks((S, seg.packed)) for seg in key_segs]
       + [bks((S,)) for _ in key_segs]
       + [whole(c.shape) for c in kcb]
@@ -457,15 +485,17 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
       + [whole(c.shape) for c in vcb])
   out_block = lambda tail: pl.BlockSpec(
       (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))
+  acc_tail = [(seg.padded_dim, rows) if orient == "tokens" else (rows, seg.padded_dim)
+              for seg in value_segs]
   out_specs = ([out_block((rows,)), out_block((rows,))]
-               + [out_block((rows, seg.padded_dim)) for seg in value_segs])
+               + [out_block(tail) for tail in acc_tail])
   out_shape = ([jax.ShapeDtypeStruct((B, K, num_splits, rows), jnp.float32)] * 2
-               + [jax.ShapeDtypeStruct((B, K, num_splits, rows, seg.padded_dim),
-                                       jnp.float32) for seg in value_segs])
+               + [jax.ShapeDtypeStruct((B, K, num_splits, *tail), jnp.float32)
+                  for tail in acc_tail])
   kernel = functools.partial(
       _decode_kernel, key_segs=key_segs, value_segs=value_segs, key_centroids=static_ck,
       value_centroids=static_cv, seq_len=S, split_len=split_len, block_s=block_s,
-      lookup=lookup)
+      lookup=lookup, orient=orient)
   m, l, *accs = pl.pallas_call(
       kernel,
       grid=(B, K, num_splits),
@@ -476,6 +506,8 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
       interpret=interpret,
       name="tq_decode",
   )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
+  if orient == "tokens":
+    accs = [jnp.swapaxes(a, -1, -2) for a in accs]
   parts = Partial(m[..., :G], l[..., :G],
                   tuple(a[..., :G, :seg.dim] for a, seg in zip(accs, value_segs)))
   return merge_partials(parts, axis=2)

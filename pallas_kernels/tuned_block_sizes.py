@@ -26,6 +26,7 @@ class DecodeConfig:
   num_warps: int
   num_stages: int
   target_programs: int  # split S until batch * kv_heads * splits reaches this
+  orient: str = "rows"  # "rows": query rows are the dot's M; "tokens": tokens are M
 
 
 @dataclasses.dataclass(frozen=True)

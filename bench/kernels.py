@@ -1,0 +1,401 @@
+"""Benchmark of the Pallas kernels against fp16 decode attention, in one run.
+
+    PYTHONPATH=. python bench/kernels.py --out DIR            # full grid
+    PYTHONPATH=. python bench/kernels.py --quick --out DIR    # B=8/1, S=64K, D=128
+    PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
+
+Checks correctness first (kernel vs the jnp reference on identical random codes), then
+times, for B in {1, 8}, Hq = 32, Hkv = 8, D in {128, 64}, S in {4K, 16K, 64K, 128K}, our
+fused decode per preset against the fp16 baselines measured in the same run: jax's
+Pallas ``decode_attention.gqa`` (on its own [B, S, K, D] layout, which it transposes per
+call), the same Pallas kernel (``mqa``) on a [B, K, S, D] cache, the XLA reference
+(einsum), ``jax.nn.dot_product_attention(implementation="cudnn")`` and torch SDPA
+(each backend that accepts the shape). Also encode throughput.
+
+Timing: each jax function is jitted as a chain of n dependent calls (an optimization
+barrier between them) and timed by the device-synchronized wall clock for two chain
+lengths; the difference over the extra calls is one call, without dispatch overhead.
+Median over repetitions. Torch is timed with a CUDA graph of n calls and CUDA events.
+Per row: microseconds, bytes read, TB/s, fraction of the copy bandwidth measured in
+the same run, speedup against the fastest fp16 baseline of the same shape.
+Writes ``kernels.json`` to ``--out`` and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import decode as dk
+from tqjax import packing
+
+HQ, HKV = 32, 8
+G = HQ // HKV
+
+
+def presets(head_dim: int) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+  """name -> (key segments, value segments), each a list of (dim, bits)."""
+  q = head_dim // 4
+  return {
+      "k4v4": ([(head_dim, 4)], [(head_dim, 4)]),
+      "k3v3": ([(head_dim, 3)], [(head_dim, 3)]),
+      "k2v2": ([(head_dim, 2)], [(head_dim, 2)]),
+      "prod4": ([(head_dim, 3), (head_dim, 1)], [(head_dim, 4)]),
+      "split2.5": ([(q, 3), (head_dim - q, 2)], [(q, 3), (head_dim - q, 2)]),
+  }
+
+
+def centroids(dim: int, bits: int) -> np.ndarray:
+  """The project's Lloyd-Max codebook when available, else sorted Gaussian draws."""
+  try:
+    from tqjax import codebook
+    c = np.asarray(codebook.get_codebook(dim, bits).centroids, np.float32)
+  except Exception:  # the codebook module may not exist yet on this checkout
+    c = np.sort(np.random.default_rng(bits).normal(size=2**bits) / math.sqrt(dim))
+  # f16-exact, so the kernel's f16 table equals the reference's f32 one.
+  return c.astype(np.float16).astype(np.float32)
+
+
+def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None):
+  ks = jax.random.split(key, 16)
+  qk, kc, kn, kcb, vc, vn, vcb = [], [], [], [], [], [], []
+  for i, (d, b) in enumerate(keys):
+    qk.append(jax.random.normal(ks[i], (B, HKV, rows, d), jnp.float32)
+              .astype(jnp.float16).astype(jnp.float32) * 2)
+    kc.append(jax.random.randint(ks[4 + i], (B, HKV, S, packing.packed_size(d, b)), 0, 256,
+                                 jnp.int32).astype(jnp.uint8))
+    kn.append(jax.random.uniform(ks[8 + i], (B, HKV, S), jnp.float32, 0.5, 2.0)
+              .astype(jnp.float16))
+    kcb.append(centroids(d, b))
+  for j, (d, b) in enumerate(values):
+    vc.append(jax.random.randint(ks[12 + j], (B, HKV, S, packing.packed_size(d, b)), 0, 256,
+                                 jnp.int32).astype(jnp.uint8))
+    vn.append(jax.random.uniform(ks[14 + j], (B, HKV, S), jnp.float32, 0.5, 2.0)
+              .astype(jnp.float16))
+    vcb.append(centroids(d, b))
+  if lengths is None:
+    lengths = jnp.full((B,), S, jnp.int32)
+  return qk, kc, kn, kcb, vc, vn, vcb, lengths
+
+
+def compressed_bytes(B, S, keys, values, scale_bytes=2) -> int:
+  per_token = sum(packing.packed_size(d, b) + scale_bytes for d, b in keys + values)
+  return B * HKV * S * per_token
+
+
+def finalize(p: dk.Partial):
+  return [a / p.l[..., None] for a in p.acc]
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------
+# Timing.
+
+
+def _chain(fn, n):
+  """n dependent calls: each perturbs the first argument by 1e-30 * (a result scalar).
+
+  The perturbation is a real data dependency (an optimization barrier is not: XLA
+  drops it and dead-code-eliminates all but the last call).
+  """
+  def run(x, *rest):
+    out = None
+    for _ in range(n):
+      out = fn(x, *rest)
+      s = jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32) * 1e-30
+      x = jax.tree.map(lambda a: a + s.astype(a.dtype), x)
+    return out
+  return jax.jit(run)
+
+
+def time_jax(fn, args, *, n_small=2, n_big=12, reps=5) -> float:
+  """Microseconds per call of ``fn(*args)`` (args[0] must be an array)."""
+  small, big = _chain(fn, n_small), _chain(fn, n_big)
+  jax.block_until_ready(small(*args))
+  jax.block_until_ready(big(*args))
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(small(*args))
+    t1 = time.perf_counter()
+    jax.block_until_ready(big(*args))
+    t2 = time.perf_counter()
+    samples.append(((t2 - t1) - (t1 - t0)) / (n_big - n_small) * 1e6)
+  if statistics.median(samples) <= 0:
+    raise RuntimeError(f"timing failed (non-positive): {samples}")
+  return statistics.median(samples)
+
+
+def time_torch(fn, *, n=10, reps=5) -> float:
+  import torch
+  s = torch.cuda.Stream()
+  s.wait_stream(torch.cuda.current_stream())
+  with torch.cuda.stream(s):
+    for _ in range(3):
+      fn()
+  torch.cuda.current_stream().wait_stream(s)
+  g = torch.cuda.CUDAGraph()
+  with torch.cuda.graph(g):
+    for _ in range(n):
+      fn()
+  g.replay()
+  torch.cuda.synchronize()
+  samples = []
+  for _ in range(reps):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    samples.append(a.elapsed_time(b) * 1e3 / n)
+  return statistics.median(samples)
+
+
+def copy_bandwidth(results: dict) -> float:
+  """Bytes/s of a device copy (read + write), the best of torch and XLA."""
+  nbytes = 2 << 30
+  x = jax.random.randint(jax.random.key(0), (nbytes // 4,), 0, 1 << 30, jnp.int32)
+  t = time_jax(lambda a: a + 1, (x,))
+  bw = {"xla": 2 * nbytes / (t * 1e-6)}
+  try:
+    import torch
+    a = torch.randint(0, 1 << 30, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    b = torch.empty_like(a)
+    t = time_torch(lambda: b.copy_(a))
+    bw["torch"] = 2 * nbytes / (t * 1e-6)
+  except Exception as e:  # torch may be missing
+    bw["torch_error"] = repr(e)
+  results["copy_bandwidth"] = bw
+  return max(v for v in bw.values() if isinstance(v, float))
+
+
+# ----------------------------------------------------------------------------------------
+# Baselines (fp16, Hq = 32, Hkv = 8).
+
+
+def baselines(B, S, D, key) -> dict[str, float]:
+  k1, k2, k3 = jax.random.split(key, 3)
+  q = jax.random.normal(k1, (B, HQ, D), jnp.float16)
+  k_bksd = jax.random.normal(k2, (B, HKV, S, D), jnp.float16)
+  v_bksd = jax.random.normal(k3, (B, HKV, S, D), jnp.float16)
+  scale = 1 / math.sqrt(D)
+  out: dict[str, float] = {}
+
+  def xla_ref(q, k, v):
+    qg = q.reshape(B, HKV, G, D)
+    s = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bkgs,bksd->bkgd", p.astype(v.dtype), v)
+
+  cands = {"xla_einsum": (xla_ref, (q, k_bksd, v_bksd))}
+  try:
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
+    k_bskd = jnp.swapaxes(k_bksd, 1, 2)
+    v_bskd = jnp.swapaxes(v_bksd, 1, 2)
+    cands["pallas_gqa_bskd"] = (lambda q, k, v: da.gqa(q, k, v), (q, k_bskd, v_bskd))
+    def mqa_bksd(q, k, v):
+      qg = q.reshape(B * HKV, G, D)
+      o = da.mqa(qg, k.reshape(B * HKV, S, D), v.reshape(B * HKV, S, D))
+      return o
+    cands["pallas_mqa_bksd"] = (mqa_bksd, (q, k_bksd, v_bksd))
+  except Exception as e:
+    out["pallas_error"] = repr(e)
+  def cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")
+  cands["jax_cudnn_bskd"] = (cudnn, (q, jnp.swapaxes(k_bksd, 1, 2), jnp.swapaxes(v_bksd, 1, 2)))
+  for name, (fn, args) in cands.items():
+    try:
+      out[name] = time_jax(fn, args)
+    except Exception as e:
+      out[name + "_error"] = repr(e).splitlines()[0][:200]
+  del cands
+  try:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    tq = torch.randn(B, HQ, 1, D, dtype=torch.float16, device="cuda")
+    tk = torch.randn(B, HKV, S, D, dtype=torch.float16, device="cuda")
+    tv = torch.randn(B, HKV, S, D, dtype=torch.float16, device="cuda")
+    for name, backend in [("torch_cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("torch_flash", SDPBackend.FLASH_ATTENTION),
+                          ("torch_efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+      def f(backend=backend):
+        with sdpa_kernel(backend):
+          return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+      try:
+        f()
+        torch.cuda.synchronize()
+        out[name] = time_torch(f)
+      except Exception as e:
+        out[name + "_error"] = repr(e).splitlines()[0][:200]
+    del tq, tk, tv
+    torch.cuda.empty_cache()
+  except Exception as e:
+    out["torch_error"] = repr(e).splitlines()[0][:200]
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def check_decode(key, results, impl_kwargs) -> bool:
+  """Kernel vs reference on identical random codes, every preset, ragged lengths."""
+  ok = True
+  for D in (128, 64):
+    for name, (keys, values) in presets(D).items():
+      B, S = 3, 4096 + 37
+      lengths = jnp.asarray([S, 1000, 0], jnp.int32)
+      args = make_inputs(key, B, S, keys, values, lengths=lengths)
+      ref = dk.decode(*args, implementation="xla")
+      out = dk.decode(*args, implementation="pallas", **impl_kwargs)
+      rows = [0, 1]  # row 2 is empty: l = 0
+      err = max(rel_err(np.asarray(a)[rows], np.asarray(b)[rows])
+                for a, b in zip(finalize(out), finalize(ref)))
+      empty_ok = bool(jnp.all(out.l[2] == 0)) and all(bool(jnp.all(a[2] == 0)) for a in out.acc)
+      good = err < 3e-3 and empty_ok and all(bool(jnp.all(jnp.isfinite(a))) for a in out.acc)
+      results.setdefault("checks", []).append(
+          {"D": D, "preset": name, "rel_err": err, "empty_row_ok": empty_ok, "ok": good})
+      print(f"check D={D} {name:9s} rel_err={err:.2e} empty_ok={empty_ok} "
+            f"{'OK' if good else 'FAIL'}", flush=True)
+      ok &= good
+  return ok
+
+
+def bench_decode(B, S, D, preset, key, **kw):
+  keys, values = presets(D)[preset]
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(key, B, S, keys, values)
+  # Centroids are closed over: constants of the compiled program, as in the cache.
+  fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
+      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="pallas", **kw)
+  t = time_jax(fn, (qk, kc, kn, vc, vn, lengths))
+  return t, compressed_bytes(B, S, keys, values)
+
+
+def check_variant(key, preset, **kw) -> float:
+  keys, values = presets(128)[preset]
+  B, S = 2, 2048 + 37
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
+      key, B, S, keys, values, lengths=jnp.asarray([S, 999], jnp.int32))
+  ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla")
+  out = jax.jit(lambda qk, kc, kn, vc, vn, lengths: dk.decode(
+      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="pallas", **kw))(
+          qk, kc, kn, vc, vn, lengths)
+  return max(rel_err(a, b) for a, b in zip(finalize(out), finalize(ref)))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=".")
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--no-check", action="store_true")
+  ap.add_argument("--presets", default="")
+  args = ap.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                   "rows": [], "sweep": []}
+  key = jax.random.key(0)
+  copy_bandwidth(results)  # warms the clocks up
+  bw = copy_bandwidth(results)
+  print(f"copy bandwidth: {results['copy_bandwidth']}", flush=True)
+  if not args.no_check:
+    results["check_ok"] = check_decode(key, results, {})
+  out_path = os.path.join(args.out, "kernels.json")
+
+  def dump():
+    with open(out_path, "w") as f:
+      json.dump(results, f, indent=1)
+
+  if args.sweep:
+    configs = [(8, 65536, "k4v4", dict(block_s=bs, num_warps=4, num_stages=2, lookup=lk,
+                                      orient=o))
+               for o in ("rows", "tokens") for bs in (32, 64, 128)
+               for lk in ("select", "gather", "none")]
+    configs += [(8, 65536, "k4v4", dict(block_s=bs, num_warps=nw, num_stages=ns,
+                                        lookup="select", orient="rows"))
+                for bs, nw, ns in ((64, 4, 1), (64, 8, 2), (128, 8, 1), (64, 4, 3))]
+    configs += [(8, 65536, p, dict(block_s=64, num_warps=4, lookup=lk))
+                for p in ("k3v3", "k2v2") for lk in ("select", "gather")]
+    configs += [(1, 65536, "k4v4", dict(block_s=bs, num_warps=4, lookup="select",
+                                        num_splits=ns))
+                for bs in (32, 64) for ns in (32, 64, 128)]
+    for B, S, preset, kw in configs:
+      try:
+        err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None
+        t, nbytes = bench_decode(B, S, 128, preset, key, **kw)
+        row = dict(B=B, S=S, preset=preset, us=t, tbps=nbytes / t * 1e-6, err=err, **kw)
+      except Exception as e:
+        row = dict(B=B, S=S, preset=preset, error=repr(e)[:300], **kw)
+      results["sweep"].append(row)
+      print("sweep", row, flush=True)
+      dump()
+
+  shapes = ([(8, 128, 65536), (1, 128, 65536)] if args.quick else
+            [(B, D, S) for D in (128, 64) for B in (8, 1)
+             for S in (4096, 16384, 65536, 131072)])
+  names = args.presets.split(",") if args.presets else list(presets(128))
+  for B, D, S in shapes:
+    base = baselines(B, S, D, key)
+    fp16_bytes = 2 * B * HKV * S * D * 2
+    times = {k: v for k, v in base.items() if isinstance(v, float)}
+    fastest = min(times.values()) if times else float("nan")
+    for name, t in base.items():
+      if isinstance(t, float):
+        results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, us=t,
+                                    bytes=fp16_bytes, frac_copy_bw=fp16_bytes / (t * 1e-6) / bw,
+                                    speedup=fastest / t))
+      else:
+        results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
+    for name in names:
+      try:
+        t, nbytes = bench_decode(B, S, D, name, key)
+        results["rows"].append(dict(kind="tq_decode", name=name, B=B, D=D, S=S, us=t,
+                                    bytes=nbytes, frac_copy_bw=nbytes / (t * 1e-6) / bw,
+                                    speedup=fastest / t))
+      except Exception as e:
+        traceback.print_exc()
+        results["rows"].append(dict(kind="tq_decode", name=name, B=B, D=D, S=S,
+                                    error=repr(e)[:300]))
+      print(results["rows"][-1], flush=True)
+      dump()
+
+  try:
+    results["encode"] = bench_encode(key)
+  except Exception as e:
+    traceback.print_exc()
+    results["encode"] = {"error": repr(e)[:300]}
+  dump()
+
+  print(f"\ndevice {results['device']}  copy bw {bw / 1e12:.2f} TB/s  "
+        f"check_ok={results.get('check_ok')}")
+  print(f"{'kind':9s} {'name':16s} {'B':>2s} {'D':>4s} {'S':>7s} {'us':>9s} {'MB':>8s} "
+        f"{'bw%':>5s} {'x fp16':>7s}")
+  for r in results["rows"]:
+    if "us" in r:
+      print(f"{r['kind'][:9]:9s} {r['name'][:16]:16s} {r['B']:2d} {r['D']:4d} {r['S']:7d} "
+            f"{r['us']:9.1f} {r['bytes'] / 1e6:8.1f} {100 * r['frac_copy_bw']:5.1f} "
+            f"{r['speedup']:7.2f}")
+  if "encode" in results:
+    print("encode", results["encode"])
+
+
+def bench_encode(key) -> dict:
+  from pallas_kernels import encode as ek
+  return ek.bench(key)
+
+
+if __name__ == "__main__":
+  main()
