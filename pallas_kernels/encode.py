@@ -1,0 +1,236 @@
+"""Fused TurboQuant encode: normalize, rotate, quantize, pack (and QJL signs) in one pass.
+
+x [N, D] (one layer's keys or values, tokens and heads flattened) -> per segment packed
+codes [N, P_i] uint8 and scales [N], exactly as ``tqjax.quantizer.encode`` (the jnp
+reference, ``implementation="xla"``) computes them. See that module for the math.
+
+Kernel layout (Triton-lowered Pallas, like ``decode.py``): one program per ``block_n``
+tokens. A segment of width b is packed into bit planes; every plane byte holds the codes
+of coordinates ``R*j + t`` (t < R, R = 8 // narrowest plane width) for fixed j, so the
+kernel projects x onto the rows ``t, t + R, ...`` of the segment map (one dot per
+residue t, the rows permuted by the wrapper), quantizes each [block_n, d / R] tile by
+comparisons with the boundaries, ORs the shifted codes of the residues that share a byte,
+and stores each plane with one strided store. Nothing is gathered or reshaped in-kernel.
+Dots run in full float32 (``Precision.HIGHEST``) so codes match the reference except at
+exact ties.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import tuned_block_sizes
+from tqjax import packing
+from tqjax import quantizer as qz
+
+_MIN_DEPTH = 16
+
+
+def _padded(n: int) -> int:
+  return max(_MIN_DEPTH, pl.next_power_of_2(n))
+
+
+def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, block_n,
+                   num_rows):
+  ns = len(segs)
+  it = iter(refs)
+  # Per segment and bit plane p (width w, pb = 8 // w codes per byte, nb = d / pb bytes):
+  # [pb, nb_pad, D] float32, row u + pb * c of the segment map at [u, c] (zero padded).
+  map_refs = [[next(it) for _ in range(plane_counts[i])] for i in range(ns)]
+  cb_refs = [next(it) for _ in range(ns)]  # [2**b_i] float32
+  bd_refs = [next(it) for _ in range(ns)]  # [2**b_i - 1] float32
+  code_refs = [next(it) for _ in range(ns)]  # [block_n, P_i] uint8
+  scale_refs = [next(it) for _ in range(ns)]  # [block_n] scale dtype
+
+  i0 = pl.program_id(0) * block_n
+  row_ok = (i0 + jnp.arange(block_n)) < num_rows
+  x = plgpu.load(x_ref, mask=row_ok[:, None], other=0).astype(jnp.float32)  # [block_n, D]
+  col = jnp.arange(x.shape[1])
+  hi = lax.Precision.HIGHEST
+  proj = lambda a, m: lax.dot_general(a, m, (((1,), (1,)), ((), ())), precision=hi,
+                                      preferred_element_type=jnp.float32)
+  back = lambda a, m: lax.dot_general(a, m, (((1,), (0,)), ((), ())), precision=hi,
+                                      preferred_element_type=jnp.float32)
+
+  residual = None  # unit residual of the group, [block_n, D] (zero outside the group)
+  norm = None
+  for i, seg in enumerate(segs):
+    start, stop = groups[i]
+    if i == 0 or groups[i - 1] != groups[i]:
+      in_group = (col >= start) & (col < stop)
+      norm = jnp.sqrt(jnp.sum(jnp.where(in_group[None, :], x * x, 0.0), axis=1))
+      residual = x / jnp.where(norm > 0, norm, 1.0)[:, None] * in_group[None, :]
+    safe = jnp.where(norm > 0, norm, 1.0)
+    if seg.kind == "codebook":
+      bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
+      cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
+
+      def quantize(u):
+        idx = jnp.zeros(u.shape, jnp.int32)
+        for bnd in bounds:
+          idx = idx + (u > bnd).astype(jnp.int32)
+        return idx
+    scale = None
+    offset = 0
+    for p, (shift, width) in enumerate(packing.planes(seg.bits)):
+      maps = map_refs[i][p]
+      pb, nb_pad = maps.shape[0], maps.shape[1]
+      nb = packing.plane_bytes(seg.dim, width)
+      byte = jnp.zeros((block_n, nb_pad), jnp.int32)
+      us, cs = [], []
+      for u_ in range(pb):
+        if seg.kind == "codebook":
+          u = proj(x, maps[u_]) / safe[:, None]  # [block_n, nb_pad]
+          idx = quantize(u)
+          if p == 0:
+            c = jnp.zeros(u.shape, jnp.float32)
+            for k, ck in enumerate(cents):
+              c = jnp.where(idx == k, ck, c)
+            us.append(u)
+            cs.append(c)
+        else:  # qjl: sign(S r)
+          idx = (proj(residual, maps[u_]) >= 0).astype(jnp.int32)
+        byte = byte | (((idx >> shift) & ((1 << width) - 1)) << (u_ * width))
+      mask = row_ok[:, None]
+      if nb_pad != nb:
+        mask = mask & (jnp.arange(nb_pad) < nb)[None, :]
+      plgpu.store(code_refs[i].at[:, pl.ds(offset, nb_pad)], byte.astype(jnp.uint8),
+                  mask=mask)
+      offset += nb
+      if seg.kind == "codebook" and p == 0:
+        if norm_correction:
+          cn = jnp.sqrt(sum(jnp.sum(c * c, axis=1) for c in cs))
+          scale = norm / jnp.where(cn > 0, cn, 1.0)
+        else:
+          scale = norm
+        f = (scale / safe)[:, None]
+        residual = sum(back(u - c * f, maps[u_]) for u_, (u, c) in enumerate(zip(us, cs)))
+    if seg.kind != "codebook":
+      scale = norm * jnp.sqrt(jnp.sum(residual * residual, axis=1))
+    plgpu.store(scale_refs[i], scale.astype(scale_refs[i].dtype), mask=row_ok)
+
+
+def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
+  out = []
+  for amap, seg in zip(quantizer.maps, quantizer.config.segments):
+    planes = []
+    for _, width in packing.planes(seg.bits):
+      pb = 8 // width
+      nb = seg.dim // pb
+      rows = amap.reshape(nb, pb, -1).transpose(1, 0, 2)  # [pb, nb, D]: rows u + pb * c
+      planes.append(jnp.pad(rows, ((0, 0), (0, _padded(nb) - nb), (0, 0))))
+    out.append(planes)
+  return out
+
+
+def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla",
+           interpret: bool = False, block_n: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None) -> qz.Encoded:
+  """Quantizes x [N, D] into per segment codes [N, P_i] uint8 and scales [N].
+
+  ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
+  kernel (``interpret=True`` runs it on CPU).
+  """
+  if implementation not in ("xla", "pallas"):
+    raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}')
+  cfg = quantizer.config
+  if x.ndim != 2 or x.shape[1] != cfg.head_dim:
+    raise ValueError(f"x must be [N, D] with D = head_dim = {cfg.head_dim}, got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+  if implementation == "xla":
+    return encode_reference(quantizer, x)
+  for seg in cfg.segments:
+    if seg.dim % 8:
+      raise ValueError(f"pallas encode needs segment dims that are multiples of 8, got "
+                       f"{seg.dim}")
+  tuned = tuned_block_sizes.encode_config(head_dim=cfg.head_dim)
+  block_n = block_n or tuned.block_n
+  num_warps = num_warps or tuned.num_warps
+  num_stages = num_stages or tuned.num_stages
+  if block_n < 16 or block_n & (block_n - 1):
+    raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+  if cfg.head_dim & (cfg.head_dim - 1):
+    raise ValueError(f"pallas encode needs a power-of-two head_dim, got {cfg.head_dim}")
+  N, D = x.shape
+  segs = cfg.segments
+  plane_maps = _plane_maps(quantizer)
+  maps = [m for planes in plane_maps for m in planes]
+  packed = [packing.packed_size(s.dim, s.bits) for s in segs]
+  # A plane whose byte count is not a power of two is stored as a masked power-of-two
+  # tile, so its array gets room for it (sliced off after the kernel).
+  alloc = []
+  for seg, planes in zip(segs, plane_maps):
+    end, offset = 0, 0
+    for (_, width), m in zip(packing.planes(seg.bits), planes):
+      end = max(end, offset + m.shape[1])
+      offset += packing.plane_bytes(seg.dim, width)
+    alloc.append(end)
+  grid = (pl.cdiv(N, block_n),)
+  whole = lambda a: pl.BlockSpec(a.shape, lambda n: (0,) * a.ndim)
+  kernel = functools.partial(
+      _encode_kernel, segs=segs, plane_counts=tuple(len(p) for p in plane_maps),
+      groups=tuple((s.start, s.stop) for s in segs), norm_correction=cfg.norm_correction,
+      block_n=block_n, num_rows=N)
+  outs = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[pl.BlockSpec((block_n, D), lambda n: (n, 0))]
+      + [whole(m) for m in maps]
+      + [whole(c) for c in quantizer.centroids]
+      + [whole(b) for b in quantizer.boundaries],
+      out_specs=[pl.BlockSpec((block_n, p), lambda n: (n, 0)) for p in alloc]
+      + [pl.BlockSpec((block_n,), lambda n: (n,)) for _ in segs],
+      out_shape=[jax.ShapeDtypeStruct((N, p), jnp.uint8) for p in alloc]
+      + [jax.ShapeDtypeStruct((N,), jnp.dtype(cfg.scale_dtype)) for _ in segs],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="tq_encode",
+  )(x, *maps, *quantizer.centroids, *quantizer.boundaries)
+  ns = len(segs)
+  codes = tuple(c if a == p else c[:, :p] for c, a, p in zip(outs[:ns], alloc, packed))
+  return qz.Encoded(codes, tuple(outs[ns:]))
+
+
+def encode_reference(quantizer: qz.Quantizer, x: jax.Array) -> qz.Encoded:
+  """The jnp reference: :func:`tqjax.quantizer.encode` on x [N, D]."""
+  return qz.encode(quantizer, x)
+
+
+def bench(key, *, n: int = 1 << 20) -> dict:
+  """Encode throughput on the device: n vectors of D = 128 (k4 mse and prod)."""
+  out = {}
+  x = jax.random.normal(key, (n, 128), jnp.float16)
+  for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
+                    "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
+    quant = qz.Quantizer.create(cfg)
+    row = {}
+    for impl in ("xla", "pallas"):
+      f = jax.jit(lambda x, impl=impl: encode(quant, x, implementation=impl))
+      try:
+        jax.block_until_ready(f(x))
+        ts = []
+        for _ in range(5):
+          t0 = time.perf_counter()
+          jax.block_until_ready(f(x))
+          ts.append(time.perf_counter() - t0)
+        t = sorted(ts)[2]
+        nbytes = x.nbytes + n * cfg.bytes_per_vector
+        row[impl] = {"us": t * 1e6, "tbps": nbytes / t * 1e-12}
+      except Exception as e:
+        row[impl] = {"error": repr(e)[:300]}
+    ref, got = (jax.jit(lambda x, i=i: encode(quant, x[:65536], implementation=i))(x)
+                for i in ("xla", "pallas")) if "us" in row["pallas"] else (None, None)
+    if ref is not None:
+      row["code_mismatch"] = float(np.mean([np.mean(np.asarray(a) != np.asarray(b))
+                                            for a, b in zip(ref.codes, got.codes)]))
+    out[name] = row
+  return out
