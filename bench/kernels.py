@@ -174,6 +174,8 @@ def copy_bandwidth(results: dict) -> float:
   t = time_torch(lambda: b.copy_(a))
   bw = 2 * nbytes / (t * 1e-6)
   results.setdefault("copy_bandwidth", []).append(bw)
+  t = time_torch(lambda: a.sum())
+  results.setdefault("read_bandwidth", []).append(nbytes / (t * 1e-6))
   del a, b
   torch.cuda.empty_cache()
   return bw
@@ -377,6 +379,7 @@ def main(argv=None):
   dump()
 
   print(f"\ndevice {results['device']}  copy bw {bw / 1e12:.2f} TB/s  "
+        f"read bw {max(results['read_bandwidth']) / 1e12:.2f} TB/s  "
         f"check_ok={results.get('check_ok')}")
   print(f"{'kind':9s} {'name':16s} {'B':>2s} {'D':>4s} {'S':>7s} {'us':>9s} {'MB':>8s} "
         f"{'bw%':>5s} {'x fp16':>7s}")

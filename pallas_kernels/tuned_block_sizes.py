@@ -39,7 +39,13 @@ class EncodeConfig:
 DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=528)
 ENCODE_DEFAULT = EncodeConfig(block_n=64, num_warps=4, num_stages=2)
 
-DECODE: dict[tuple, DecodeConfig] = {}
+DECODE: dict[tuple, DecodeConfig] = {
+    # bench/kernels.py --sweep, 4-bit mse at B = 8 and 1, S = 64K, D = 128: block_s 64,
+    # 4 warps, 3 stages was the best of block_s 32/64/128, 4/8 warps, 1-3 stages, both
+    # orientations; B = 1 was fastest with 128 splits per (row, head).
+    ("NVIDIA H200", "*", "*", "*"): DecodeConfig(
+        block_s=64, num_warps=4, num_stages=3, target_programs=1024),
+}
 
 ENCODE: dict[tuple, EncodeConfig] = {}
 

@@ -1,0 +1,231 @@
+"""Pallas kernels vs their jnp references on identical codes.
+
+CPU: interpret mode (the same kernel body) and a CUDA lowering smoke test per
+configuration (the Triton custom call must really appear). GPU: the compiled kernels,
+skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode as dk
+from pallas_kernels import encode as ek
+from tqjax import packing
+from tqjax import quantizer as qz
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+# name -> (key segments, value segments), each a tuple of (dim, bits); D = 64.
+PRESETS = {
+    "mse4": (((64, 4),), ((64, 4),)),
+    "mse3": (((64, 3),), ((64, 3),)),
+    "mse2": (((64, 2),), ((64, 2),)),
+    "prod4": (((64, 3), (64, 1)), ((64, 4),)),
+    "split": (((16, 3), (48, 2)), ((16, 3), (48, 2))),
+}
+
+
+def _centroids(rng, dim, bits):
+  c = np.sort(rng.normal(size=2**bits) / math.sqrt(dim))
+  return c.astype(np.float16).astype(np.float32)  # f16-exact: the kernel's table is f16
+
+
+def make_case(seed, preset, *, B=2, K=3, G=5, S=211, lengths=None):
+  rng = np.random.default_rng(seed)
+  keys, values = PRESETS[preset]
+  qk, kc, kn, kcb, vc, vn, vcb = [], [], [], [], [], [], []
+  for d, b in keys:
+    qk.append(jnp.asarray((rng.normal(size=(B, K, G, d)) * 3).astype(np.float16),
+                          jnp.float32))
+    kc.append(packing.pack(jnp.asarray(rng.integers(0, 2**b, (B, K, S, d))), b))
+    kn.append(jnp.asarray(rng.uniform(0.5, 2, (B, K, S)), jnp.float16))
+    kcb.append(_centroids(rng, d, b))
+  for d, b in values:
+    vc.append(packing.pack(jnp.asarray(rng.integers(0, 2**b, (B, K, S, d))), b))
+    vn.append(jnp.asarray(rng.uniform(0.5, 2, (B, K, S)), jnp.float32))
+    vcb.append(_centroids(rng, d, b))
+  if lengths is None:
+    lengths = rng.integers(1, S + 1, (B,))
+  # Garbage past the length must not leak: poison those scales.
+  valid = np.arange(S)[None, :] < np.asarray(lengths)[:, None]
+  kn = [jnp.where(valid[:, None, :], n, jnp.nan).astype(n.dtype) for n in kn]
+  vn = [jnp.where(valid[:, None, :], n, jnp.inf).astype(n.dtype) for n in vn]
+  return qk, kc, kn, kcb, vc, vn, vcb, jnp.asarray(lengths, jnp.int32)
+
+
+def assert_partials_close(got: dk.Partial, ref: dk.Partial, S: int):
+  m_got, m_ref = np.asarray(got.m), np.asarray(ref.m)
+  np.testing.assert_array_equal(np.isneginf(m_got), np.isneginf(m_ref))
+  fin = np.isfinite(m_ref)
+  np.testing.assert_allclose(m_got[fin], m_ref[fin], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.l), np.asarray(ref.l), rtol=1e-5, atol=0)
+  # acc: probabilities times scales meet the value table in float16 in the kernel.
+  tol = 1e-4 * math.sqrt(S)
+  for a, b in zip(got.acc, ref.acc):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a))
+    err = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+    err = np.where(np.linalg.norm(b, axis=-1) == 0, np.abs(a).max(axis=-1), err)
+    assert err.max() < tol, (err.max(), tol)
+
+
+def reference_dense(qk, kc, kn, kcb, vc, vn, vcb, lengths) -> dk.Partial:
+  """float64 numpy attention partials over dequantized keys and values."""
+  S = kc[0].shape[2]
+  scores = 0
+  for q, c, n, cb in zip(qk, kc, kn, kcb):
+    keys = np.asarray(dk.dequantize_segment(c, cb, q.shape[-1]), np.float64)
+    scores = scores + np.einsum("bkgd,bksd->bkgs", np.asarray(q, np.float64), keys) * \
+        np.asarray(n, np.float64)[:, :, None, :]
+  valid = np.arange(S)[None, :] < np.asarray(lengths)[:, None]
+  scores = np.where(valid[:, None, None, :], scores, -np.inf)
+  m = scores.max(-1)
+  p = np.exp(scores - np.where(np.isneginf(m), 0, m)[..., None])
+  accs = []
+  for c, n, cb, d in zip(vc, vn, vcb, dk.value_dims_from_codes(vc, vcb)):
+    vals = np.asarray(dk.dequantize_segment(c, cb, d), np.float64)
+    n = np.where(valid[:, None, :], np.asarray(n, np.float64), 0)
+    accs.append(np.einsum("bkgs,bksd->bkgd", p * n[:, :, None, :], vals))
+  return dk.Partial(m, p.sum(-1), tuple(accs))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_reference_matches_float64(preset):
+  args = make_case(0, preset)
+  assert_partials_close(dk.decode(*args, implementation="xla"), reference_dense(*args), 211)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_decode_interpret_matches_reference(preset):
+  args = make_case(1, preset, lengths=[211, 0])  # a full row and an empty one
+  ref = dk.decode(*args, implementation="xla")
+  got = dk.decode(*args, implementation="pallas", interpret=True, block_s=32, num_splits=3)
+  assert_partials_close(got, ref, 211)
+  assert np.all(np.isneginf(np.asarray(got.m[1]))) and np.all(np.asarray(got.l[1]) == 0)
+
+
+@pytest.mark.parametrize("orient,lookup", [("tokens", "select"), ("rows", "gather")])
+def test_decode_interpret_variants(orient, lookup):
+  args = make_case(2, "mse3", S=173, G=3)
+  ref = dk.decode(*args, implementation="xla")
+  got = dk.decode(*args, implementation="pallas", interpret=True, block_s=16, num_splits=4,
+                  orient=orient, lookup=lookup)
+  assert_partials_close(got, ref, 173)
+
+
+def test_decode_chunk_rows_and_traced_centroids():
+  # A chunk of T = 4 query tokens with G = 5 heads: 20 query rows; centroids as jit args.
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(3, "prod4", G=20, S=97)
+  ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla")
+  f = jax.jit(lambda kcb, vcb: dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths,
+                                         implementation="pallas", interpret=True,
+                                         block_s=32, num_splits=2))
+  assert_partials_close(f(kcb, vcb), ref, 97)
+  with pytest.raises(ValueError, match="concrete"):
+    jax.jit(lambda kcb, vcb: dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths,
+                                       implementation="pallas", lookup="select"))(kcb, vcb)
+
+
+def test_merge_partials_splits_tokens():
+  qk, kc, kn, kcb, vc, vn, vcb, _ = make_case(4, "mse4", S=150, lengths=[150, 150])
+  full = reference_dense(qk, kc, kn, kcb, vc, vn, vcb, jnp.asarray([150, 150]))
+  cut = 61
+  halves = []
+  for lo, hi in ((0, cut), (cut, 150)):
+    sl = lambda a: a[:, :, lo:hi]
+    halves.append(dk.decode(qk, [sl(c) for c in kc], [sl(n) for n in kn], kcb,
+                            [sl(c) for c in vc], [sl(n) for n in vn], vcb,
+                            jnp.asarray([hi - lo] * 2, jnp.int32)))
+  merged = dk.merge_partials(*halves)
+  np.testing.assert_allclose(merged.m, full.m, rtol=1e-6)
+  np.testing.assert_allclose(merged.l, full.l, rtol=1e-5)
+  np.testing.assert_allclose(merged.acc[0], full.acc[0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_rejects_bad_arguments():
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(5, "mse4", S=64)
+  with pytest.raises(ValueError, match="implementation"):
+    dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="cuda")
+  with pytest.raises(ValueError, match="packed_size"):
+    dk.decode(qk, [c[..., :-1] for c in kc], kn, kcb, vc, vn, vcb, lengths)
+  with pytest.raises(ValueError, match="lengths"):
+    dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths[:1])
+  with pytest.raises(ValueError, match="block_s"):
+    dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="pallas", block_s=48)
+
+
+def _lowered(f, *args) -> str:
+  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_decode_lowers_to_triton_for_cuda(preset):
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, preset, S=128)
+  text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
+                                       implementation="pallas"),
+                  qk, kc, kn, vc, vn, lengths)
+  assert "__gpu$xla.gpu.triton" in text and "tq_decode" in text
+
+
+ENCODE_CONFIGS = {
+    "mse4": qz.QuantizerConfig(64, 4),
+    "mse3_nc_f16": qz.QuantizerConfig(64, 3, norm_correction=True, scale_dtype="float16"),
+    "prod2": qz.QuantizerConfig(64, 2, kind="prod"),
+    "split_prod": qz.QuantizerConfig(64, 3, kind="prod", outlier_channels=16, outlier_bits=4,
+                                     rotation="haar"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODE_CONFIGS))
+def test_encode_interpret_matches_quantizer(name):
+  cfg = ENCODE_CONFIGS[name]
+  quant = qz.Quantizer.create(cfg)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(37, cfg.head_dim)) * 5, jnp.float16)
+  ref = ek.encode(quant, x)
+  got = ek.encode(quant, x, implementation="pallas", interpret=True, block_n=16)
+  for a, b in zip(got.codes, ref.codes):
+    assert a.shape == b.shape and a.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(got.scales, ref.scales):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2e-6 if a.dtype == jnp.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("name", list(ENCODE_CONFIGS))
+def test_encode_lowers_to_triton_for_cuda(name):
+  quant = qz.Quantizer.create(ENCODE_CONFIGS[name])
+  x = jnp.zeros((40, 64), jnp.bfloat16)
+  text = _lowered(lambda x: ek.encode(quant, x, implementation="pallas"), x)
+  assert "__gpu$xla.gpu.triton" in text and "tq_encode" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_decode_gpu_matches_reference(preset):
+  args = make_case(8, preset, B=3, K=2, G=4, S=4099, lengths=[4099, 1000, 0])
+  ref = dk.decode(*args, implementation="xla")
+  got = jax.jit(lambda *a: dk.decode(*a[:3], args[3], *a[3:5], args[6], a[5],
+                                     implementation="pallas"))(
+                                         *args[:3], args[4], args[5], args[7])
+  assert_partials_close(got, ref, 4099)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(ENCODE_CONFIGS))
+def test_encode_gpu_matches_quantizer(name):
+  quant = qz.Quantizer.create(ENCODE_CONFIGS[name])
+  x = jax.random.normal(jax.random.key(9), (5003, 64), jnp.float32) * 3
+  ref = jax.jit(lambda x: ek.encode(quant, x))(x)
+  got = jax.jit(lambda x: ek.encode(quant, x, implementation="pallas"))(x)
+  for a, b in zip(got.codes, ref.codes):
+    # Both sides are float32 but summation order differs: allow rare boundary ties.
+    assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3
