@@ -98,10 +98,11 @@ def _with_capacity(cache: Any, capacity: int) -> Any:
 
 
 def _fresh_leaves(new: Any, old: Any) -> Any:
-  """`new` with every leaf that is also a leaf of `old` copied, so that donating one of
-  the two caches never deletes a buffer of the other."""
-  old_ids = {id(x) for x in jax.tree.leaves(old)}
-  return jax.tree.map(lambda x: jnp.copy(x) if id(x) in old_ids else x, new)
+  """`new` with every leaf that shares a buffer with a leaf of `old` copied, so that
+  donating one of the two caches never deletes a buffer of the other."""
+  old_buffers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(old)}
+  return jax.tree.map(
+    lambda x: jnp.copy(x) if x.unsafe_buffer_pointer() in old_buffers else x, new)
 
 
 # ---- model shape and checks ----
