@@ -15,14 +15,15 @@ The kernel reads codes and scales only; it returns the flash-decoding partials
 ``(m, l, acc_j)`` over the compressed region. The caller merges them with the exact
 window (:func:`merge_partials`) and rotates the output back (``out = sum_j acc_j @ A_j / l``).
 
-Design (measured on the H200, see ``bench/kernels.py``):
+Design:
 
-* Triton-lowered Pallas (``plgpu.CompilerParams``), not Mosaic GPU. The work is a
-  per-element table lookup followed by a small matrix product; the Triton lowering gives
-  masked loads, ``join``-based interleaving, integer ops on any tile shape and an
-  ``interpret`` mode that runs the same kernel body on CPU, so every configuration is
-  tested here and lowered for CUDA in CI. Mosaic GPU offers no gather, table lookup or
-  interpret path for this body.
+* Triton-lowered Pallas (``plgpu.CompilerParams``), not Mosaic GPU. The body is integer
+  unpacking and a per-element table lookup followed by a small matrix product; the
+  Triton lowering gives masked loads, ``join``-based interleaving, integer ops on any
+  tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel
+  body on CPU, so every configuration is tested here and lowered for CUDA in CI.
+  Mosaic GPU was not measured: its Pallas lowering has no gather and no interpret path
+  for this body, which would leave the kernel untested off the GPU.
 * One program per (batch row, KV head, split of S): all G query heads of the KV head
   (or the T*G query rows of a chunk) are rows of one small matrix, so each code is read
   from memory once. Query rows are padded to 16 for the tensor-core ``dot``.
@@ -30,8 +31,23 @@ Design (measured on the H200, see ``bench/kernels.py``):
   coordinate order with ``join`` + ``reshape``, so each segment is one dot of depth d_i.
   A segment whose dim is not a power of two (96 in the 32 + 96 outlier split) is padded
   in-kernel to the next power of two with masked loads and zero query columns.
+* The lookup is a select tree on centroids baked in as constants (``lookup="select"``,
+  default for concrete centroids) or a gather from the table in memory
+  (``"gather"``, for traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
+
+Measured on the H200 (``bench/kernels.py``, B = 8, Hq = 32, Hkv = 8, D = 128,
+S = 64K; fastest fp16 decode in the same run 482 us): 4-bit 1369 us, 3-bit 969 us,
+2-bit 540 us, i.e. 0.35x / 0.50x / 0.89x of fp16, at 0.14-0.19 of the copy bandwidth.
+The kernel is instruction-bound, not memory-bound: with the lookup skipped entirely
+(a timing diagnostic) it still took ~580 us, so unpacking, interleaving, int->float
+conversion and the operand shuffles into the tensor-core layout cost about 10 integer
+ops per coordinate, and the 4-bit select tree about as much again (a gather from the
+table was 2x slower still). Reaching the byte-bound target needs SIMD-within-register
+unpacking and lookup (PRMT byte permutes via ``plgpu.elementwise_inline_asm`` producing
+packed f16x2 directly in the dot's operand layout, the query permuted instead of the
+codes interleaved), see the project's issue 4.
 """
 
 from __future__ import annotations

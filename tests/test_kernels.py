@@ -224,8 +224,11 @@ def test_decode_gpu_matches_reference(preset):
 def test_encode_gpu_matches_quantizer(name):
   quant = qz.Quantizer.create(ENCODE_CONFIGS[name])
   x = jax.random.normal(jax.random.key(9), (5003, 64), jnp.float32) * 3
-  ref = jax.jit(lambda x: ek.encode(quant, x))(x)
+  # The kernel's dots are full float32; XLA's default on GPU is TF32, which moved 0.1%
+  # (QJL signs: 0.5%) of the codes on the H200.
+  with jax.default_matmul_precision("float32"):
+    ref = jax.jit(lambda x: ek.encode(quant, x))(x)
   got = jax.jit(lambda x: ek.encode(quant, x, implementation="pallas"))(x)
   for a, b in zip(got.codes, ref.codes):
-    # Both sides are float32 but summation order differs: allow rare boundary ties.
+    # Same math in float32 with another summation order: allow rare boundary ties.
     assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3
