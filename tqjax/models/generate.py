@@ -1,6 +1,6 @@
 """Jitted prefill / chunk / decode steps and generation over any cache type.
 
-A `Runner` holds a model split into (graphdef, state) once, so every step is one jitted
+A `Runner` holds a model split into (graphdef, flat parameters) once, so every step is one jitted
 program with the caches donated (their buffers are reused in place); the programs re-trace
 per cache pytree type, so compressed caches go through the same functions. The strict
 protocol: prefill the prompt into exact `DenseCache`s, optionally convert them
@@ -49,26 +49,51 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+class _Graph:
+  """A GraphDef and the treedef of its state as a jit static argument, hashed once.
+
+  Hashing a GraphDef walks the whole module graph (~6 ms for 30 layers), which jit would do
+  on every call, and flattening an `nnx.State` costs ~1 ms: the state travels as a flat
+  tuple of arrays. Equal graphs still share compiled programs.
+  """
+  __slots__ = ("graphdef", "treedef", "_hash")
+
+  def __init__(self, graphdef: nnx.GraphDef, treedef: Any):
+    self.graphdef = graphdef
+    self.treedef = treedef
+    self._hash = hash((graphdef, treedef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Graph) and (self is other or (
+      self.graphdef == other.graphdef and self.treedef == other.treedef))
+
+  def merge(self, leaves: tuple[jax.Array, ...]) -> Decoder:
+    return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, caches: Caches
+def _forward(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, caches: Caches
              ) -> tuple[jax.Array, Caches]:
-  return nnx.merge(graphdef, state)(tokens, caches)
+  return graph.merge(params)(tokens, caches)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capacity", "cache_dtype"))
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, *, capacity: int,
-             cache_dtype: jnp.dtype) -> tuple[jax.Array, Caches]:
-  model = nnx.merge(graphdef, state)
+def _prefill(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, *,
+             capacity: int, cache_dtype: jnp.dtype) -> tuple[jax.Array, Caches]:
+  model = graph.merge(params)
   caches = init_caches(model.config, tokens.shape[0], capacity, cache_dtype)
   return model(tokens, caches)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("temperature", "top_k", "top_p"), donate_argnums=(3,))
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, caches: Caches,
+def _decode(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, caches: Caches,
             key: jax.Array, *, temperature: float, top_k: int | None, top_p: float | None
             ) -> tuple[jax.Array, Caches, jax.Array]:
-  logits, caches = nnx.merge(graphdef, state)(tokens, caches)
+  logits, caches = graph.merge(params)(tokens, caches)
   key, sub = jax.random.split(key)
   next_tokens = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k,
                               top_p=top_p)
@@ -81,10 +106,22 @@ _sample = jax.jit(sample_logits, static_argnames=("temperature", "top_k", "top_p
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """A model split once into (graphdef, state), with its jitted steps."""
-  graphdef: nnx.GraphDef
-  state: nnx.State
+  graph: _Graph
+  params: tuple[jax.Array, ...]  # the flattened nnx.State
   config: ModelConfig
   dtype: jnp.dtype  # parameter dtype, the default cache dtype
+
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return self.graph.graphdef
+
+  @property
+  def state(self) -> nnx.State:
+    return jax.tree.unflatten(self.graph.treedef, self.params)
+
+  def model(self) -> Decoder:
+    """The NNX model (sharing the arrays)."""
+    return self.graph.merge(self.params)
 
   @classmethod
   def from_model(cls, model: Decoder | Runner) -> Runner:
@@ -93,14 +130,15 @@ class Runner:
     if not isinstance(model, Decoder):
       raise TypeError(f"expected a tqjax Decoder or Runner, got {type(model).__name__}")
     graphdef, state = nnx.split(model)
-    return cls(graphdef, state, model.config, model.dtype)
+    leaves, treedef = jax.tree.flatten(state)
+    return cls(_Graph(graphdef, treedef), tuple(leaves), model.config, model.dtype)
 
   def init_caches(self, batch: int, capacity: int, dtype: jnp.dtype | None = None) -> Caches:
     return init_caches(self.config, batch, capacity, dtype or self.dtype)
 
   def forward(self, tokens: jax.Array, caches: Caches) -> tuple[jax.Array, Caches]:
     """Chunk step: tokens [B, T] through caches of any type (donated) -> logits [B, T, V]."""
-    return _forward(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), caches)
+    return _forward(self.graph, self.params, jnp.asarray(tokens, jnp.int32), caches)
 
   def prefill(self, tokens: jax.Array, capacity: int, dtype: jnp.dtype | None = None
               ) -> tuple[jax.Array, Caches]:
@@ -110,14 +148,14 @@ class Runner:
       raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
     if capacity < tokens.shape[1]:
       raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
-    return _prefill(self.graphdef, self.state, tokens, capacity=capacity,
+    return _prefill(self.graph, self.params, tokens, capacity=capacity,
                     cache_dtype=jnp.dtype(dtype or self.dtype))
 
   def decode_step(self, tokens: jax.Array, caches: Caches, key: jax.Array, *,
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None) -> tuple[jax.Array, Caches, jax.Array]:
     """tokens [B, 1] -> (next tokens [B] int32, caches, next key); caches are donated."""
-    return _decode(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), caches, key,
+    return _decode(self.graph, self.params, jnp.asarray(tokens, jnp.int32), caches, key,
                    temperature=temperature, top_k=top_k, top_p=top_p)
 
   def generate(self, prompt_ids: jax.Array, *, max_new_tokens: int,
