@@ -1,0 +1,1 @@
+"""Text data shipped with tqjax (the NIAH haystack)."""

@@ -1,0 +1,232 @@
+"""NIAH backends: answer one prompt under several cache presets, sharing one exact prefill.
+
+A backend holds a model and its tokenizer. `answer(doc_ids, question_ids, presets,
+max_new_tokens)` runs the strict protocol of DESIGN §6 once per prompt:
+
+1. prefill the document into exact `DenseCache`s (one prefill for all presets);
+2. per preset, keep the dense caches (``"baseline"``) or convert them with
+   `tqjax.kvcache.convert_caches` (`TurboQuantCache.from_dense` per layer);
+3. feed the question ids as one chunk through that preset's caches, then decode greedily.
+
+Preset names are ``"baseline"`` and the names of `tqjax.kvcache.PRESETS`.
+
+Backends: ``"flax"`` (the Flax decoder of `tqjax.models`). ``"hf"`` (the PyTorch model
+through `bridge`) is selected by name too, and says clearly when the bridge cannot serve
+it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tqjax import kvcache
+from tqjax.dense_cache import DenseCache
+
+BASELINE = "baseline"
+BACKENDS = ("flax", "hf")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def preset_names() -> tuple[str, ...]:
+  """Every preset a NIAH run accepts: the exact baseline and the compressed presets."""
+  return (BASELINE, *kvcache.PRESETS)
+
+
+def cache_config(preset: str, window: int | None) -> kvcache.CacheConfig:
+  """The compressed cache config of a preset; `window` overrides its exact window (the
+  flush block shrinks to the window when the window is smaller)."""
+  if preset == BASELINE:
+    raise ValueError(f"{BASELINE!r} keeps the exact cache and has no compressed config")
+  if window is None:
+    return kvcache.preset(preset)
+  if window < 1:
+    raise ValueError(f"window must be >= 1 token, got {window}")
+  default = kvcache.preset(preset)
+  return kvcache.preset(preset, window=window, flush_block=min(default.flush_block, window))
+
+
+def check_presets(presets: Sequence[str]) -> tuple[str, ...]:
+  known = preset_names()
+  unknown = [p for p in presets if p not in known]
+  if unknown:
+    raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(known)}")
+  if len(set(presets)) != len(presets):
+    raise ValueError(f"presets repeat: {list(presets)}")
+  if not presets:
+    raise ValueError("at least one preset is needed")
+  return tuple(presets)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What the report needs to know about the model (and its cache shapes)."""
+  name: str  # as asked for (alias, hub id or path)
+  model_type: str
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: str  # parameter and dense-cache dtype
+
+
+class Backend(Protocol):
+  name: str
+  tokenizer: Any
+  info: ModelInfo
+
+  def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
+             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+    """Greedy answer token ids per preset (without the eos token), one shared prefill."""
+    ...
+
+
+def cache_accounting(preset: str, info: ModelInfo, window: int | None, tokens: int
+                     ) -> dict[str, float | int]:
+  """Bits per coordinate, compression against an fp16 cache, and the bytes held by all
+  layers' caches sized for `tokens` tokens (shapes only: nothing is allocated)."""
+  b, kh, d = 1, info.num_kv_heads, info.head_dim
+  dtype = DTYPES[info.dtype]
+  if preset == BASELINE:
+    caches = [jax.eval_shape(lambda: DenseCache.init(b, kh, d, tokens, dtype))] * info.num_layers
+    bits = 8.0 * jnp.dtype(dtype).itemsize
+  else:
+    config = cache_config(preset, window)
+    caches = [jax.eval_shape(functools.partial(
+        kvcache.TurboQuantCache.init, config, layer=layer, batch=b, num_kv_heads=kh,
+        head_dim=d, capacity=tokens, dtype=dtype)) for layer in range(info.num_layers)]
+    bits = config.bits_per_coordinate(info.num_layers, d)
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for c in caches for x in jax.tree.leaves(c))
+  return {"bits_per_coordinate": float(bits), "compression_vs_fp16": 16.0 / float(bits),
+          "memory_bytes": int(nbytes), "memory_tokens": int(tokens)}
+
+
+class FlaxBackend:
+  """The Flax decoder of `tqjax.models`, jitted steps with a fixed cache capacity.
+
+  The document is prefilled in chunks of `chunk` tokens (the last one right-padded, then
+  the caches' lengths are wound back past the padding: causal attention keeps the padding
+  invisible to real tokens, and later appends overwrite it), so every prompt of a run
+  reuses the same compiled programs: one chunk step, and per preset one conversion, one
+  question step and one decode step.
+  """
+  name = "flax"
+
+  def __init__(self, model: Any, tokenizer: Any, *, capacity: int, window: int | None = None,
+               chunk: int = 512, model_name: str = "custom"):
+    from tqjax.models import Runner
+
+    if chunk < 1:
+      raise ValueError(f"{chunk=} must be >= 1")
+    if capacity < 1:
+      raise ValueError(f"{capacity=} must be >= 1")
+    self.runner = Runner.from_model(model)
+    self.tokenizer = tokenizer
+    self.chunk = chunk
+    self.capacity = capacity
+    self.window = window
+    cfg = self.runner.config
+    self.info = ModelInfo(name=model_name, model_type=cfg.model_type,
+                          num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          dtype=jnp.dtype(self.runner.dtype).name)
+    self.eos_ids = _eos_ids(tokenizer)
+    self._pad_id = int(next(iter(self.eos_ids), 0))
+    self._converters: dict[str, Any] = {}
+
+  @classmethod
+  def load(cls, name_or_path: str, *, gguf_file: str | None = None, dtype: str = "float32",
+           capacity: int, window: int | None = None, chunk: int = 512) -> FlaxBackend:
+    from tqjax.models import load_model
+
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model, tokenizer, _ = load_model(name_or_path, gguf_file=gguf_file, dtype=DTYPES[dtype])
+    return cls(model, tokenizer, capacity=capacity, window=window, chunk=chunk,
+               model_name=name_or_path)
+
+  def _converter(self, preset: str):
+    if preset not in self._converters:
+      config = cache_config(preset, self.window)
+      self._converters[preset] = jax.jit(lambda caches: kvcache.convert_caches(caches, config))
+    return self._converters[preset]
+
+  def prefill(self, doc_ids: Sequence[int]) -> tuple[DenseCache, ...]:
+    """Exact caches holding `doc_ids` (batch 1)."""
+    n = len(doc_ids)
+    if n < 1:
+      raise ValueError("the document has no tokens")
+    padded = np.full(-(-n // self.chunk) * self.chunk, self._pad_id, np.int32)
+    if len(padded) > self.capacity:
+      raise ValueError(f"a document of {n} tokens, padded to whole chunks of {self.chunk} "
+                       f"({len(padded)}), does not fit the capacity {self.capacity}")
+    caches = self.runner.init_caches(1, self.capacity)
+    padded[:n] = doc_ids
+    for start in range(0, len(padded), self.chunk):
+      _, caches = self.runner.forward(padded[None, start:start + self.chunk], caches)
+    pad = len(padded) - n
+    if pad:
+      caches = tuple(dataclasses.replace(c, lengths=c.lengths - pad) for c in caches)
+    return caches
+
+  def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
+             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+    check_presets(presets)
+    if max_new_tokens < 1:
+      raise ValueError(f"{max_new_tokens=} must be >= 1")
+    needed = len(doc_ids) + len(question_ids) + max_new_tokens - 1
+    if needed > self.capacity:
+      raise ValueError(f"the prompt ({len(doc_ids)} + {len(question_ids)} tokens) and "
+                       f"{max_new_tokens=} need {needed} cache slots, capacity {self.capacity}")
+    dense = self.prefill(doc_ids)
+    question = np.asarray(question_ids, np.int32)[None]
+    answers = {}
+    # The baseline goes last: its steps donate (consume) the shared dense caches.
+    for preset in sorted(presets, key=lambda p: p == BASELINE):
+      caches = dense if preset == BASELINE else self._converter(preset)(dense)
+      answers[preset] = self._decode(question, caches, max_new_tokens)
+    return {p: answers[p] for p in presets}
+
+  def _decode(self, question: np.ndarray, caches: Any, max_new_tokens: int) -> list[int]:
+    logits, caches = self.runner.forward(question, caches)
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [1]
+    key = jax.random.key(0)  # unused at temperature 0
+    out: list[int] = []
+    while True:
+      t = int(token[0])
+      if t in self.eos_ids:
+        break
+      out.append(t)
+      if len(out) == max_new_tokens:
+        break
+      token, caches, key = self.runner.decode_step(token[:, None], caches, key)
+    return out
+
+
+def _eos_ids(tokenizer: Any) -> frozenset[int]:
+  ids = getattr(tokenizer, "eos_token_id", None)
+  if ids is None:
+    return frozenset()
+  return frozenset([ids] if isinstance(ids, int) else ids)
+
+
+def make_backend(name: str, model: str, *, gguf_file: str | None = None,
+                 dtype: str = "float32", capacity: int, window: int | None = None,
+                 chunk: int = 512) -> Backend:
+  """Loads the model for backend `name` ("flax" or "hf")."""
+  if name == "flax":
+    return FlaxBackend.load(model, gguf_file=gguf_file, dtype=dtype, capacity=capacity,
+                            window=window, chunk=chunk)
+  if name == "hf":
+    raise NotImplementedError(
+      "backend 'hf' needs the PyTorch bridge (package `bridge`) to prefill once and convert "
+      "the cache per preset; that path is not wired into `tqjax niah` yet. Use --backend flax.")
+  raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

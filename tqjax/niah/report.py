@@ -1,0 +1,174 @@
+"""NIAH outputs: ``niah.json`` (every cell + metadata), ``niah.md`` and one heatmap per preset.
+
+Accuracy is the share of cells whose answer contains the needle's code; the delta of a
+preset is its accuracy minus the baseline's, in percentage points (negative: retrieval
+lost to compression). Bits per coordinate and memory come from the cache configs
+(`tqjax.niah.backends.cache_accounting`), memory for the longest context of the matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import platform
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tqjax.niah import backends
+
+if TYPE_CHECKING:
+  from tqjax.niah.prompt import Haystack
+  from tqjax.niah.run import Checkpoint, NiahConfig
+
+
+def _versions() -> dict[str, str]:
+  import importlib.metadata as md
+
+  out = {"python": platform.python_version()}
+  for name in ("tqjax", "jax", "jaxlib", "flax", "transformers", "torch"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def summarize(config: NiahConfig, cells: Sequence[dict[str, Any]],
+              info: backends.ModelInfo | None) -> dict[str, dict[str, Any]]:
+  """Per preset: accuracy, cells, delta vs baseline (pp), per-(length, depth) grid, and
+  cache accounting (when the model is known)."""
+  lengths, depths = sorted(config.lengths), list(config.depths)
+  summary: dict[str, dict[str, Any]] = {}
+  for preset in config.presets:
+    mine = [c for c in cells if c["preset"] == preset]
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for i, d in enumerate(depths):
+      for j, n in enumerate(lengths):
+        hits = [c["correct"] for c in mine if c["length"] == n and c["depth"] == d]
+        if hits:
+          grid[i, j] = float(np.mean(hits))
+    entry: dict[str, Any] = {
+      "cells": len(mine), "correct": sum(c["correct"] for c in mine),
+      "accuracy": float(np.mean([c["correct"] for c in mine])) if mine else None,
+      "grid_depths": depths, "grid_lengths": lengths,
+      "grid": [[None if np.isnan(x) else x for x in row] for row in grid]}
+    if info is not None:
+      entry.update(backends.cache_accounting(preset, info, config.window, max(lengths)))
+    summary[preset] = entry
+  base = summary.get(backends.BASELINE, {}).get("accuracy")
+  for entry in summary.values():
+    acc = entry["accuracy"]
+    entry["delta_pp"] = None if base is None or acc is None else round(100 * (acc - base), 2)
+  return summary
+
+
+def write(config: NiahConfig, ckpt: Checkpoint, out: pathlib.Path, haystack: Haystack
+          ) -> dict[str, Any]:
+  """Writes niah.json, niah.md and heatmap-<preset>.png for the cells of `config`'s matrix."""
+  from tqjax.niah.run import cell_key
+
+  wanted = {cell_key(p, n, d, t) for n, d, t in config.prompts() for p in config.presets}
+  cells = {}
+  for r in ckpt.of_kind("cell"):
+    key = cell_key(r["preset"], r["length"], r["depth"], r["trial"])
+    if key in wanted:
+      cells[key] = {k: v for k, v in r.items() if k != "kind"}
+  cells = [cells[k] for k in sorted(cells)]
+  models = ckpt.of_kind("model")
+  info = None
+  if models:
+    info = backends.ModelInfo(**{f.name: models[0][f.name]
+                                 for f in dataclasses.fields(backends.ModelInfo)})
+  summary = summarize(config, cells, info)
+  prompt_seconds = {(c["length"], c["depth"], c["trial"], c["prompt_seconds"]) for c in cells}
+  metadata = {
+    "identity": ckpt.of_kind("run")[0]["identity"],
+    "config": dataclasses.asdict(config),
+    "model": None if info is None else dataclasses.asdict(info),
+    "cells_expected": len(wanted), "cells_done": len(cells),
+    "compute_seconds": round(sum(s for *_, s in prompt_seconds), 1),
+    "haystack_paragraphs": len(haystack.paragraphs),
+    "versions": _versions(), "platform": platform.platform(),
+  }
+  result = {"metadata": metadata, "presets": summary, "cells": cells}
+  (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+  (out / "niah.md").write_text(markdown(result), encoding="utf-8")
+  for preset, entry in summary.items():
+    heatmap(entry, preset, out / f"heatmap-{preset}.png")
+  return result
+
+
+def _fmt_pct(x: float | None) -> str:
+  return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  meta, summary = result["metadata"], result["presets"]
+  cfg, model = meta["config"], meta["model"]
+  lines = ["# Needle in a haystack: baseline vs TurboQuant", ""]
+  what = f"Model `{cfg['model']}`" + (f" ({model['model_type']}, {model['num_layers']} layers, "
+                                      f"{model['num_heads']} q / {model['num_kv_heads']} kv "
+                                      f"heads, head_dim {model['head_dim']}, {model['dtype']})"
+                                      if model else "")
+  lines += [what + f", backend `{cfg['backend']}`, seed {cfg['seed']}, "
+            f"window {cfg['window'] if cfg['window'] is not None else 'preset default'}, "
+            f"{cfg['trials']} trial(s) per cell, greedy answers of up to "
+            f"{cfg['max_new_tokens']} tokens.",
+            "Strict paired protocol: one exact prefill of the document per prompt, converted "
+            "per preset; the question is a separate chunk that reads the (compressed) cache.",
+            f"Cells done: {meta['cells_done']} / {meta['cells_expected']}; compute "
+            f"{meta['compute_seconds']:.0f} s.", ""]
+  longest = max(cfg["lengths"])
+  lines += ["| preset | accuracy | Δ vs baseline (pp) | bits/coord | compression vs fp16 | "
+            f"cache memory at {longest} tokens |",
+            "|---|---|---|---|---|---|"]
+  for preset, e in summary.items():
+    delta = "–" if e["delta_pp"] is None else f"{e['delta_pp']:+.1f}"
+    bits = f"{e['bits_per_coordinate']:.3g}" if "bits_per_coordinate" in e else "–"
+    ratio = f"{e['compression_vs_fp16']:.2f}×" if "compression_vs_fp16" in e else "–"
+    mem = f"{e['memory_bytes'] / 2**20:.1f} MiB" if "memory_bytes" in e else "–"
+    lines.append(f"| {preset} | {_fmt_pct(e['accuracy'])} ({e['correct']}/{e['cells']}) | "
+                 f"{delta} | {bits} | {ratio} | {mem} |")
+  lines += ["", "Accuracy per context length (columns, tokens) and needle depth (rows).", ""]
+  for preset, e in summary.items():
+    lines += [f"## {preset}", "", "| depth | " + " | ".join(map(str, e["grid_lengths"])) + " |",
+              "|---|" + "---|" * len(e["grid_lengths"])]
+    for d, row in zip(e["grid_depths"], e["grid"]):
+      lines.append(f"| {100 * d:.0f}% | " + " | ".join(_fmt_pct(x) for x in row) + " |")
+    lines += ["", f"![{preset}](heatmap-{preset}.png)", ""]
+  return "\n".join(lines)
+
+
+def heatmap(entry: dict[str, Any], preset: str, path: pathlib.Path) -> None:
+  """Context length (x) × needle depth (y) heatmap of accuracy, annotated."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  grid = np.array([[np.nan if x is None else x for x in row] for row in entry["grid"]], float)
+  lengths, depths = entry["grid_lengths"], entry["grid_depths"]
+  fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.55 * len(depths)),
+                         layout="constrained")
+  im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+  for i in range(len(depths)):
+    for j in range(len(lengths)):
+      text = "–" if np.isnan(grid[i, j]) else f"{100 * grid[i, j]:.0f}"
+      ax.text(j, i, text, ha="center", va="center", fontsize=9)
+  ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n)
+                                      for n in lengths])
+  ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("needle depth")
+  title = f"{preset}: {_fmt_pct(entry['accuracy'])}"
+  if "bits_per_coordinate" in entry and preset != backends.BASELINE:
+    title += f", {entry['bits_per_coordinate']:.3g} bits/coord"
+  if entry.get("delta_pp") is not None and preset != backends.BASELINE:
+    title += f", Δ {entry['delta_pp']:+.0f} pp"
+  ax.set_title(title, fontsize=10)
+  fig.colorbar(im, ax=ax, label="accuracy", fraction=0.05)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
