@@ -97,6 +97,18 @@ def _with_capacity(cache: Any, capacity: int) -> Any:
   raise TypeError(f"cannot grow a {type(cache).__name__}; pass max_cache_len instead")
 
 
+def _shared_structure(state: Any) -> Any:
+  """`state` with its quantizers' seeds set to 0. A seed only chose the rotation and sketch
+  matrices, which are arrays built already; without it in the static configs the layers'
+  caches share one pytree structure and so one compiled `_update_attend` (else every
+  layer compiles its own)."""
+  if not isinstance(state, TurboQuantCache):
+    return state
+  canon = lambda q: dataclasses.replace(q, config=dataclasses.replace(q.config, seed=0))
+  return dataclasses.replace(state, key_quantizer=canon(state.key_quantizer),
+                             value_quantizer=canon(state.value_quantizer))
+
+
 def _fresh_leaves(new: Any, old: Any) -> Any:
   """`new` with every leaf that shares a buffer with a leaf of `old` copied, so that
   donating one of the two caches never deletes a buffer of the other."""
@@ -352,7 +364,7 @@ class TurboQuantHFCache(Cache):
                                        implementation=self.implementation)
     # Committed to the dense cache's device like the outputs of the jitted step, so that
     # the step compiles once for both.
-    return jax.device_put(state, next(iter(dense.k.devices())))
+    return _shared_structure(jax.device_put(state, next(iter(dense.k.devices()))))
 
   def convert(self, preset: str | CacheConfig, *, implementation: str | None = None,
               **overrides: Any) -> TurboQuantHFCache:

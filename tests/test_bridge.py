@@ -340,6 +340,7 @@ def test_smollm2_end_to_end():
   exact = generate(hf, ids, bridge.TurboQuantHFCache.from_model(hf, preset=None),
                    max_new_tokens=8)
   np.testing.assert_array_equal(exact.numpy(), ref.numpy())
-  compressed = generate(hf, ids, bridge.TurboQuantHFCache.from_model(hf, preset="k8v8"),
-                        max_new_tokens=8)
+  cache = bridge.TurboQuantHFCache.from_model(hf, preset="k4v4", window=8, flush_block=4)
+  compressed = generate(hf, ids, cache, max_new_tokens=8)
+  assert np.asarray(cache.jax_caches()[0].compressed).min() >= ids.shape[1] - 8
   assert "Paris" in tokenizer.decode(compressed[0, ids.shape[1]:])
