@@ -101,8 +101,10 @@ class CacheConfig:
 
   def quantizers(self, layer: int, head_dim: int) -> tuple[qz.QuantizerConfig, qz.QuantizerConfig]:
     keys, values = self.specs(layer)
+    # One rotation for keys and one for values, shared by all layers: the cache's static
+    # metadata then matches across layers, so jitted code compiles once for all of them.
     make = lambda spec, salt: spec.quantizer(
-        head_dim, seed=self.seed * 1000 + 2 * layer + salt, rotation=self.rotation,
+        head_dim, seed=2 * self.seed + salt, rotation=self.rotation,
         norm_correction=self.norm_correction, scale_dtype=self.scale_dtype)
     return make(keys, 0), make(values, 1)
 
@@ -118,6 +120,16 @@ class CacheConfig:
   @classmethod
   def k4v4(cls, **kw) -> CacheConfig:
     return cls(TensorSpec(4), TensorSpec(4), name="k4v4", **kw)
+
+  @classmethod
+  def k5v3(cls, **kw) -> CacheConfig:
+    """4 bits on average, spent where softmax needs them: keys at 5, values at 3."""
+    return cls(TensorSpec(5), TensorSpec(3), name="k5v3", **kw)
+
+  @classmethod
+  def k4v2(cls, **kw) -> CacheConfig:
+    """3 bits on average: keys at 4, values at 2."""
+    return cls(TensorSpec(4), TensorSpec(2), name="k4v2", **kw)
 
   @classmethod
   def k3v3(cls, **kw) -> CacheConfig:
@@ -155,7 +167,8 @@ class CacheConfig:
 
 
 PRESETS = {
-    "k4v4": CacheConfig.k4v4, "k3v3": CacheConfig.k3v3, "k2v2": CacheConfig.k2v2,
+    "k4v4": CacheConfig.k4v4, "k5v3": CacheConfig.k5v3, "k4v2": CacheConfig.k4v2,
+    "k3v3": CacheConfig.k3v3, "k2v2": CacheConfig.k2v2,
     "k3.5v3.5": CacheConfig.k3p5v3p5, "k2.5v2.5": CacheConfig.k2p5v2p5,
     "k4v4-prod": CacheConfig.k4v4_prod, "k8v8": CacheConfig.k8v8,
     "plain-k4v4": CacheConfig.plain_k4v4,
@@ -183,8 +196,14 @@ class KeyTransformState:
                jnp.tile(jnp.arange(head_dim, dtype=jnp.int32), (num_kv_heads, 1)))
 
   @classmethod
-  def estimate(cls, k, valid, config: CacheConfig) -> KeyTransformState:
-    """From prefill keys k [B, K, S, D] and their validity [B, S]."""
+  def estimate(cls, k, valid, config: CacheConfig, query_rms=None) -> KeyTransformState:
+    """From prefill keys k [B, K, S, D], their validity [B, S] and, when known, the
+    root-mean-square query channel per KV head [K, D].
+
+    With the scaled keys' quantization error spread evenly over channels, the score error
+    Σ_c (q_c s_c)² · Σ_c σ_c² / s_c² is smallest for s_c² ∝ σ_c / rms(q_c); without query
+    statistics, queries are taken as isotropic.
+    """
     w = valid[:, None, :, None].astype(jnp.float32)  # [B, 1, S, 1]
     count = jnp.maximum(jnp.sum(w, axis=(0, 2)), 1.0)  # [1, 1]
     k = k.astype(jnp.float32)
@@ -194,7 +213,8 @@ class KeyTransformState:
     spread = jnp.sqrt(jnp.sum(((k - mean[None, :, None]) ** 2) * w, axis=(0, 2)) / count)
     spread = jnp.maximum(spread, 1e-6 * jnp.max(spread, axis=-1, keepdims=True) + 1e-30)
     if config.key_transform == "center_scale":
-      scale = spread ** config.scale_power
+      ratio = spread if query_rms is None else spread / jnp.maximum(query_rms, 1e-30)
+      scale = ratio ** config.scale_power
       scale = scale / jnp.exp(jnp.mean(jnp.log(scale), axis=-1, keepdims=True))
     else:
       scale = jnp.ones_like(spread)
@@ -284,16 +304,18 @@ class TurboQuantCache:
 
   @classmethod
   def from_dense(cls, dense: DenseCache, config: CacheConfig, *, layer: int,
-                 capacity: int | None = None, implementation: str = "xla") -> TurboQuantCache:
+                 capacity: int | None = None, query_rms=None,
+                 implementation: str = "xla") -> TurboQuantCache:
     """Compresses a filled exact cache (the prefill): estimates and freezes the key
-    transforms from its keys, encodes all but the newest ``window`` tokens of each row and
+    transforms from its keys (and ``query_rms`` [K, D], the prefill queries' RMS per
+    channel, when given), encodes all but the newest ``window`` tokens of each row and
     keeps those exact. ``capacity`` defaults to the dense cache's."""
     b, kh, s, d = dense.k.shape
     capacity = s if capacity is None else capacity
     if capacity < s:
       raise ValueError(f"capacity={capacity} must be >= the dense cache's capacity {s}")
     valid = jnp.arange(s)[None, :] < dense.lengths[:, None]  # [B, S]
-    transform = KeyTransformState.estimate(dense.k, valid, config)
+    transform = KeyTransformState.estimate(dense.k, valid, config, query_rms)
     value_order = _value_order(dense.v, valid, d)
     cache = cls.init(config, layer=layer, batch=b, num_kv_heads=kh, head_dim=d, capacity=capacity,
                      dtype=dense.k.dtype, transform=transform, value_order=value_order,
@@ -341,6 +363,19 @@ class TurboQuantCache:
     """Stored bits per K/V coordinate of the compressed region (codes and scales)."""
     kc, vc = self.key_quantizer.config, self.value_quantizer.config
     return (kc.bits_per_coordinate + vc.bits_per_coordinate) / 2
+
+  def dequantize(self):
+    """(keys, values) [B, K, S_cap, D] float32 in position order: decoded codes below
+    ``compressed``, the exact window from there to ``lengths``. Keys stay in the
+    transformed basis (score them with ``transform.queries(q)``); values are in their own."""
+    k = qz.decode(self.key_quantizer, qz.Encoded(self.k_codes, self.k_scales))  # [B, K, S, D]
+    v = qz.decode(self.value_quantizer, qz.Encoded(self.v_codes, self.v_scales))
+    v = jnp.swapaxes(_unpermute(jnp.swapaxes(v, 1, 2), self.value_order), 1, 2)  # [B, K, S, D]
+    at = self.compressed[:, None] + jnp.arange(self.window_k.shape[2])  # [B, W+F]
+    at = jnp.where(at < self.lengths[:, None], at, self.capacity)  # drop the empty slots
+    put = jax.vmap(lambda buf, new, i: buf.at[:, i].set(new, mode="drop"))
+    return (put(k, self.window_k.astype(jnp.float32), at),
+            put(v, self.window_v.astype(jnp.float32), at))
 
   # The protocol.
 
@@ -438,8 +473,10 @@ def _region_values(quantizer: qz.Quantizer, codes, scales):
 
 
 def convert_caches(dense_caches, config: CacheConfig, *, capacity: int | None = None,
-                   implementation: str = "xla"):
-  """Per-layer `TurboQuantCache.from_dense` over a model's tuple of dense caches."""
+                   query_rms=None, implementation: str = "xla"):
+  """Per-layer `TurboQuantCache.from_dense` over a model's tuple of dense caches
+  (``query_rms``: one [K, D] array per layer, or None)."""
+  query_rms = [None] * len(dense_caches) if query_rms is None else query_rms
   return tuple(TurboQuantCache.from_dense(c, config, layer=i, capacity=capacity,
-                                          implementation=implementation)
-               for i, c in enumerate(dense_caches))
+                                          query_rms=r, implementation=implementation)
+               for i, (c, r) in enumerate(zip(dense_caches, query_rms)))

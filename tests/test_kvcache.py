@@ -1,0 +1,152 @@
+"""The compressed KV cache against exact attention and against its own dequantized contents."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tqjax import kvcache as kv
+from tqjax.dense_cache import DenseCache, dense_attention
+
+B, K, G, D = 2, 3, 5, 64  # prime-ish: a swapped axis cannot pass
+H = K * G
+
+
+def qwen_like_keys(rng, shape):
+  """Keys with huge per-channel offsets and uneven channel spreads, as Qwen2's biased k_proj."""
+  offsets = rng.standard_normal(D) * np.where(rng.random(D) < 0.1, 60.0, 2.0)
+  spreads = np.exp(rng.standard_normal(D))
+  return (rng.standard_normal(shape) * spreads + offsets).astype(np.float32)
+
+
+def filled_dense(rng, lengths, capacity):
+  s = max(lengths)
+  dense = DenseCache.init(B, K, D, capacity, jnp.float32)
+  dense = dense.update(jnp.asarray(qwen_like_keys(rng, (B, s, K, D))),
+                       jnp.asarray(rng.standard_normal((B, s, K, D)), jnp.float32))
+  return dataclasses.replace(dense, lengths=jnp.asarray(lengths, jnp.int32))
+
+
+def test_key_transforms_are_exact_without_quantization():
+  rng = np.random.default_rng(0)
+  k = jnp.asarray(qwen_like_keys(rng, (B, 41, K, D)))
+  v = jnp.asarray(rng.standard_normal((B, 41, K, D)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((B, 7, H, D)) * 3, jnp.float32)
+  valid = jnp.ones((B, 41), bool)
+  state = kv.KeyTransformState.estimate(jnp.swapaxes(k, 1, 2), valid, kv.CacheConfig(),
+                                        query_rms=jnp.asarray(rng.uniform(0.5, 2, (K, D)), jnp.float32))
+  assert float(jnp.abs(state.mean).max()) > 10  # the offsets really are removed
+  q_pos = jnp.broadcast_to(34 + jnp.arange(7), (B, 7))
+  kv_pos = jnp.arange(41)
+  plain = dense_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_pos, kv_pos, valid, 0.125)
+  qt = state.queries(q.reshape(B, 7, K, G, D)).reshape(B, 7, H, D)
+  moved = dense_attention(qt, jnp.swapaxes(state.keys(k), 1, 2), jnp.swapaxes(v, 1, 2), q_pos, kv_pos,
+                          valid, 0.125)
+  np.testing.assert_allclose(moved, plain, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["k4v4", "k3.5v3.5", "k4v4-prod", "k5v3"])
+def test_attend_equals_attention_over_dequantized_cache(name):
+  """The rotated-domain path (query rotated once, output rotated back once) and the window
+  bookkeeping agree with plain attention over the cache's own reconstruction."""
+  rng = np.random.default_rng(1)
+  config = kv.preset(name, window=16, flush_block=8)
+  dense = filled_dense(rng, [61, 37], capacity=120)
+  cache = kv.TurboQuantCache.from_dense(dense, config, layer=0)
+  for t in (1, 11, 1):  # a decode step, a chunk that flushes, a decode step
+    k = jnp.asarray(qwen_like_keys(rng, (B, t, K, D)))
+    v = jnp.asarray(rng.standard_normal((B, t, K, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((B, t, H, D)), jnp.float32)
+    cache = cache.update(k, v)
+    out = cache.attend(q, scale=0.125, sliding_window=None)
+  k_hat, v_hat = cache.dequantize()
+  q_pos = cache.lengths[:, None] - 1 + jnp.arange(1)
+  kv_pos = jnp.arange(cache.capacity)
+  valid = kv_pos[None] < cache.lengths[:, None]
+  qt = cache.transform.queries(q.reshape(B, 1, K, G, D)).reshape(B, 1, H, D)
+  want = dense_attention(qt, k_hat, v_hat, q_pos, kv_pos, valid, 0.125)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(cache.lengths, [74, 50])
+  np.testing.assert_array_equal(cache.compressed, [53, 29])  # one flush of 8; 21 stay exact
+
+
+def test_high_bits_approach_exact_attention_with_ragged_rows_and_sliding_window():
+  rng = np.random.default_rng(2)
+  dense = filled_dense(rng, [53, 29], capacity=90)
+  cache = kv.TurboQuantCache.from_dense(dense, kv.preset("k8v8", window=8, flush_block=4), layer=3)
+  for _ in range(9):
+    k = jnp.asarray(qwen_like_keys(rng, (B, 1, K, D)))
+    v = jnp.asarray(rng.standard_normal((B, 1, K, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((B, 1, H, D)), jnp.float32)
+    cache, dense = cache.update(k, v), dense.update(k, v)
+    for window in (None, 13):
+      out = cache.attend(q, scale=0.125, sliding_window=window)
+      ref = dense.attend(q, scale=0.125, sliding_window=window)
+      rel = np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+      assert rel.max() < 0.03, (window, rel.max())
+
+
+def test_plain_turboquant_is_worse_than_transformed_on_offset_keys():
+  rng = np.random.default_rng(3)
+  dense = filled_dense(rng, [80, 80], capacity=96)
+  q = jnp.asarray(rng.standard_normal((B, 1, H, D)), jnp.float32)
+  k = jnp.asarray(qwen_like_keys(rng, (B, 1, K, D)))
+  v = jnp.asarray(rng.standard_normal((B, 1, K, D)), jnp.float32)
+  ref = dense.update(k, v).attend(q, scale=0.125)
+  errors = {}
+  for name in ("plain-k4v4", "k4v4"):
+    cache = kv.TurboQuantCache.from_dense(dense, kv.preset(name), layer=0).update(k, v)
+    errors[name] = float(jnp.linalg.norm(cache.attend(q, scale=0.125) - ref) / jnp.linalg.norm(ref))
+  assert errors["k4v4"] < 0.5 * errors["plain-k4v4"], errors
+
+
+def test_jitted_update_with_donation_reuses_buffers():
+  rng = np.random.default_rng(4)
+  cache = kv.TurboQuantCache.from_dense(filled_dense(rng, [20, 20], 64), kv.preset("k4v4", window=8, flush_block=4), layer=0)
+  step = jax.jit(lambda c, k, v: c.update(k, v), donate_argnums=0)
+  k = jnp.asarray(rng.standard_normal((B, 1, K, D)), jnp.float32)
+  cache = step(cache, k, k)  # first call compiles
+  before = cache.k_codes[0].unsafe_buffer_pointer()
+  new = step(cache, k, k)
+  assert cache.k_codes[0].is_deleted()
+  assert new.k_codes[0].unsafe_buffer_pointer() == before
+
+
+def test_memory_accounting():
+  rng = np.random.default_rng(5)
+  cache = kv.TurboQuantCache.from_dense(filled_dense(rng, [10, 10], 256), kv.preset("k4v4"), layer=0)
+  assert cache.bits_per_coordinate() == 4 + 16 / D  # 4-bit codes + a float16 norm
+  codes = sum(x.nbytes for x in (*cache.k_codes, *cache.k_scales, *cache.v_codes, *cache.v_scales))
+  assert codes == 2 * B * K * 256 * (D * 4 // 8 + 2)
+  assert cache.memory_bytes() == sum(x.nbytes for x in jax.tree.leaves(cache))
+  assert cache.memory_bytes() > codes  # window, transforms and rotations are counted too
+  config = kv.CacheConfig.k5v3(layer_overrides=((0, kv.TensorSpec(8), kv.TensorSpec(8)),))
+  assert config.bits_per_coordinate(4, 128) == pytest.approx(((8 + 8) + 3 * (5 + 3)) / 8 + 16 / 128)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(window=0), "window must be >= 1"),
+    (dict(window=16, flush_block=32), "flush_block must be in 1..window=16"),
+    (dict(key_transform="whiten"), "key_transform must be one of"),
+    (dict(values=kv.TensorSpec(4, kind="prod")), "values are quantized with kind='mse' only"),
+    (dict(keys=kv.TensorSpec(9)), "bits must be in 1..8, got 9"),
+])
+def test_bad_config_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    kv.CacheConfig(**kwargs)
+
+
+def test_bad_input_raises():
+  with pytest.raises(ValueError, match="unknown cache preset 'k9'"):
+    kv.preset("k9")
+  cache = kv.TurboQuantCache.init(kv.preset("k4v4"), layer=0, batch=B, num_kv_heads=K, head_dim=D,
+                                  capacity=32)
+  with pytest.raises(ValueError, match=r"expected k, v \[B=2, T, K=3, D=64\]"):
+    cache.update(jnp.zeros((B, 1, K + 1, D)), jnp.zeros((B, 1, K + 1, D)))
+  with pytest.raises(ValueError, match=r"expected q \[B=2, T, H \(multiple of K=3\), D=64\]"):
+    cache.attend(jnp.zeros((B, 1, 7, D)), scale=1.0)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    kv.TurboQuantCache.init(kv.preset("k4v4"), layer=0, batch=1, num_kv_heads=1, head_dim=D,
+                            capacity=8, implementation="cuda")
