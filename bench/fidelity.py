@@ -33,7 +33,7 @@ import numpy as np
 from tqjax import kvcache
 from tqjax.dense_cache import DenseCache
 
-DEFAULT_PRESETS = ["plain-k4v4", "k4v4", "k4v4-prod", "k3.5v3.5", "k3v3", "k2.5v2.5"]
+DEFAULT_PRESETS = ["plain-k4v4", "k4v4", "k5v3", "k4v4-prod", "k3.5v3.5", "k3v3", "k4v2", "k2.5v2.5"]
 
 
 def capture_qkv(hf_model, ids: np.ndarray) -> list[tuple[np.ndarray, ...]]:
@@ -98,7 +98,8 @@ def attention_fidelity(captured, config: kvcache.CacheConfig, tail: int, scale: 
   for layer, (q, k, v) in enumerate(captured):
     n = k.shape[0]
     dense = DenseCache.init(1, k.shape[1], k.shape[2], n, jnp.float32)
-    dense = dense.update(jnp.asarray(k[None, :n - tail]), jnp.asarray(v[None, :n - tail]))
+    dense = dense.update(jnp.asarray(k[None, :n - tail]), jnp.asarray(v[None, :n - tail]),
+                         jnp.asarray(q[None, :n - tail]))
     cache = kvcache.TurboQuantCache.from_dense(dense, config, layer=layer)
     err, kl, top1 = _layer_metrics(cache, dense, jnp.asarray(q[None, n - tail:]),
                                    jnp.asarray(k[None, n - tail:]), jnp.asarray(v[None, n - tail:]),

@@ -1,5 +1,6 @@
 """DenseCache and dense_attention against a float64 numpy reference."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,8 @@ def attention_reference(q, k, v, lengths, scale, window):
 def filled_cache(rng, b, kh, d, cap, prev_lengths, dtype=jnp.float32):
   k = rng.standard_normal((b, kh, cap, d)).astype(np.float32)
   v = rng.standard_normal((b, kh, cap, d)).astype(np.float32)
-  return DenseCache(jnp.asarray(k, dtype), jnp.asarray(v, dtype),
-                    jnp.asarray(prev_lengths, jnp.int32))
+  return dataclasses.replace(DenseCache.init(b, kh, d, cap, dtype), k=jnp.asarray(k, dtype),
+                             v=jnp.asarray(v, dtype), lengths=jnp.asarray(prev_lengths, jnp.int32))
 
 
 @pytest.mark.parametrize("b,kh,g,d,t,window", [
@@ -145,4 +146,15 @@ def test_shape_errors():
 
 def test_memory_bytes():
   cache = DenseCache.init(3, 2, 16, 11, jnp.bfloat16)
-  assert cache.memory_bytes() == 2 * (3 * 2 * 11 * 16 * 2) + 3 * 4
+  # k, v, lengths, and the query statistics (float32 [K, D] sums and a count).
+  assert cache.memory_bytes() == 2 * (3 * 2 * 11 * 16 * 2) + 3 * 4 + 2 * 16 * 4 + 4
+
+
+def test_update_gathers_query_statistics():
+  rng = np.random.default_rng(7)
+  q = rng.standard_normal((2, 5, 6, 8)).astype(np.float32) * np.arange(1, 9)
+  cache = DenseCache.init(2, 3, 8, 16).update(jnp.zeros((2, 5, 3, 8)), jnp.zeros((2, 5, 3, 8)),
+                                              jnp.asarray(q))
+  want = np.sqrt((q.reshape(2, 5, 3, 2, 8).astype(np.float64) ** 2).mean(axis=(0, 1, 3)))
+  np.testing.assert_allclose(cache.query_rms(), want, rtol=1e-5)
+  np.testing.assert_array_equal(DenseCache.init(1, 3, 8, 4).query_rms(), 1.0)

@@ -149,6 +149,10 @@ class DenseCache:
   k: jax.Array  # [B, K, S_cap, D]
   v: jax.Array  # [B, K, S_cap, D]
   lengths: jax.Array  # [B] int32, tokens stored per row (= position of the next token)
+  # Running Σ q² per KV head and channel of the queries passed to `update`, and their
+  # count: a compressed cache built from this one scales its keys with them.
+  query_sq: jax.Array  # [K, D] float32
+  query_count: jax.Array  # [] float32
 
   @classmethod
   def init(cls, batch: int, num_kv_heads: int, head_dim: int, capacity: int,
@@ -159,14 +163,17 @@ class DenseCache:
         raise ValueError(f"{name}={value} must be >= 1")
     shape = (batch, num_kv_heads, capacity, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32))
+               lengths=jnp.zeros((batch,), jnp.int32),
+               query_sq=jnp.zeros((num_kv_heads, head_dim), jnp.float32),
+               query_count=jnp.zeros((), jnp.float32))
 
   @property
   def capacity(self) -> int:
     return self.k.shape[2]
 
-  def update(self, k: jax.Array, v: jax.Array) -> DenseCache:
-    """Appends k, v [B, T, K, D] (keys after RoPE) at positions lengths .. lengths + T - 1.
+  def update(self, k: jax.Array, v: jax.Array, q: jax.Array | None = None) -> DenseCache:
+    """Appends k, v [B, T, K, D] (keys after RoPE) at positions lengths .. lengths + T - 1,
+    and adds the queries q [B, T, H, D] of the same tokens, when given, to the statistics.
 
     Rows whose lengths + T exceed the capacity are not checked (lengths are traced
     values); callers size the capacity (see `generate`).
@@ -182,9 +189,21 @@ class DenseCache:
     new_k = jnp.swapaxes(k, 1, 2).astype(self.k.dtype)  # [B, K, T, D]
     new_v = jnp.swapaxes(v, 1, 2).astype(self.v.dtype)
     write = jax.vmap(_write_row)
+    query_sq, query_count = self.query_sq, self.query_count
+    if q is not None:
+      if q.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != d or q.shape[2] % kh:
+        raise ValueError(f"expected q [B={b}, T={t}, H (multiple of K={kh}), D={d}], got {q.shape=}")
+      qg = q.reshape(b, t, kh, -1, d).astype(jnp.float32)
+      query_sq = query_sq + jnp.sum(qg * qg, axis=(0, 1, 3))
+      query_count = query_count + b * t * qg.shape[3]
     return DenseCache(k=write(self.k, new_k, self.lengths),
                       v=write(self.v, new_v, self.lengths),
-                      lengths=self.lengths + jnp.int32(t))
+                      lengths=self.lengths + jnp.int32(t),
+                      query_sq=query_sq, query_count=query_count)
+
+  def query_rms(self) -> jax.Array:  # [K, D]; all ones before any query was seen
+    rms = jnp.sqrt(self.query_sq / jnp.maximum(self.query_count, 1.0))
+    return jnp.where(self.query_count > 0, rms, 1.0)
 
   def attend(self, q: jax.Array, *, scale: float,
              sliding_window: int | None = None) -> jax.Array:
@@ -201,4 +220,4 @@ class DenseCache:
 
   def memory_bytes(self) -> int:
     """Bytes held by the cache arrays (allocated capacity, not the filled part)."""
-    return int(self.k.nbytes + self.v.nbytes + self.lengths.nbytes)
+    return int(sum(x.nbytes for x in jax.tree.leaves(self)))

@@ -307,14 +307,16 @@ class TurboQuantCache:
                  capacity: int | None = None, query_rms=None,
                  implementation: str = "xla") -> TurboQuantCache:
     """Compresses a filled exact cache (the prefill): estimates and freezes the key
-    transforms from its keys (and ``query_rms`` [K, D], the prefill queries' RMS per
-    channel, when given), encodes all but the newest ``window`` tokens of each row and
+    transforms from its keys and the queries' RMS per channel [K, D] (``query_rms``, by
+    default the one the dense cache gathered during the prefill), encodes all but the newest ``window`` tokens of each row and
     keeps those exact. ``capacity`` defaults to the dense cache's."""
     b, kh, s, d = dense.k.shape
     capacity = s if capacity is None else capacity
     if capacity < s:
       raise ValueError(f"capacity={capacity} must be >= the dense cache's capacity {s}")
     valid = jnp.arange(s)[None, :] < dense.lengths[:, None]  # [B, S]
+    if query_rms is None:
+      query_rms = dense.query_rms()
     transform = KeyTransformState.estimate(dense.k, valid, config, query_rms)
     value_order = _value_order(dense.v, valid, d)
     cache = cls.init(config, layer=layer, batch=b, num_kv_heads=kh, head_dim=d, capacity=capacity,
@@ -379,8 +381,9 @@ class TurboQuantCache:
 
   # The protocol.
 
-  def update(self, k, v) -> TurboQuantCache:
-    """Appends k, v [B, T, K, D] (keys after RoPE), flushing the window as it fills."""
+  def update(self, k, v, q=None) -> TurboQuantCache:
+    """Appends k, v [B, T, K, D] (keys after RoPE), flushing the window as it fills.
+    (``q`` is accepted for the protocol; the key transforms are frozen.)"""
     b, kh, _, d = self.window_k.shape
     if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, kh, d):
       raise ValueError(f"expected k, v [B={b}, T, K={kh}, D={d}], got {k.shape=}, {v.shape=}")

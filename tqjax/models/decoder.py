@@ -69,7 +69,7 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    cache = cache.update(k, v)
+    cache = cache.update(k, v, q)
     out = cache.attend(q, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
