@@ -165,6 +165,13 @@ def test_generate_with_converted_caches_and_eos(rng):
   np.testing.assert_array_equal(np.asarray(out), greedy)
   assert seen_lengths == [[7, 7]]  # converted once, right after the exact prefill
 
+  # the NIAH flow: exact prefill of a document, convert, a question chunk, then decode
+  _, caches = runner.prefill(prompt[:, :4], CAP)
+  caches = tuple(CountingCache(c, jnp.int32(0)) for c in caches)
+  logits, caches = runner.forward(prompt[:, 4:], caches)
+  np.testing.assert_array_equal(np.asarray(runner.decode(logits, caches, max_new_tokens=6)),
+                                greedy)
+
   # eos: rows that emitted it are padded with it; generation stops when all rows did
   eos = int(greedy[0, 1])
   out = np.asarray(generate(runner, prompt, max_new_tokens=6, capacity=CAP, eos_id=eos))
@@ -230,7 +237,7 @@ def test_unsupported_architecture_is_rejected(tmp_path):
 def test_resolve_model_paths(tmp_path, monkeypatch):
   gguf = tmp_path / "m.gguf"
   gguf.write_bytes(b"GGUF")
-  assert resolve_model(str(gguf)) == type(resolve_model(str(gguf)))(str(tmp_path), "m.gguf")
+  assert tuple(resolve_model(str(gguf))) == (str(tmp_path), "m.gguf")
   assert resolve_model(str(tmp_path)).path == str(tmp_path)
   assert resolve_model(str(tmp_path)).gguf_file is None
   assert resolve_model("some-org/some-model").path == "some-org/some-model"

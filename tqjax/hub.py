@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import NamedTuple
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -35,8 +36,7 @@ _ALIASES: dict[str, _WheelModel] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ResolvedModel:
+class ResolvedModel(NamedTuple):
   """What to pass to `from_pretrained`: a hub id or folder, and an optional GGUF file."""
   path: str  # hub id or local folder
   gguf_file: str | None = None  # file name inside `path` (GGUF checkpoints only)

@@ -164,8 +164,8 @@ class Runner:
                temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, eos_id: int | None = None
                ) -> jax.Array:
-    """New tokens [B, N] int32, N <= max_new_tokens (fewer only when every row hit eos_id;
-    rows that finished earlier are filled with eos_id)."""
+    """Prefills the prompt into exact DenseCaches, converts them if asked, then decodes
+    (see `decode`). Returns new tokens [B, N] int32."""
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
       raise ValueError(f"expected prompt_ids [B, T] with T >= 1, got {prompt_ids.shape}")
@@ -179,6 +179,29 @@ class Runner:
     logits, caches = self.prefill(prompt_ids, capacity)
     if convert_caches is not None:
       caches = convert_caches(caches)
+    return self.decode(logits, caches, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       eos_id=eos_id)
+
+  def decode(self, logits: jax.Array, caches: Caches, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None
+             ) -> jax.Array:
+    """Continues from the logits [B, T, V] of the last prefill/chunk step: new tokens
+    [B, N] int32, N <= max_new_tokens (fewer only when every row hit eos_id; rows that
+    finished earlier are filled with eos_id). The caches are donated.
+
+    E.g. NIAH: `logits, caches = prefill(document)`, `caches = convert(caches)`,
+    `logits, caches = forward(question, caches)`, `decode(logits, caches, ...)`.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f"{max_new_tokens=} must be >= 1")
+    capacity = getattr(caches[0], "capacity", None)
+    if capacity is not None:
+      needed = int(jnp.max(caches[0].lengths)) + max_new_tokens - 1
+      if needed > capacity:
+        raise ValueError(f"cache capacity {capacity} is too small: {max_new_tokens=} after "
+                         f"{int(jnp.max(caches[0].lengths))} stored tokens needs {needed}")
     key, sub = jax.random.split(jax.random.key(seed))
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     token = _sample(logits[:, -1], sub, **sampling)
@@ -203,6 +226,16 @@ def prefill(model: Decoder | Runner, tokens: jax.Array, capacity: int,
 def forward(model: Decoder | Runner, tokens: jax.Array, caches: Caches
             ) -> tuple[jax.Array, Caches]:
   return Runner.from_model(model).forward(tokens, caches)
+
+
+def decode(model: Decoder | Runner, logits: jax.Array, caches: Caches, *,
+           max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, eos_id: int | None = None
+           ) -> jax.Array:
+  """Decodes after a prefill/chunk step. See `Runner.decode`."""
+  return Runner.from_model(model).decode(
+    logits, caches, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    top_p=top_p, seed=seed, eos_id=eos_id)
 
 
 def generate(model: Decoder | Runner, prompt_ids: jax.Array, *, max_new_tokens: int,

@@ -99,14 +99,16 @@ def load_hf(name_or_path: str, *, gguf_file: str | None = None) -> tuple[Any, An
       raise ValueError(f"{name_or_path!r} is a {hf_config.model_type!r} model; supported "
                        f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
+  # A folder's or hub id's config is cheap: reject an architecture before loading weights.
+  # transformers parses a GGUF file in Python on every call (~10 s for 100 MB), so a GGUF
+  # model is checked after loading, parsing the file once.
   hf_config = None
-  if gguf_file is None:  # cheap for folders and hub ids: reject before loading weights
+  if gguf_file is None:
     try:
       hf_config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
       raise failed(e) from e
     check(hf_config)
-  # (a GGUF file is parsed in Python on every call, ~10 s for 100 MB: parse it once)
   try:
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       path, config=hf_config, dtype=torch.float32, **kwargs).eval()
