@@ -142,8 +142,8 @@ class CountingCache:
   def lengths(self):
     return self.inner.lengths
 
-  def update(self, k, v):
-    return CountingCache(self.inner.update(k, v), self.updates + 1)
+  def update(self, k, v, q=None):
+    return CountingCache(self.inner.update(k, v, q), self.updates + 1)
 
   def attend(self, q, *, scale, sliding_window=None):
     return self.inner.attend(q, scale=scale, sliding_window=sliding_window)
