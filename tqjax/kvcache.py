@@ -40,7 +40,7 @@ from tqjax.dense_cache import DenseCache
 
 KeyTransform = Literal["none", "center", "center_scale"]
 KEY_TRANSFORMS = ("none", "center", "center_scale")
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("xla", "pallas", "pallas-interpret")  # the last: CPU testing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,8 +436,17 @@ class TurboQuantCache:
     # The compressed region: slot j is position j.
     slots = jnp.arange(self.capacity, dtype=jnp.int32)
     valid = slots[None, :] < self.compressed[:, None]
-    mask = dense_cache.attention_mask(q_pos, slots, valid, sliding_window)  # [B, T, S]
-    compressed = self._compressed_partial(qg, mask, scale)
+    if self.implementation != "xla":
+      if t > self.window:
+        raise ValueError(f"implementation={self.implementation!r} reads chunks of at most window={self.window} "
+                         f"query tokens (newer tokens must all be exact), got T={t}")
+      if sliding_window is not None and sliding_window < self.capacity:
+        raise ValueError(f"implementation={self.implementation!r} has no sliding-window mask, got "
+                         f"{sliding_window=} below capacity={self.capacity}")
+      compressed = self._compressed_partial_pallas(qg, scale)
+    else:
+      mask = dense_cache.attention_mask(q_pos, slots, valid, sliding_window)  # [B, T, S]
+      compressed = self._compressed_partial(qg, mask, scale)
     # The exact window: slot i is position compressed + i.
     w_pos = self.compressed[:, None] + jnp.arange(room, dtype=jnp.int32)  # [B, W+F]
     w_valid = w_pos < self.lengths[:, None]
@@ -462,6 +471,34 @@ class TurboQuantCache:
       acc = acc + jnp.einsum("btkgs,bksi->btkgi", p, seg_vals) @ amap  # rotate back once
     acc = _unpermute(acc, self.value_order[:, None, :])
     return acc.reshape(b, t, kh * g, d), row_max.reshape(b, t, -1), jnp.sum(p, -1).reshape(b, t, -1)
+
+
+  def _compressed_partial_pallas(self, qg, scale):
+    """`_compressed_partial` by the fused Pallas decode kernel (every valid compressed
+    token is older than every query: the window holds the chunk)."""
+    from pallas_kernels import decode as decode_kernel
+
+    b, t, kh, g, d = qg.shape
+    kq, vq = self.key_quantizer, self.value_quantizer
+    qk = [_to_rows(qp * jnp.float32(scale)) for qp in qz.project_query(kq, qg)]  # [B, K, T*G, d_i]
+    as32 = lambda cs: [np.asarray(c, np.float32) for c in cs]  # concrete: baked into the kernel
+    part = decode_kernel.decode(
+        qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
+        self.v_codes, self.v_scales, as32(qz.segment_centroids(vq.config)), self.compressed,
+        implementation="pallas", interpret=self.implementation == "pallas-interpret")
+    acc = sum(a @ amap for a, amap in zip(part.acc, vq.maps))  # [B, K, T*G, D], rotated back
+    acc = jnp.swapaxes(_unpermute(jnp.swapaxes(acc, 1, 2), self.value_order), 1, 2)
+    return _from_rows(acc, t), _from_rows(part.m, t), _from_rows(part.l, t)
+
+def _to_rows(x):  # [B, T, K, G, ...] -> [B, K, T * G, ...]
+  x = jnp.moveaxis(x, 1, 2)
+  return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
+
+
+def _from_rows(x, t):  # inverse of _to_rows, then [B, T, K * G, ...]
+  b, kh, rows = x.shape[:3]
+  x = jnp.moveaxis(x.reshape(b, kh, t, rows // t, *x.shape[3:]), 2, 1)
+  return x.reshape(b, t, kh * (rows // t), *x.shape[4:])
 
 
 def _encode_region(quantizer: qz.Quantizer, x):

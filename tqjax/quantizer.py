@@ -152,9 +152,21 @@ class QuantizerConfig:
     return 8 * self.bytes_per_vector / self.head_dim
 
 
+def segment_centroids(config: QuantizerConfig) -> tuple[np.ndarray, ...]:
+  """Host-side float64 centroids of every segment (the QJL segment's are ±sqrt(π/2)/d)."""
+  out = []
+  for seg in config.segments:
+    if seg.kind == "codebook":
+      out.append(get_codebook(seg.dim, seg.bits).centroids)
+    else:
+      level = math.sqrt(math.pi / 2) / seg.dim
+      out.append(np.array([-level, level]))
+  return tuple(out)
+
+
 def _segment_tables(config: QuantizerConfig):
   """Host-side float64 maps, centroids and boundaries of every segment."""
-  maps, centroids, boundaries = [], [], []
+  maps, boundaries = [], []
   for g, (start, stop, _) in enumerate(config.groups):
     dim = stop - start
     seeds = np.random.SeedSequence([config.seed, g]).generate_state(2)
@@ -162,16 +174,12 @@ def _segment_tables(config: QuantizerConfig):
       full = np.zeros((dim, config.head_dim))
       if seg.kind == "codebook":
         full[:, start:stop] = rotation_lib.rotation(config.rotation, dim, int(seeds[0]))
-        book = get_codebook(dim, seg.bits)
-        centroids.append(book.centroids)
-        boundaries.append(book.boundaries)
+        boundaries.append(get_codebook(dim, seg.bits).boundaries)
       else:
         full[:, start:stop] = rotation_lib.gaussian(dim, dim, int(seeds[1]))
-        level = math.sqrt(math.pi / 2) / dim
-        centroids.append(np.array([-level, level]))
         boundaries.append(np.array([0.0]))
       maps.append(full)
-  return maps, centroids, boundaries
+  return maps, segment_centroids(config), boundaries
 
 
 @jax.tree_util.register_dataclass
