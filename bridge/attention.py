@@ -88,7 +88,7 @@ def tqjax_attention_forward(
     _check_positions(real, kwargs.get("position_ids"))
     out, _ = sdpa_attention_forward(module, query, key.keys, key.values, attention_mask,
                                     dropout=0.0, scaling=scale, **kwargs)
-    layer.prefill(key.keys, key.values, real)
+    layer.prefill(query, key.keys, key.values, real)
     return out, None
   return layer.update_attend(query, key.keys, key.values, scale, sliding_window), None
 

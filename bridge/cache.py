@@ -3,7 +3,7 @@
 Flow per layer (the strict protocol, DESIGN §6):
 
 * **Prefill** (the first forward, the cache is empty): the attention function runs exact
-  torch SDPA over the prompt with transformers' mask, then the prompt's K/V cross into JAX
+  torch SDPA over the prompt with transformers' mask, then the prompt's q/k/v cross into JAX
   once and fill a `DenseCache`; with a compression preset the layer converts it right away
   with `TurboQuantCache.from_dense`. Padding is dropped on the way in: the real tokens of
   row b are stored at slots 0 .. n_b - 1, which are their positions (transformers gives a
@@ -11,7 +11,7 @@ Flow per layer (the strict protocol, DESIGN §6):
   of the JAX cache is ragged-exact and later steps need no padding mask.
 * **Decode and chunks**: q, k and v are concatenated in torch into one contiguous
   [B, T, H + 2K, D] tensor, cross into JAX by DLPack (zero-copy on the GPU), one jitted
-  program does `cache.update(k, v)` + `cache.attend(q)` with the cache donated, and the
+  program does `cache.update(k, v, q)` + `cache.attend(q)` with the cache donated, and the
   output [B, T, H, D] comes back by DLPack: two hand-offs and one JAX dispatch per layer.
 
 `Cache.update` cannot run attention, so a layer's `update` returns a `PendingKV` handle in
@@ -48,22 +48,25 @@ def _round_up(n: int, multiple: int) -> int:
 # ---- the JAX programs ----
 
 
-@functools.partial(jax.jit, static_argnames=("num_kv_heads", "capacity"))
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "capacity"))
 def _prefill_dense(
-  kv: jax.Array,  # [B, T, 2K, D] keys (after RoPE) then values, as transformers made them
+  qkv: jax.Array,  # [B, T, H + 2K, D] queries, keys (after RoPE), values
   order: jax.Array | None,  # [B, T] int32: real tokens first, in order (None: no padding)
   lengths: jax.Array | None,  # [B] int32 real tokens per row (None: T)
-  *, num_kv_heads: int, capacity: int,
+  *, num_heads: int, num_kv_heads: int, capacity: int,
 ) -> DenseCache:
-  b, t, _, d = kv.shape
+  """A `DenseCache` holding the prompt, its query statistics over the real tokens only."""
+  b, t, _, d = qkv.shape
   if order is not None:
-    kv = jnp.take_along_axis(kv, order[:, :, None, None], axis=1)
+    qkv = jnp.take_along_axis(qkv, order[:, :, None, None], axis=1)
     real = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, T]
-    kv = jnp.where(real[:, :, None, None], kv, jnp.zeros((), kv.dtype))
-  cache = DenseCache.init(b, num_kv_heads, d, capacity, kv.dtype)
-  cache = cache.update(kv[:, :, :num_kv_heads], kv[:, :, num_kv_heads:])
-  if lengths is not None:
-    cache = dataclasses.replace(cache, lengths=lengths)
+    qkv = jnp.where(real[:, :, None, None], qkv, jnp.zeros((), qkv.dtype))
+  h, kh = num_heads, num_kv_heads
+  cache = DenseCache.init(b, kh, d, capacity, qkv.dtype)
+  cache = cache.update(qkv[:, :, h:h + kh], qkv[:, :, h + kh:], qkv[:, :, :h])
+  if lengths is not None:  # padding rows were zero: only the count needs fixing
+    count = jnp.sum(lengths).astype(jnp.float32) * (h // kh)
+    cache = dataclasses.replace(cache, lengths=lengths, query_count=count)
   return cache
 
 
@@ -77,7 +80,7 @@ def _update_attend(
   q = qkv[:, :, :num_heads]
   k = qkv[:, :, num_heads:num_heads + num_kv_heads]
   v = qkv[:, :, num_heads + num_kv_heads:]
-  cache = cache.update(k, v)
+  cache = cache.update(k, v, q)
   return cache, cache.attend(q, scale=scale, sliding_window=sliding_window)
 
 
@@ -232,7 +235,7 @@ class TQJaxLayer(CacheLayerMixin):
     return self.seen
 
   def get_max_length(self) -> int:
-    return -1 if self.owner.max_cache_len is None else self.owner.max_cache_len
+    return -1 if self.owner.token_limit is None else self.owner.token_limit
 
   def reset(self) -> None:
     self.state, self.seen, self.capacity = None, 0, 0
@@ -261,21 +264,23 @@ class TQJaxLayer(CacheLayerMixin):
 
   # the work, called by the attention function
 
-  def prefill(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None
-              ) -> None:
-    """Stores the prompt's keys, values [B, K, T, D]; `real` [B, T] bool marks the real
-    (not padding) tokens, None when every token is real."""
+  def prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              real: torch.Tensor | None) -> None:
+    """Stores the prompt's keys, values [B, K, T, D] (and statistics of its queries
+    [B, H, T, D]); `real` [B, T] bool marks the real (not padding) tokens, None when every
+    token is real."""
     if self.state is not None:
       raise RuntimeError(f"layer {self.index} already holds a prefill")
-    b, kh, t, _ = keys.shape
-    kv = torch.cat([keys.transpose(1, 2), values.transpose(1, 2)], dim=2)  # [B, T, 2K, D]
+    h, (b, kh, t, _) = query.shape[1], keys.shape
+    qkv = torch.cat([query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)],
+                    dim=2)  # [B, T, H + 2K, D]
     order = lengths = None
     if real is not None:
       order = to_jax(torch.argsort((~real).to(torch.int8), dim=1, stable=True))  # [B, T]
       lengths = to_jax(real.sum(dim=1))  # [B]
-    config = self.owner.config
+    config = self.owner.cache_config
     dense_capacity = t if config is not None else self.owner.capacity_for(self.seen)
-    dense = _prefill_dense(to_jax(kv), order, lengths, num_kv_heads=kh,
+    dense = _prefill_dense(to_jax(qkv), order, lengths, num_heads=h, num_kv_heads=kh,
                            capacity=dense_capacity)
     if config is None:
       self.state, self.capacity = dense, dense_capacity
@@ -326,8 +331,8 @@ class TurboQuantHFCache(Cache):
     if max_cache_len is not None and max_cache_len < 1:
       raise ValueError(f"{max_cache_len=} must be >= 1 or None")
     self.hf_config = hf_config
-    self.config = config
-    self.max_cache_len = max_cache_len
+    self.cache_config = config  # None: exact, no compression
+    self.token_limit = max_cache_len  # (transformers 5.17 has a max_cache_len property)
     self.implementation = implementation
     super().__init__(layers=[TQJaxLayer(self, i) for i in range(self.spec.num_layers)])
 
@@ -350,17 +355,17 @@ class TurboQuantHFCache(Cache):
 
   def capacity_for(self, needed: int, current: int = 0) -> int:
     """Capacity (tokens) that holds `needed` tokens: max_cache_len, or grown by doubling."""
-    if self.max_cache_len is not None:
-      if needed > self.max_cache_len:
-        raise ValueError(f"the cache holds max_cache_len={self.max_cache_len} tokens, "
+    if self.token_limit is not None:
+      if needed > self.token_limit:
+        raise ValueError(f"the cache holds max_cache_len={self.token_limit} tokens, "
                          f"{needed} arrived (prompt and new tokens, padding included)")
-      return self.max_cache_len
+      return self.token_limit
     return _round_up(max(needed + _CAPACITY_BLOCK, 2 * current), _CAPACITY_BLOCK)
 
   def compress(self, dense: DenseCache, layer: int, capacity: int) -> TurboQuantCache:
-    if self.config is None:
+    if self.cache_config is None:
       raise RuntimeError("this cache has no compression preset")
-    state = TurboQuantCache.from_dense(dense, self.config, layer=layer, capacity=capacity,
+    state = TurboQuantCache.from_dense(dense, self.cache_config, layer=layer, capacity=capacity,
                                        implementation=self.implementation)
     # Committed to the dense cache's device like the outputs of the jitted step, so that
     # the step compiles once for both.
@@ -373,12 +378,12 @@ class TurboQuantHFCache(Cache):
     config = resolve_preset(preset, **overrides)
     if config is None:
       raise ValueError("convert needs a compression preset, got None")
-    if self.config is not None:
+    if self.cache_config is not None:
       raise ValueError(f"convert needs an exact (preset=None) cache, this one is "
-                       f"{self.config.name!r}")
+                       f"{self.cache_config.name!r}")
     if any(layer.state is None for layer in self.layers):
       raise ValueError("convert needs a prefilled cache (run the prompt through it first)")
-    other = TurboQuantHFCache(self.hf_config, config=config, max_cache_len=self.max_cache_len,
+    other = TurboQuantHFCache(self.hf_config, config=config, max_cache_len=self.token_limit,
                               implementation=implementation or self.implementation)
     for mine, theirs in zip(self.layers, other.layers):
       state = other.compress(mine.state, mine.index, mine.capacity)
