@@ -115,8 +115,117 @@ class FlaxBackend:
   The document is prefilled in chunks of `chunk` tokens (the last one right-padded, then
   the caches' lengths are wound back past the padding: causal attention keeps the padding
   invisible to real tokens, and later appends overwrite it), so every prompt of a run
-  reuses the same compiled programs: one chunk step, and per preset one conversion, one
-  question step and one decode step.
+  reuses the same compiled programs: one chunk step per cache size (chunk * 2^k), and per
+  preset one conversion, one question step and one decode step at the full capacity.
+  """
+  name = "flax"
+
+  def __init__(self, model: Any, tokenizer: Any, *, capacity: int, window: int | None = None,
+               chunk: int = 512, model_name: str = "custom"):
+    from tqjax.models import Runner
+
+    if chunk < 1:
+      raise ValueError(f"{chunk=} must be >= 1")
+    if capacity < 1:
+      raise ValueError(f"{capacity=} must be >= 1")
+    self.runner = Runner.from_model(model)
+    self.tokenizer = tokenizer
+    self.chunk = chunk
+    self.capacity = capacity
+    self.window = window
+    cfg = self.runner.config
+    self.info = ModelInfo(name=model_name, model_type=cfg.model_type,
+                          num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          dtype=jnp.dtype(self.runner.dtype).name)
+    self.eos_ids = _eos_ids(tokenizer)
+    self._pad_id = int(next(iter(self.eos_ids), 0))
+    self._converters: dict[str, Any] = {}
+
+  @classmethod
+  def load(cls, name_or_path: str, *, gguf_file: str | None = None, dtype: str = "float32",
+           capacity: int, window: int | None = None, chunk: int = 512) -> FlaxBackend:
+    from tqjax.models import load_model
+
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model, tokenizer, _ = load_model(name_or_path, gguf_file=gguf_file, dtype=DTYPES[dtype])
+    return cls(model, tokenizer, capacity=capacity, window=window, chunk=chunk,
+               model_name=name_or_path)
+
+  def _converter(self, preset: str):
+    if preset not in self._converters:
+      config = cache_config(preset, self.window)
+      self._converters[preset] = jax.jit(lambda caches: kvcache.convert_caches(caches, config))
+    return self._converters[preset]
+
+  def prefill(self, doc_ids: Sequence[int]) -> tuple[DenseCache, ...]:
+    """Exact caches of capacity `self.capacity` holding `doc_ids` (batch 1).
+
+    Chunks attend over a cache that grows through capacities chunk * 2^k, so early chunks
+    do not pay for attention over the whole capacity; the caches are padded to the full
+    capacity at the end (later programs see one shape).
+    """
+    n = len(doc_ids)
+    if n < 1:
+      raise ValueError("the document has no tokens")
+    padded = np.full(-(-n // self.chunk) * self.chunk, self._pad_id, np.int32)
+    if len(padded) > self.capacity:
+      raise ValueError(f"a document of {n} tokens, padded to whole chunks of {self.chunk} "
+                       f"({len(padded)}), does not fit the capacity {self.capacity}")
+    padded[:n] = doc_ids
+    caches = self.runner.init_caches(1, self._bucket(self.chunk))
+    for start in range(0, len(padded), self.chunk):
+      caches = _grow(caches, self._bucket(start + self.chunk))
+      _, caches = self.runner.forward(padded[None, start:start + self.chunk], caches)
+    caches = _grow(caches, self.capacity)
+    pad = len(padded) - n
+    if pad:
+      caches = tuple(dataclasses.replace(c, lengths=c.lengths - pad) for c in caches)
+    return caches
+
+  def _bucket(self, tokens: int) -> int:
+    """The smallest chunk * 2^k >= tokens, at most the capacity."""
+    size = self.chunk
+    while size < tokens:
+      size *= 2
+    return min(size, self.capacity)
+
+  def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
+             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+    """Greedy answer token ids per preset (without the eos token), one shared prefill."""
+    ...
+
+
+def cache_accounting(preset: str, info: ModelInfo, window: int | None, tokens: int
+                     ) -> dict[str, float | int]:
+  """Bits per coordinate, compression against an fp16 cache, and the bytes held by all
+  layers' caches sized for `tokens` tokens (shapes only: nothing is allocated)."""
+  b, kh, d = 1, info.num_kv_heads, info.head_dim
+  dtype = DTYPES[info.dtype]
+  if preset == BASELINE:
+    caches = [jax.eval_shape(lambda: DenseCache.init(b, kh, d, tokens, dtype))] * info.num_layers
+    bits = 8.0 * jnp.dtype(dtype).itemsize
+  else:
+    config = cache_config(preset, window)
+    caches = [jax.eval_shape(functools.partial(
+        kvcache.TurboQuantCache.init, config, layer=layer, batch=b, num_kv_heads=kh,
+        head_dim=d, capacity=tokens, dtype=dtype)) for layer in range(info.num_layers)]
+    bits = config.bits_per_coordinate(info.num_layers, d)
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for c in caches for x in jax.tree.leaves(c))
+  return {"bits_per_coordinate": float(bits), "compression_vs_fp16": 16.0 / float(bits),
+          "memory_bytes": int(nbytes), "memory_tokens": int(tokens)}
+
+
+class FlaxBackend:
+  """The Flax decoder of `tqjax.models`, jitted steps with a fixed cache capacity.
+
+  The document is prefilled in chunks of `chunk` tokens (the last one right-padded, then
+  the caches' lengths are wound back past the padding: causal attention keeps the padding
+  invisible to real tokens, and later appends overwrite it), so every prompt of a run
+  reuses the same compiled programs: one chunk step per cache size (chunk * 2^k), and per
+  preset one conversion, one question step and one decode step at the full capacity.
   """
   name = "flax"
 
@@ -209,6 +318,15 @@ class FlaxBackend:
         break
       token, caches, key = self.runner.decode_step(token[:, None], caches, key)
     return out
+
+
+def _grow(caches: tuple[DenseCache, ...], capacity: int) -> tuple[DenseCache, ...]:
+  """The same caches with room for `capacity` tokens (zeros appended along S)."""
+  extra = capacity - caches[0].capacity
+  if extra <= 0:
+    return caches
+  pad = ((0, 0), (0, 0), (0, extra), (0, 0))  # [B, K, S, D]
+  return tuple(dataclasses.replace(c, k=jnp.pad(c.k, pad), v=jnp.pad(c.v, pad)) for c in caches)
 
 
 def _eos_ids(tokenizer: Any) -> frozenset[int]:

@@ -1,0 +1,355 @@
+"""NIAH: prompts with a real tokenizer, exact-match scoring, the Flax backend, resume, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from tqjax.niah import (BASELINE, FlaxBackend, Haystack, NiahConfig, PromptBuilder, run,
+                        score)
+from tqjax.niah import prompt as prompt_lib
+from tqjax.niah import report as report_lib
+
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_tokenizer(vocab_size: int = 1999):
+  """A byte-level BPE tokenizer (digits split, like SmolLM2's and Qwen2's) trained on the
+  haystack: a real fast tokenizer with a chat template, built offline in a second."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+    pre_tokenizers.Digits(individual_digits=True),
+    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  text = "\n\n".join(" ".join(p) for p in Haystack.default().paragraphs)
+  tok.train_from_iterator([text], trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 bos_token="<|endoftext|>")
+  fast.chat_template = CHAT_TEMPLATE
+  return fast
+
+
+def tiny_hf_model(vocab_size: int, seed: int = 0):
+  """A random 3-layer Llama (GQA 2:1, head_dim 64) in transformers, float32."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+    vocab_size=vocab_size, hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+    tie_word_embeddings=False)
+  return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+  from tqjax.models import from_torch
+
+  return from_torch(tiny_hf_model(len(tokenizer)))
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer():
+  """SmolLM2's own tokenizer, only when the GGUF file is cached already (no download)."""
+  from tqjax import hub
+
+  spec = hub._ALIASES[hub.DEFAULT_MODEL]
+  path = hub.cache_dir() / "models" / pathlib.PurePosixPath(spec.member).name
+  if not path.is_file() or path.stat().st_size != spec.size:
+    pytest.skip(f"the default model's GGUF file is not cached at {path}")
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+# Haystack and needles.
+
+
+def test_haystack_is_natural_varied_text_without_digits():
+  hay = Haystack.default()
+  assert len(hay.paragraphs) >= 40
+  sentences = [s for p in hay.paragraphs for s in p]
+  assert len(set(sentences)) == len(sentences)  # no repeated sentence
+  words = " ".join(sentences).split()
+  assert len(words) > 6000 and len(set(w.lower() for w in words)) > 2000
+  assert not re.search(r"\d", " ".join(sentences))  # a numeric code cannot occur by chance
+  assert "passkey" not in " ".join(sentences).lower()
+
+
+def test_paragraph_stream_never_repeats_back_to_back():
+  hay = Haystack.from_text("A one.\n\nB two.\n\nC three.")
+  stream = hay.paragraph_stream(np.random.default_rng(7))
+  order = [next(stream) for _ in range(301)]
+  assert all(a != b for a, b in zip(order, order[1:]))
+  for start in range(0, 300, 3):  # every pass is a permutation
+    assert sorted(order[start:start + 3]) == [0, 1, 2]
+
+
+def test_make_code_and_cell_rng_are_deterministic():
+  a = prompt_lib.make_code(prompt_lib.cell_rng(3, 1024, 0.25, 1))
+  b = prompt_lib.make_code(prompt_lib.cell_rng(3, 1024, 0.25, 1))
+  c = prompt_lib.make_code(prompt_lib.cell_rng(3, 1024, 0.5, 1))
+  assert a == b != c
+  assert re.fullmatch(r"[1-9]\d{6}", a)
+
+
+@pytest.mark.parametrize("which", ["trained", "gguf"])
+def test_needle_survives_tokenization(which, request):
+  tok = request.getfixturevalue("tokenizer" if which == "trained" else "gguf_tokenizer")
+  builder = PromptBuilder(tok)
+  for trial in range(11):
+    p = builder.build(173 + 31 * trial, depth=trial / 10, trial=trial, seed=5)
+    # The needle's tokens, cut from the prompt's ids, decode back to the code.
+    needle_ids = p.doc_ids[p.needle_position:p.needle_position + 24]
+    assert p.code in tok.decode(needle_ids)
+    assert p.code in tok.decode(p.doc_ids)
+    assert p.code not in tok.decode(p.question_ids)
+
+
+def test_prompt_ids_are_the_whole_texts_tokenization(tokenizer):
+  builder = PromptBuilder(tokenizer)
+  p = builder.build(300, depth=0.5, trial=0, seed=0)
+  text = tokenizer.decode(p.doc_ids + p.question_ids)
+  assert tokenizer(text, add_special_tokens=False)["input_ids"] == list(p.doc_ids + p.question_ids)
+  assert text.startswith("<|im_start|>user\n")
+  question = tokenizer.decode(p.question_ids)
+  assert question.lstrip("\n").startswith(prompt_lib.QUESTION)
+  assert question.endswith("<|im_start|>assistant\n" + prompt_lib.ANSWER_PREFIX)
+
+
+def test_prompt_without_chat_template(tokenizer):
+  builder = PromptBuilder(tokenizer, use_chat_template=False)
+  p = builder.build(257, depth=0.0, trial=0, seed=1)
+  assert tokenizer.decode(p.doc_ids).startswith(p.needle)
+  assert tokenizer.decode(p.question_ids).endswith("Answer: " + prompt_lib.ANSWER_PREFIX)
+
+
+@pytest.mark.parametrize("length", [257, 509, 2053, 11003])
+def test_prompt_length_in_tokens_and_depth(tokenizer, length):
+  builder = PromptBuilder(tokenizer)
+  longest_sentence = max(len(tokenizer(" " + s)["input_ids"])
+                         for p in builder.haystack.paragraphs for s in p)
+  for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+    p = builder.build(length, depth, trial=0, seed=11)
+    assert length - longest_sentence - 2 <= p.num_tokens <= length
+    assert abs(p.actual_depth - depth) < max(0.15, 2 * longest_sentence / length)
+    again = builder.build(length, depth, trial=0, seed=11)
+    assert again == p  # deterministic
+  other = builder.build(length, 0.5, trial=0, seed=12)
+  assert other.doc_ids != p.doc_ids and other.code != p.code
+
+
+def test_long_document_repeats_paragraphs_not_back_to_back(tokenizer):
+  builder = PromptBuilder(tokenizer)
+  whole = "\n\n".join(" ".join(x) for x in builder.haystack.paragraphs)
+  length = len(tokenizer(whole)["input_ids"]) * 3 // 2
+  p = builder.build(length, 0.5, trial=0, seed=2)
+  assert length - 100 < p.num_tokens <= length
+  body = tokenizer.decode(p.doc_ids).split("<|im_start|>user\n", 1)[1]
+  paragraphs = [x for x in body.split("\n\n")]
+  assert len(paragraphs) > len(builder.haystack.paragraphs)  # the haystack was repeated
+  assert all(a != b for a, b in zip(paragraphs, paragraphs[1:]))
+
+
+def test_depth_out_of_range_and_too_short_length(tokenizer):
+  builder = PromptBuilder(tokenizer)
+  with pytest.raises(ValueError, match="depth must be in"):
+    builder.build(300, 1.5, 0, 0)
+  with pytest.raises(ValueError, match="cannot hold"):
+    builder.build(40, 0.5, 0, 0)
+
+
+def test_score_is_exact_match_of_the_whole_code():
+  assert score("4829173", "4829173")
+  assert score(" The passkey is 4829173.", "4829173")
+  assert score("4829173 4829173", "4829173")
+  assert not score("482917", "4829173")
+  assert not score("48291735", "4829173")  # inside a longer number
+  assert not score("4829 173", "4829173")
+  assert not score("", "4829173")
+
+
+# The Flax backend.
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model, tokenizer):
+  return FlaxBackend(tiny_model, tokenizer, capacity=256, chunk=64, window=16,
+                     model_name="tiny")
+
+
+def test_chunked_prefill_matches_one_shot_generation(tiny_model, tokenizer):
+  """Padded chunks + wound-back lengths, then the question chunk and greedy decode, give
+  exactly the greedy continuation of the whole prompt."""
+  from tqjax.models import Runner
+
+  p = PromptBuilder(tokenizer).build(283, 0.5, 0, 0)
+  backend = FlaxBackend(tiny_model, tokenizer, capacity=320, chunk=67)
+  answers = backend.answer(p.doc_ids, p.question_ids, [BASELINE], max_new_tokens=7)
+  prompt_ids = np.asarray([p.doc_ids + p.question_ids], np.int32)
+  expected = Runner.from_model(tiny_model).generate(prompt_ids, max_new_tokens=7)
+  expected = [int(t) for t in np.asarray(expected)[0]]
+  eos = tokenizer.eos_token_id
+  expected = expected[:expected.index(eos)] if eos in expected else expected
+  assert answers[BASELINE] == expected
+
+
+def test_compressed_presets_share_the_prefill(backend, tokenizer):
+  from tqjax import kvcache
+
+  p = PromptBuilder(tokenizer).build(211, 0.25, 0, 0)
+  answers = backend.answer(p.doc_ids, p.question_ids, [BASELINE, "k4v4"], 5)
+  assert list(answers) == [BASELINE, "k4v4"]
+  assert all(len(a) <= 5 for a in answers.values())
+  # The compressed answer starts with the question read over the converted prefill.
+  dense = backend.prefill(p.doc_ids)
+  caches = kvcache.convert_caches(dense, kvcache.preset("k4v4", window=16, flush_block=16))
+  logits, _ = backend.runner.forward(np.asarray([p.question_ids], np.int32), caches)
+  first = int(np.argmax(np.asarray(logits[0, -1])))
+  assert answers["k4v4"][:1] == ([] if first == tokenizer.eos_token_id else [first])
+
+
+def test_backend_errors(tiny_model, tokenizer):
+  backend = FlaxBackend(tiny_model, tokenizer, capacity=128, chunk=64)
+  with pytest.raises(ValueError, match="unknown preset"):
+    backend.answer([1, 2, 3], [4], ["k5v5"], 3)
+  with pytest.raises(ValueError, match="capacity"):
+    backend.answer(list(range(120)), [4, 5, 6], [BASELINE], 8)
+  from tqjax.niah import make_backend
+
+  with pytest.raises(NotImplementedError, match="backend 'hf' needs the PyTorch bridge"):
+    make_backend("hf", "smollm2-135m", capacity=128)
+
+
+# Runs: checkpoint, resume, report.
+
+
+SMALL = dict(presets=(BASELINE, "k4v4"), lengths=(149, 211), depths=(0.0, 1.0),
+             trials=1, seed=3, window=16, max_new_tokens=4)
+
+
+class Interrupting:
+  """Wraps a backend; raises KeyboardInterrupt on the call after `after` prompts."""
+
+  def __init__(self, backend, after: int):
+    self.backend, self.after, self.calls = backend, after, 0
+    self.name, self.tokenizer, self.info = backend.name, backend.tokenizer, backend.info
+
+  def answer(self, *args, **kwargs):
+    if self.calls == self.after:
+      raise KeyboardInterrupt
+    self.calls += 1
+    return self.backend.answer(*args, **kwargs)
+
+
+def _cells(out):
+  lines = (pathlib.Path(out) / "cells.jsonl").read_text().splitlines()
+  return [json.loads(x) for x in lines if json.loads(x)["kind"] == "cell"]
+
+
+def _strip_time(cells):
+  return sorted((tuple(sorted((k, str(v)) for k, v in c.items() if k != "prompt_seconds"))
+                 for c in cells))
+
+
+@pytest.fixture(scope="module")
+def full_run(backend, tmp_path_factory):
+  out = tmp_path_factory.mktemp("full")
+  return out, run(NiahConfig(model="tiny", **SMALL), out, backend=backend, progress=False)
+
+
+def test_resume_after_interrupt_skips_done_cells_and_loses_nothing(backend, full_run, tmp_path):
+  config = NiahConfig(model="tiny", **SMALL)
+  full_out, full = full_run
+  assert full["metadata"]["cells_done"] == 8
+
+  out = tmp_path / "resumed"
+  with pytest.raises(KeyboardInterrupt):
+    run(config, out, backend=Interrupting(backend, after=1), progress=False)
+  assert len(_cells(out)) == 2  # one prompt x two presets, on disk
+  # A kill in the middle of a write leaves half a line: it is dropped, nothing else.
+  with open(out / "cells.jsonl", "a") as f:
+    f.write('{"kind": "cell", "preset": "base')
+  counting = Interrupting(backend, after=10**9)
+  resumed = run(config, out, backend=counting, progress=False)
+  assert counting.calls == 3  # only the prompts not done
+  assert resumed["metadata"]["cells_done"] == 8
+  assert _strip_time(_cells(out)) == _strip_time(_cells(full_out))
+  # A finished run does not even need a backend.
+  again = run(config, out, backend=lambda *a: pytest.fail("backend built"), progress=False)
+  assert again["cells"] == resumed["cells"]
+
+
+def test_rerun_with_a_larger_matrix_reuses_cells(backend, tmp_path):
+  small = NiahConfig(model="tiny", **{**SMALL, "lengths": (149,), "presets": (BASELINE,)})
+  run(small, tmp_path, backend=backend, progress=False)
+  counting = Interrupting(backend, after=10**9)
+  big = dataclasses.replace(small, depths=(0.0, 0.5, 1.0), presets=(BASELINE, "k4v4"))
+  result = run(big, tmp_path, backend=counting, progress=False)
+  assert counting.calls == 3  # every prompt lacks k4v4; 0.5 lacks the baseline too
+  assert result["metadata"]["cells_done"] == 6
+  assert len(_cells(tmp_path)) == 6
+
+
+def test_other_settings_refuse_to_resume_unless_forced(backend, tmp_path):
+  config = NiahConfig(model="tiny", **{**SMALL, "lengths": (149,), "depths": (0.5,)})
+  run(config, tmp_path, backend=backend, progress=False)
+  other = dataclasses.replace(config, seed=4)
+  with pytest.raises(ValueError, match=r"different settings \(seed: 3 -> 4\)"):
+    run(other, tmp_path, backend=backend, progress=False)
+  result = run(other, tmp_path, backend=backend, progress=False, force=True)
+  assert {c["seed"] for c in result["cells"]} == {4} and len(_cells(tmp_path)) == 2
+
+
+def test_report_files(full_run):
+  tmp_path, result = full_run
+  config = NiahConfig(model="tiny", **SMALL)
+  data = json.loads((tmp_path / "niah.json").read_text())
+  assert data == json.loads(json.dumps(result))
+  assert len(data["cells"]) == 8
+  cell = data["cells"][0]
+  for key in ("preset", "length", "depth", "trial", "seed", "needle", "code", "answer",
+              "correct", "prompt_tokens", "needle_position"):
+    assert key in cell
+  assert data["metadata"]["model"]["num_layers"] == 3
+  k4 = data["presets"]["k4v4"]
+  assert 4.0 < k4["bits_per_coordinate"] < 4.6
+  assert k4["compression_vs_fp16"] == pytest.approx(16 / k4["bits_per_coordinate"])
+  assert k4["memory_bytes"] < data["presets"][BASELINE]["memory_bytes"]
+  md = (tmp_path / "niah.md").read_text()
+  assert "| k4v4 |" in md and "Δ vs baseline (pp)" in md
+  for preset in config.presets:
+    png = (tmp_path / f"heatmap-{preset}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_summary_accuracy_and_delta():
+  config = NiahConfig(presets=(BASELINE, "k4v4"), lengths=(1024, 2048), depths=(0.0, 1.0))
+  cells = []
+  for n in config.lengths:
+    for d in config.depths:
+      cells.append({"preset": BASELINE, "length": n, "depth": d, "correct": True})
+      cells.append({"preset": "k4v4", "length": n, "depth": d, "correct": (n, d) != (2048, 1.0)})
+  summary = report_lib.summarize(config, cells, None)
+  assert summary[BASELINE]["accuracy"] == 1.0 and summary[BASELINE]["delta_pp"] == 0.0
+  assert summary["k4v4"]["accuracy"] == 0.75 and summary["k4v4"]["delta_pp"] == -25.0
+  assert summary["k4v4"]["grid"] == [[1.0, 1.0], [1.0, 0.0]]  # rows: depths, cols: lengths
