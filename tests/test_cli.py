@@ -98,3 +98,14 @@ def test_niah_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
   assert "different settings (seed: 0 -> 7)" in capsys.readouterr().err
   assert cli.main(args + ["--seed", "7", "--force"]) == 0
   assert {c["seed"] for c in json.loads((out / "niah.json").read_text())["cells"]} == {7}
+
+
+def test_niah_hf_backend(tiny_model_dir, tmp_path):
+  out = tmp_path / "out"
+  args = ["niah", "--model", str(tiny_model_dir), "--backend", "hf", "--presets",
+          "baseline,k4v4", "--lengths", "149", "--depths", "50", "--window", "16",
+          "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
+  assert cli.main(args) == 0
+  data = json.loads((out / "niah.json").read_text())
+  assert data["metadata"]["identity"]["backend"] == "hf"
+  assert len(data["cells"]) == 2

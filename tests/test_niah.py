@@ -61,10 +61,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
+def tiny_torch(tokenizer):
+  return tiny_hf_model(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_torch):
   from tqjax.models import from_torch
 
-  return from_torch(tiny_hf_model(len(tokenizer)))
+  return from_torch(tiny_torch)
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +241,27 @@ def test_backend_errors(tiny_model, tokenizer):
     backend.answer(list(range(120)), [4, 5, 6], [BASELINE], 8)
   from tqjax.niah import make_backend
 
-  with pytest.raises(NotImplementedError, match="backend 'hf' needs the PyTorch bridge"):
-    make_backend("hf", "smollm2-135m", capacity=128)
+  with pytest.raises(ValueError, match="backend must be one of"):
+    make_backend("tpu", "smollm2-135m", capacity=128)
+
+
+def test_hf_backend_through_the_bridge(tiny_torch, tokenizer):
+  """Baseline: exactly transformers' greedy answer; compressed: one exact prefill, converted."""
+  import torch
+
+  from tqjax.niah import HFBackend
+
+  p = PromptBuilder(tokenizer).build(211, 0.5, 0, 0)
+  backend = HFBackend(tiny_torch, tokenizer, capacity=256, window=16)
+  answers = backend.answer(p.doc_ids, p.question_ids, ["k4v4", BASELINE], 5)
+  assert list(answers) == ["k4v4", BASELINE] and len(answers["k4v4"]) <= 5
+  full = torch.tensor([p.doc_ids + p.question_ids])
+  with torch.no_grad():
+    ref = tiny_torch.generate(full, max_new_tokens=5, do_sample=False, pad_token_id=0)
+  ref = [int(t) for t in ref[0, full.shape[1]:]]
+  eos = tokenizer.eos_token_id
+  assert answers[BASELINE] == (ref[:ref.index(eos)] if eos in ref else ref)
+  assert backend.info.num_layers == 3 and backend.info.dtype == "float32"
 
 
 # Runs: checkpoint, resume, report.

@@ -7,8 +7,8 @@ See `tqjax.niah.run` (matrix, checkpoint, resume), `tqjax.niah.prompt` (haystack
 scoring), `tqjax.niah.backends` (the strict protocol per backend), `tqjax.niah.report`.
 """
 
-from tqjax.niah.backends import (BASELINE, Backend, FlaxBackend, ModelInfo, cache_accounting,
-                                 make_backend, preset_names)
+from tqjax.niah.backends import (BASELINE, Backend, FlaxBackend, HFBackend, ModelInfo,
+                                 cache_accounting, make_backend, preset_names)
 from tqjax.niah.prompt import Haystack, Prompt, PromptBuilder, score
 from tqjax.niah.run import Checkpoint, NiahConfig, run
 
@@ -19,7 +19,7 @@ def defaults() -> NiahConfig:
 
 
 __all__ = [
-  "BASELINE", "Backend", "FlaxBackend", "ModelInfo", "cache_accounting", "make_backend",
+  "BASELINE", "Backend", "FlaxBackend", "HFBackend", "ModelInfo", "cache_accounting", "make_backend",
   "preset_names", "Haystack", "Prompt", "PromptBuilder", "score", "Checkpoint", "NiahConfig",
   "run", "defaults",
 ]

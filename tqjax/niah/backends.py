@@ -10,9 +10,9 @@ max_new_tokens)` runs the strict protocol of DESIGN §6 once per prompt:
 
 Preset names are ``"baseline"`` and the names of `tqjax.kvcache.PRESETS`.
 
-Backends: ``"flax"`` (the Flax decoder of `tqjax.models`). ``"hf"`` (the PyTorch model
-through `bridge`) is selected by name too, and says clearly when the bridge cannot serve
-it.
+Backends: ``"flax"`` (the Flax decoder of `tqjax.models`) and ``"hf"`` (the transformers
+model, attending through `bridge`: torch SDPA prefill, JAX caches for the question and
+the answer).
 """
 
 from __future__ import annotations
@@ -336,6 +336,75 @@ def _eos_ids(tokenizer: Any) -> frozenset[int]:
   return frozenset([ids] if isinstance(ids, int) else ids)
 
 
+class HFBackend:
+  """A transformers model through the PyTorch bridge (`bridge.TurboQuantHFCache`).
+
+  The document is prefilled once into an exact bridge cache (torch SDPA, then the K/V in
+  JAX `DenseCache`s); each compressed preset is a `convert`ed copy; `generate` then feeds
+  the question as one chunk over that cache and decodes greedily.
+  """
+  name = "hf"
+
+  def __init__(self, hf_model: Any, tokenizer: Any, *, capacity: int,
+               window: int | None = None, model_name: str = "custom"):
+    import bridge  # noqa: F401  (registers the "tqjax" attention)
+    from tqjax.models import ModelConfig
+
+    self.model, self.tokenizer, self.capacity, self.window = hf_model, tokenizer, capacity, window
+    cfg = ModelConfig.from_hf(hf_model.config)
+    self.info = ModelInfo(name=model_name, model_type=cfg.model_type,
+                          num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          dtype=str(next(hf_model.parameters()).dtype).removeprefix("torch."))
+    self.eos_ids = _eos_ids(tokenizer)
+
+  @classmethod
+  def load(cls, name_or_path: str, *, gguf_file: str | None = None, dtype: str = "float32",
+           capacity: int, window: int | None = None) -> HFBackend:
+    from tqjax.models import load_hf
+
+    if dtype != "float32":
+      raise ValueError(f"backend 'hf' runs the float32 model transformers loads, got {dtype=}")
+    hf_model, tokenizer = load_hf(name_or_path, gguf_file=gguf_file)
+    return cls(hf_model, tokenizer, capacity=capacity, window=window, model_name=name_or_path)
+
+  def _cache_kw(self, cache: Any) -> dict[str, Any]:
+    import inspect
+
+    # transformers >= 5.24 names the argument `cache`, earlier ones `past_key_values`.
+    params = inspect.signature(self.model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+  def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
+             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+    import warnings
+
+    import bridge
+    import torch
+
+    check_presets(presets)
+    if max_new_tokens < 1:
+      raise ValueError(f"{max_new_tokens=} must be >= 1")
+    doc = torch.tensor([list(doc_ids)], dtype=torch.long)
+    full = torch.tensor([list(doc_ids) + list(question_ids)], dtype=torch.long)
+    exact = bridge.TurboQuantHFCache.from_model(self.model, preset=None,
+                                                max_cache_len=self.capacity)
+    pad = next(iter(self.eos_ids), 0)
+    answers = {}
+    with torch.no_grad(), bridge.tqjax_attention(self.model), warnings.catch_warnings():
+      warnings.simplefilter("ignore", UserWarning)  # generation-config notes
+      self.model(doc, **self._cache_kw(exact))
+      # The baseline goes last: generating appends to the exact cache.
+      for preset in sorted(presets, key=lambda p: p == BASELINE):
+        cache = exact if preset == BASELINE else exact.convert(cache_config(preset, self.window))
+        out = self.model.generate(full, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=pad, **self._cache_kw(cache))
+        ids = [int(t) for t in out[0, full.shape[1]:]]
+        stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+        answers[preset] = ids[:stop]
+    return {p: answers[p] for p in presets}
+
+
 def make_backend(name: str, model: str, *, gguf_file: str | None = None,
                  dtype: str = "float32", capacity: int, window: int | None = None,
                  chunk: int = 512) -> Backend:
@@ -344,7 +413,12 @@ def make_backend(name: str, model: str, *, gguf_file: str | None = None,
     return FlaxBackend.load(model, gguf_file=gguf_file, dtype=dtype, capacity=capacity,
                             window=window, chunk=chunk)
   if name == "hf":
-    raise NotImplementedError(
-      "backend 'hf' needs the PyTorch bridge (package `bridge`) to prefill once and convert "
-      "the cache per preset; that path is not wired into `tqjax niah` yet. Use --backend flax.")
+    try:
+      import bridge  # noqa: F401
+    except ImportError as e:
+      raise NotImplementedError(
+        f"backend 'hf' needs the PyTorch bridge (package `bridge`, with torch and "
+        f"transformers), which does not import here: {e}. Use --backend flax.") from e
+    return HFBackend.load(model, gguf_file=gguf_file, dtype=dtype, capacity=capacity,
+                          window=window)
   raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
