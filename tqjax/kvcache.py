@@ -230,7 +230,7 @@ class KeyTransformState:
     return jnp.take_along_axis(q, jnp.broadcast_to(self.order[:, None, :], q.shape), axis=-1)
 
 
-def _value_order(v, valid, head_dim: int):
+def _value_order(v, valid):
   """Channel order of the values: widest first (for an outlier split), per KV head."""
   w = valid[:, None, :, None].astype(jnp.float32)
   spread = jnp.sum(v.astype(jnp.float32) ** 2 * w, axis=(0, 2))  # [K, D]
@@ -318,7 +318,7 @@ class TurboQuantCache:
     if query_rms is None:
       query_rms = dense.query_rms()
     transform = KeyTransformState.estimate(dense.k, valid, config, query_rms)
-    value_order = _value_order(dense.v, valid, d)
+    value_order = _value_order(dense.v, valid)
     cache = cls.init(config, layer=layer, batch=b, num_kv_heads=kh, head_dim=d, capacity=capacity,
                      dtype=dense.k.dtype, transform=transform, value_order=value_order,
                      implementation=implementation)
@@ -340,7 +340,8 @@ class TurboQuantCache:
     return dataclasses.replace(
         self, k_codes=tuple(map(pad, k_codes)), k_scales=tuple(map(pad, k_scales)),
         v_codes=tuple(map(pad, v_codes)), v_scales=tuple(map(pad, v_scales)),
-        window_k=window_k, window_v=window_v, lengths=lengths.astype(jnp.int32),
+        window_k=window_k, window_v=window_v,
+        lengths=jnp.array(lengths, jnp.int32),  # a copy: donating one cache must not free the other's
         compressed=compressed.astype(jnp.int32))
 
   # Shapes and accounting.
