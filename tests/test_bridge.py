@@ -20,6 +20,8 @@ from tqjax.dense_cache import DenseCache
 from tqjax.kvcache import TurboQuantCache, convert_caches, preset as named_preset
 from tqjax.models import Runner, from_torch, load_hf
 
+import hf_random
+
 VOCAB = 97
 PROMPT = 13
 NEW = 6
@@ -48,21 +50,7 @@ def hf_configs() -> dict[str, transformers.PretrainedConfig]:
 
 
 def random_hf_model(config, seed: int = 0):
-  """Random weights large enough that attention is far from uniform."""
-  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.5 * noise)
-      elif "embed_tokens" in name:
-        p.copy_(noise)
-      else:
-        p.copy_(2.0 * noise / p.shape[1] ** 0.5)
-  return model.eval()
+  return hf_random.random_hf_model(config, seed, attn_implementation="sdpa", gain=2.0)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])

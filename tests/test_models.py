@@ -16,6 +16,8 @@ from tqjax.hub import DEFAULT_MODEL, cache_dir, resolve_model
 from tqjax.models import (Decoder, ModelConfig, Runner, from_state_dict, from_torch,
                           generate, load_hf, load_model, sample_logits)
 
+import hf_random
+
 VOCAB = 97
 CAP = 17  # one cache capacity for all random-config tests: jit compiles are shared
 
@@ -40,21 +42,7 @@ def hf_configs() -> dict[str, transformers.PretrainedConfig]:
 
 
 def random_hf_model(config, seed: int = 0):
-  """A transformers model with weights large enough that attention is far from uniform."""
-  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      elif name.endswith("bias"):
-        p.copy_(0.5 * noise)
-      elif "embed_tokens" in name:
-        p.copy_(noise)
-      else:
-        p.copy_(noise / p.shape[1] ** 0.5)
-  return model.eval()
+  return hf_random.random_hf_model(config, seed)
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
