@@ -45,7 +45,8 @@ IMPLEMENTATIONS = ("xla", "pallas", "pallas-interpret")  # the last: CPU testing
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """Bits of one tensor (keys or values): ``bits``, or a 64-channel-style outlier split."""
+  """Bits of one tensor (keys or values): ``bits`` for every channel, or an outlier split
+  (the widest ``outlier_fraction`` of the channels at ``outlier_bits``)."""
   bits: int
   kind: qz.Kind = "mse"
   outlier_fraction: float = 0.0  # share of channels (the largest) quantized at outlier_bits
