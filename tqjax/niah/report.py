@@ -137,7 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"## {preset}", "", "| depth | " + " | ".join(map(str, e["grid_lengths"])) + " |",
               "|---|" + "---|" * len(e["grid_lengths"])]
     for d, row in zip(e["grid_depths"], e["grid"]):
-      lines.append(f"| {100 * d:.0f}% | " + " | ".join(_fmt_pct(x) for x in row) + " |")
+      lines.append(f"| {100 * d:g}% | " + " | ".join(_fmt_pct(x) for x in row) + " |")
     lines += ["", f"![{preset}](heatmap-{preset}.png)", ""]
   return "\n".join(lines)
 
@@ -160,7 +160,7 @@ def heatmap(entry: dict[str, Any], preset: str, path: pathlib.Path) -> None:
       ax.text(j, i, text, ha="center", va="center", fontsize=9)
   ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n)
                                       for n in lengths])
-  ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+  ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("needle depth")
   title = f"{preset}: {_fmt_pct(entry['accuracy'])}"
