@@ -219,8 +219,11 @@ def check_input(x, head_dim: int, name: str = "x"):
 
 
 def _quantize(u, boundaries):
-  # Index of the bucket: boundaries are sorted midpoints between centroids.
-  return jnp.searchsorted(boundaries, u, side="left", method="compare_all").astype(jnp.uint8)
+  # Index of the bucket: boundaries are sorted midpoints between centroids. Comparing with
+  # every boundary is fastest for small codebooks; a binary search keeps memory flat for
+  # wide ones (compare_all would materialize [..., 255] at 8 bits).
+  method = "compare_all" if boundaries.shape[0] <= 15 else "scan_unrolled"
+  return jnp.searchsorted(boundaries, u, side="left", method=method).astype(jnp.uint8)
 
 
 def _safe_div(a, b):
