@@ -317,18 +317,19 @@ def main(argv=None):
       json.dump(results, f, indent=1)
 
   if args.sweep:
-    configs = [(8, 65536, "k4v4", dict(block_s=bs, num_warps=4, num_stages=2, lookup=lk,
+    configs = [(8, 65536, "k4v4", dict(block_s=bs, num_warps=nw, num_stages=ns, lookup=lk,
                                       orient=o))
-               for o in ("rows", "tokens") for bs in (32, 64, 128)
-               for lk in ("select", "gather", "none")]
-    configs += [(8, 65536, "k4v4", dict(block_s=bs, num_warps=nw, num_stages=ns,
-                                        lookup="select", orient="rows"))
-                for bs, nw, ns in ((64, 4, 1), (64, 8, 2), (128, 8, 1), (64, 4, 3))]
-    configs += [(8, 65536, p, dict(block_s=64, num_warps=4, lookup=lk))
-                for p in ("k3v3", "k2v2") for lk in ("select", "gather")]
-    configs += [(1, 65536, "k4v4", dict(block_s=bs, num_warps=4, lookup="select",
+               for lk in ("lut", "select") for o in ("rows", "tokens")
+               for bs, nw, ns in ((64, 4, 2), (128, 4, 2), (128, 8, 3))]
+    configs += [(8, 65536, "k4v4", dict(block_s=bs, num_warps=nw, num_stages=ns, lookup="lut",
+                                        orient=o))
+                for o in ("rows", "tokens")
+                for bs, nw, ns in ((32, 4, 2), (64, 4, 3), (64, 8, 2), (256, 8, 2))]
+    configs += [(8, 65536, "k4v4", dict(block_s=64, num_warps=4, lookup="none", orient=o))
+                for o in ("rows", "tokens")]
+    configs += [(1, 65536, "k4v4", dict(block_s=64, num_warps=4, lookup="lut",
                                         num_splits=ns))
-                for bs in (32, 64) for ns in (32, 64, 128)]
+                for ns in (32, 64, 128)]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None

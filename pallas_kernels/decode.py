@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from tqjax import packing
-from pallas_kernels import tuned_block_sizes
+from pallas_kernels import inline_asm, tuned_block_sizes
 
 Array = jax.Array
 
@@ -189,6 +189,92 @@ def _lookup(codes: Array, centroids: tuple[float, ...] | None, cb_ref, bits: int
   return jnp.broadcast_to(values[0], codes.shape)
 
 
+# The "lut" lookup of 4-bit segments. A packed row of 4-bit codes is read as 32-bit words
+# of 8 codes (word w holds coordinates 8w .. 8w + 7, code t in bits 4t .. 4t + 3). The
+# codebook is symmetric (c[15 - k] = -c[k]), so a code is a sign (bit 3 clear: negative)
+# and a 3-bit index into the 8 positive centroids M. Their float16 bit patterns sit in four
+# registers (low bytes of M[0..3], M[4..7]; high bytes of the same), and one PRMT byte
+# permute looks up 4 codes at once; the sign goes into the high bytes, and two more
+# permutes interleave low and high bytes into float16 pairs. That is ~2.8 integer
+# instructions per coordinate and no int -> float conversion, against ~30 for a select
+# tree. The result is 8 float16 tensors of the shape of the words, part t holding code t of
+# every word, so the query is permuted (coordinate 8w + t -> part t, column w) instead of
+# the codes interleaved.
+_LUT_CODES = 8  # 4-bit codes per 32-bit word
+
+_LUT_WORD = """
+  not.b32 n{w}, {x};
+  and.b32 n{w}, n{w}, 0x88888888;
+  shr.u32 f{w}, n{w}, 3;
+  mul.lo.u32 f{w}, f{w}, 7;
+  xor.b32 j{w}, {x}, f{w};
+  and.b32 j{w}, j{w}, 0x77777777;
+  shr.u32 f{w}, j{w}, 16;
+  prmt.b32 l0{w}, tl0, tl1, j{w};
+  prmt.b32 h0{w}, th0, th1, j{w};
+  prmt.b32 l1{w}, tl0, tl1, f{w};
+  prmt.b32 h1{w}, th0, th1, f{w};
+  shl.b32 f{w}, n{w}, 4;
+  prmt.b32 j{w}, n{w}, f{w}, 0x1504;
+  and.b32 j{w}, j{w}, 0x80808080;
+  or.b32 h0{w}, h0{w}, j{w};
+  prmt.b32 j{w}, n{w}, f{w}, 0x3726;
+  and.b32 j{w}, j{w}, 0x80808080;
+  or.b32 h1{w}, h1{w}, j{w};
+  prmt.b32 p0{w}, l0{w}, h0{w}, 0x5140;
+  prmt.b32 p1{w}, l0{w}, h0{w}, 0x7362;
+  prmt.b32 p2{w}, l1{w}, h1{w}, 0x5140;
+  prmt.b32 p3{w}, l1{w}, h1{w}, 0x7362;
+"""
+
+
+def _lut_asm(tables: tuple[int, int, int, int]) -> str:
+  """PTX for two words ($8, $9) -> 8 float16 pairs ($0 .. $7): $t = (code t of word
+  $8, code t of word $9), as `elementwise_inline_asm` with pack = 2 expects."""
+  regs = ", ".join(f"{r}{w}" for w in "ab" for r in ("n", "f", "j", "l0", "h0", "l1", "h1",
+                                                       "p0", "p1", "p2", "p3"))
+  body = [f".reg .b32 tl0, tl1, th0, th1, {regs};"]
+  body += [f"mov.b32 {name}, {value:#010x};"
+           for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)]
+  body += [_LUT_WORD.format(w="a", x="$8"), _LUT_WORD.format(w="b", x="$9")]
+  for t in range(_LUT_CODES):
+    select = "0x5410" if t % 2 == 0 else "0x7632"  # low or high halves of both words
+    body.append(f"prmt.b32 ${t}, p{t // 2}a, p{t // 2}b, {select};")
+  return "{\n" + "\n".join(body) + "\n}"
+
+
+def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None) -> bool:
+  """Whether a segment can take the "lut" lookup: 4 bits, a row of W = dim / 8 >= 16 words
+  (a power of two, the depth of one dot), a concrete symmetric codebook."""
+  if seg.bits != 4 or centroids is None or seg.dim % _LUT_CODES:
+    return False
+  words = seg.dim // _LUT_CODES
+  if words < _MIN_DEPTH or words & (words - 1):
+    return False
+  c = np.asarray(centroids, np.float64)
+  return bool(np.all(np.abs(c + c[::-1]) <= 1e-6 * np.abs(c).max()))
+
+
+def _lut_tables(centroids: tuple[float, ...]) -> tuple[int, int, int, int]:
+  """The float16 bytes of the 8 positive centroids, packed 4 to a 32-bit word."""
+  bits = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(np.uint32)
+  word = lambda b: int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
+  lo, hi = bits & 0xFF, bits >> 8
+  return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+def _lut_parts(words: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
+  """[block_s, W] uint32 words -> 8 x [block_s, W] float16, part t = c[code t]."""
+  if interpret:  # the same function in plain jnp (no PTX off the GPU)
+    return [_lookup(((words >> (4 * t)) & 15).astype(jnp.int32), centroids, True, 4,
+                    jnp.float16) for t in range(_LUT_CODES)]
+  shape = jax.ShapeDtypeStruct(words.shape, jnp.float16)
+  return inline_asm.multi_output_asm(
+      _lut_asm(_lut_tables(centroids)), args=[words],
+      constraints=",".join(["=r"] * _LUT_CODES + ["r", "r"]), pack=2,
+      result_shape_dtypes=[shape] * _LUT_CODES)
+
+
 def _decode_kernel(
     lengths_ref,  # [B] int32 (whole array)
     *refs,
@@ -196,69 +282,103 @@ def _decode_kernel(
     value_segs: tuple[SegmentLayout, ...],
     key_centroids: tuple[tuple[float, ...] | None, ...],
     value_centroids: tuple[tuple[float, ...] | None, ...],
+    key_lut: tuple[bool, ...],
+    value_lut: tuple[bool, ...],
     seq_len: int,
     split_len: int,
     block_s: int,
+    start_token: int,
     lookup: str,
     orient: str,
+    interpret: bool,
 ):
   nk, nv = len(key_segs), len(value_segs)
   it = iter(refs)
-  q_refs = [next(it) for _ in range(nk)]  # [Gp, padded_dim_i] float16 ([d, Gp] "tokens")
-  kc_refs = [next(it) for _ in range(nk)]  # [S, P_i] uint8
+  # Per key segment: [Gp, padded_dim] float16 ([padded_dim, Gp] "tokens"); a "lut" segment
+  # [8, Gp, W] ([8, W, Gp]), part t holding the query coordinates 8w + t.
+  q_refs = [next(it) for _ in range(nk)]
+  kc_refs = [next(it) for _ in range(nk)]  # [S, P_i] uint8 ("lut": [S, W] uint32)
   kn_refs = [next(it) for _ in range(nk)]  # [S] float16 | float32
   kcb_refs = [next(it) for _ in range(nk)]  # [2**b_i] float32
-  vc_refs = [next(it) for _ in range(nv)]  # [S, P_j] uint8
+  vc_refs = [next(it) for _ in range(nv)]  # [S, P_j] uint8 ("lut": [S, W] uint32)
   vn_refs = [next(it) for _ in range(nv)]  # [S]
   vcb_refs = [next(it) for _ in range(nv)]  # [2**b_j] float32
   m_ref = next(it)  # [Gp] float32
   l_ref = next(it)  # [Gp] float32
-  acc_refs = [next(it) for _ in range(nv)]  # [Gp, padded_dim_j] float32 ([d, Gp] "tokens")
+  acc_refs = [next(it) for _ in range(nv)]  # [Gp, padded_dim_j] float32 (as the queries)
 
   b = pl.program_id(0)
   split = pl.program_id(2)
   length = lengths_ref[b]
-  start = split * split_len
-  end = jnp.minimum(jnp.minimum(start + split_len, length), seq_len)
-  num_blocks = jnp.maximum(end - start + block_s - 1, 0) // block_s
-  rows = q_refs[0].shape[1 if orient == "tokens" else 0]
+  first = split * split_len
+  end = jnp.minimum(jnp.minimum(first + split_len, length), seq_len)
+  if start_token:  # skip whole tiles before start_token, mask the rest
+    first = jnp.maximum(first, (start_token // block_s) * block_s)
+  num_blocks = jnp.maximum(end - first + block_s - 1, 0) // block_s
+  tok = orient == "tokens"
+  rows = q_refs[0].shape[-1 if tok else -2]
 
-  qs = [r[...] for r in q_refs]
+  def load_q(ref, lut):
+    return [ref[u] for u in range(_LUT_CODES)] if lut else ref[...]
+
+  qs = [load_q(r, lut) for r, lut in zip(q_refs, key_lut)]
   ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
   cv = [None if lookup == "gather" else value_centroids[j] for j in range(nv)]
   if lookup == "none":
     kcb_refs, vcb_refs = [None] * nk, [None] * nv
   need_row_mask = seq_len % block_s != 0 or split_len % block_s != 0
 
+  # Logits as [Gp, block_s] ("rows": query rows are the dot's M) or as [block_s, Gp]
+  # ("tokens": tokens are M, so a tile of >= 64 tokens fills a wgmma).
+  ax = 0 if tok else 1  # the token axis of the logits
+  bcast = (lambda v: v[:, None]) if tok else (lambda v: v[None, :])  # per token
+  rowb = (lambda v: v[None, :]) if tok else (lambda v: v[:, None])  # per query row
+
+  def key_dot(keys, q):  # keys [block_s, d] -> logits
+    if tok:  # [block_s, d] @ [d, Gp]
+      return lax.dot_general(keys, q, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return lax.dot_general(q, keys, (((1,), (1,)), ((), ())),  # [Gp, d] @ [block_s, d]^T
+                           preferred_element_type=jnp.float32)
+
+  def value_dot(vals, pn):  # vals [block_s, d], pn like the logits -> acc update
+    if tok:  # [block_s, d]^T @ [block_s, Gp] -> [d, Gp]
+      return lax.dot_general(vals, pn, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return lax.dot_general(pn, vals, (((1,), (0,)), ((), ())),  # [Gp, block_s] @ [block_s, d]
+                           preferred_element_type=jnp.float32)
+
+  def load_tokens(ref, tile, row_mask):  # ref [S, ...] -> the tile's rows
+    if row_mask is None:
+      return ref[tile]
+    mask = row_mask.reshape(row_mask.shape + (1,) * (len(ref.shape) - 1))
+    mask = jnp.broadcast_to(mask, (block_s, *ref.shape[1:]))
+    return plgpu.load(ref.at[tile], mask=mask, other=0)
+
+  def segment_values(codes_ref, seg, centroids, cb_ref, lut, tile, row_mask):
+    """The tile's centroid values: [block_s, padded_dim] float16, or 8 "lut" parts."""
+    if lut:
+      return _lut_parts(load_tokens(codes_ref, tile, row_mask), centroids, interpret)
+    codes = _load_codes(codes_ref, tile, seg, row_mask)
+    return _lookup(codes, centroids, cb_ref, seg.bits, jnp.float16)
+
   def body(i, carry):
     m_prev, l_prev, accs = carry
-    s0 = start + i * block_s
+    s0 = first + i * block_s
     tile = pl.ds(pl.multiple_of(s0, block_s), block_s)
     pos = s0 + jnp.arange(block_s)
-    valid = pos < end
+    valid = (pos < end) & (pos >= start_token) if start_token else pos < end
     row_mask = (pos < seq_len) if need_row_mask else None
 
-    # Logits as [Gp, block_s] ("rows": query rows are the dot's M) or as
-    # [block_s, Gp] ("tokens": tokens are M, so a tile of >= 64 tokens fills a wgmma).
-    tok = orient == "tokens"
-    ax = 0 if tok else 1  # the token axis of the logits
-    bcast = (lambda v: v[:, None]) if tok else (lambda v: v[None, :])  # per token
-    rowb = (lambda v: v[None, :]) if tok else (lambda v: v[:, None])  # per query row
     scores = jnp.zeros((block_s, rows) if tok else (rows, block_s), jnp.float32)
     for t in range(nk):
-      seg = key_segs[t]
-      codes = _load_codes(kc_refs[t], tile, seg, row_mask)
-      keys = _lookup(codes, ck[t], kcb_refs[t], seg.bits, jnp.float16)
-      if tok:  # [block_s, d] @ [d, Gp]
-        dots = lax.dot_general(keys, qs[t], (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-      else:  # [Gp, d] @ [block_s, d]^T
-        dots = lax.dot_general(qs[t], keys, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-      if row_mask is None:
-        n = kn_refs[t][tile].astype(jnp.float32)
+      keys = segment_values(kc_refs[t], key_segs[t], ck[t], kcb_refs[t], key_lut[t], tile,
+                            row_mask)
+      if key_lut[t]:
+        dots = sum(key_dot(part, q) for part, q in zip(keys, qs[t]))
       else:
-        n = plgpu.load(kn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
+        dots = key_dot(keys, qs[t])
+      n = load_tokens(kn_refs[t], tile, row_mask).astype(jnp.float32)
       scores = scores + dots * bcast(n)
     scores = jnp.where(bcast(valid), scores, -jnp.inf)
 
@@ -270,33 +390,35 @@ def _decode_kernel(
 
     new_accs = []
     for t in range(nv):
-      seg = value_segs[t]
-      codes = _load_codes(vc_refs[t], tile, seg, row_mask)
-      vals = _lookup(codes, cv[t], vcb_refs[t], seg.bits, jnp.float16)
-      if row_mask is None:
-        n = vn_refs[t][tile].astype(jnp.float32)
-      else:
-        n = plgpu.load(vn_refs[t].at[tile], mask=row_mask, other=0).astype(jnp.float32)
+      vals = segment_values(vc_refs[t], value_segs[t], cv[t], vcb_refs[t], value_lut[t],
+                            tile, row_mask)
+      n = load_tokens(vn_refs[t], tile, row_mask).astype(jnp.float32)
       n = jnp.where(valid, n, 0.0)  # garbage scales past the length may be inf/nan
       pn = (p * bcast(n)).astype(jnp.float16)
-      if tok:  # [block_s, d]^T @ [block_s, Gp] -> [d, Gp]
-        upd = lax.dot_general(vals, pn, (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-      else:  # [Gp, block_s] @ [block_s, d] -> [Gp, d]
-        upd = lax.dot_general(pn, vals, (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-      new_accs.append(accs[t] * rowb(corr) + upd)
+      if value_lut[t]:
+        new_accs.append(tuple(a * rowb(corr) + value_dot(part, pn)
+                              for a, part in zip(accs[t], vals)))
+      else:
+        new_accs.append(accs[t] * rowb(corr) + value_dot(vals, pn))
     return m_next, l_next, tuple(new_accs)
+
+  def zero_acc(ref, lut):
+    shape = ref.shape[1:] if lut else ref.shape
+    zero = jnp.zeros(shape, jnp.float32)
+    return (zero,) * _LUT_CODES if lut else zero
 
   m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((rows,), jnp.float32)
-  acc0 = tuple(jnp.zeros((seg.padded_dim, rows) if orient == "tokens" else
-                         (rows, seg.padded_dim), jnp.float32) for seg in value_segs)
+  acc0 = tuple(zero_acc(r, lut) for r, lut in zip(acc_refs, value_lut))
   m, l, accs = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
   m_ref[...] = m
   l_ref[...] = l
-  for t in range(nv):
-    acc_refs[t][...] = accs[t]
+  for ref, acc, lut in zip(acc_refs, accs, value_lut):
+    if lut:
+      for u in range(_LUT_CODES):
+        ref[u] = acc[u]
+    else:
+      ref[...] = acc
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,6 +508,7 @@ def decode(
     num_stages: int | None = None,
     lookup: str | None = None,
     orient: str | None = None,
+    start: int = 0,
 ) -> Partial:
   """Attention partials of query rows over a compressed KV region.
 
@@ -403,10 +526,15 @@ def decode(
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes`.
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
-    lookup: "select" (centroids baked into the kernel as constants; needs concrete
-      centroids) or "gather" (centroids read from memory); default "select" when the
-      centroids are concrete. ("none" skips the lookup and gives wrong values: a timing
-      diagnostic for bench/kernels.py only.)
+    lookup: "lut" (4-bit segments of >= 128 coordinates with a symmetric codebook look
+      codes up 4 at a time with byte permutes, see `lut_eligible`; the other segments as
+      "select"), "select" (a select tree on the centroids baked into the kernel as
+      constants) or "gather" (centroids read from memory). "lut" and "select" need
+      concrete centroids; the default is "lut" for concrete centroids, else "gather".
+      ("none" skips the lookup and gives wrong values: a timing diagnostic for
+      bench/kernels.py only.)
+    start: compressed tokens before this position are ignored (e.g. attention-sink
+      tokens kept exact elsewhere); a static int >= 0.
 
   Returns:
     :class:`Partial` with m, l: [B, K, G] and acc_j: [B, K, G, d_j] (rotated domain,
@@ -428,20 +556,27 @@ def decode(
   if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be [B] = ({B},) integer, got {lengths.shape} "
                      f"{lengths.dtype}")
+  if not isinstance(start, (int, np.integer)) or start < 0:
+    raise ValueError(f"start must be a static int >= 0, got {start!r}")
+  start = int(start)
   if implementation == "xla":
     return decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales,
-                            v_centroids, lengths)
+                            v_centroids, lengths, start=start)
 
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if lookup is None:
-    lookup = "gather" if any(c is None for c in static_ck + static_cv) else "select"
-  if lookup not in ("select", "gather", "none"):
-    raise ValueError(f'lookup must be "select" or "gather", got {lookup!r}')
-  if lookup == "select" and any(c is None for c in static_ck + static_cv):
-    raise ValueError('lookup="select" bakes the centroids into the kernel and needs them '
+    lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
+  if lookup not in ("lut", "select", "gather", "none"):
+    raise ValueError(f'lookup must be "lut", "select" or "gather", got {lookup!r}')
+  if lookup in ("lut", "select") and any(c is None for c in static_ck + static_cv):
+    raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
                      'lookup="gather"')
+  key_lut = tuple(lookup == "lut" and lut_eligible(seg, c)
+                  for seg, c in zip(key_segs, static_ck))
+  value_lut = tuple(lookup == "lut" and lut_eligible(seg, c)
+                    for seg, c in zip(value_segs, static_cv))
   if G > 128:
     raise ValueError(f"pallas decode supports at most 128 query rows per KV head, got {G=}")
   cfg = tuned_block_sizes.decode_config(
@@ -466,22 +601,30 @@ def decode(
       lengths.astype(jnp.int32), key_segs=tuple(key_segs), value_segs=tuple(value_segs),
       static_ck=static_ck, static_cv=static_cv, block_s=block_s, split_len=split_len,
       num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
-      orient=orient, interpret=interpret)
+      orient=orient, interpret=interpret, key_lut=key_lut, value_lut=value_lut,
+      start=start)
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                    lengths, *, key_segs, value_segs, static_ck, static_cv, block_s,
                    split_len, num_splits, num_warps, num_stages, lookup, orient,
-                   interpret):
+                   interpret, key_lut, value_lut, start):
   B, K, G = qk[0].shape[:3]
   S = k_codes[0].shape[2]
   rows = max(_MIN_ROWS, pl.next_power_of_2(G))
+  tok = orient == "tokens"
   qs = []
-  for q, seg in zip(qk, key_segs):
+  for q, seg, lut in zip(qk, key_segs, key_lut):
     q = jnp.pad(q.astype(jnp.float32),
                 ((0, 0), (0, 0), (0, rows - G), (0, seg.padded_dim - seg.dim)))
     q = q.astype(jnp.float16)
-    qs.append(jnp.swapaxes(q, 2, 3) if orient == "tokens" else q)
+    if lut:  # [B, K, Gp, W * 8] -> [B, K, 8, Gp, W]: part t holds coordinates 8w + t
+      q = jnp.moveaxis(q.reshape(B, K, rows, seg.dim // _LUT_CODES, _LUT_CODES), -1, 2)
+    qs.append(jnp.swapaxes(q, -1, -2) if tok else q)
+  as_words = lambda c: lax.bitcast_convert_type(  # [B, K, S, P] uint8 -> [B, K, S, P / 4] uint32
+      c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4), jnp.uint32)
+  k_codes = [as_words(c) if lut else c for c, lut in zip(k_codes, key_lut)]
+  v_codes = [as_words(c) if lut else c for c, lut in zip(v_codes, value_lut)]
   kcb = [jnp.asarray(c, jnp.float32) for c in k_centroids]
   vcb = [jnp.asarray(c, jnp.float32) for c in v_centroids]
 
@@ -493,16 +636,21 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   in_specs = (
       [whole((B,))]
       + [bks(q.shape[2:]) for q in qs]
-      + [bks((S, seg.packed)) for seg in key_segs]
+      + [bks(c.shape[2:]) for c in k_codes]
       + [bks((S,)) for _ in key_segs]
       + [whole(c.shape) for c in kcb]
-      + [bks((S, seg.packed)) for seg in value_segs]
+      + [bks(c.shape[2:]) for c in v_codes]
       + [bks((S,)) for _ in value_segs]
       + [whole(c.shape) for c in vcb])
   out_block = lambda tail: pl.BlockSpec(
       (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))
-  acc_tail = [(seg.padded_dim, rows) if orient == "tokens" else (rows, seg.padded_dim)
-              for seg in value_segs]
+
+  def acc_tail(seg, lut):
+    dims = (seg.dim // _LUT_CODES,) if lut else (seg.padded_dim,)
+    tail = (*dims, rows) if tok else (rows, *dims)
+    return ((_LUT_CODES,) if lut else ()) + tail
+
+  acc_tail = [acc_tail(seg, lut) for seg, lut in zip(value_segs, value_lut)]
   out_specs = ([out_block((rows,)), out_block((rows,))]
                + [out_block(tail) for tail in acc_tail])
   out_shape = ([jax.ShapeDtypeStruct((B, K, num_splits, rows), jnp.float32)] * 2
@@ -510,8 +658,9 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
                   for tail in acc_tail])
   kernel = functools.partial(
       _decode_kernel, key_segs=key_segs, value_segs=value_segs, key_centroids=static_ck,
-      value_centroids=static_cv, seq_len=S, split_len=split_len, block_s=block_s,
-      lookup=lookup, orient=orient)
+      value_centroids=static_cv, key_lut=key_lut, value_lut=value_lut, seq_len=S,
+      split_len=split_len, block_s=block_s, start_token=start, lookup=lookup,
+      orient=orient, interpret=interpret)
   m, l, *accs = pl.pallas_call(
       kernel,
       grid=(B, K, num_splits),
@@ -522,8 +671,10 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
       interpret=interpret,
       name="tq_decode",
   )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
-  if orient == "tokens":
+  if tok:
     accs = [jnp.swapaxes(a, -1, -2) for a in accs]
+  accs = [jnp.moveaxis(a, 3, -1).reshape(*a.shape[:3], rows, -1) if lut else a
+          for a, lut in zip(accs, value_lut)]  # [.., 8, Gp, W] -> [.., Gp, W * 8]
   parts = Partial(m[..., :G], l[..., :G],
                   tuple(a[..., :G, :seg.dim] for a, seg in zip(accs, value_segs)))
   return merge_partials(parts, axis=2)
@@ -570,7 +721,7 @@ def dequantize_segment(codes: Array, centroids: Array, dim: int) -> Array:
 
 
 def decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
-                     lengths) -> Partial:
+                     lengths, *, start: int = 0) -> Partial:
   """Plain-jnp float32 computation of :func:`decode` (same arguments and result)."""
   S = k_codes[0].shape[2]
   scores = 0.0
@@ -579,7 +730,8 @@ def decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_ce
     dots = jnp.einsum("bkgd,bksd->bkgs", q.astype(jnp.float32), keys,
                       precision=lax.Precision.HIGHEST)
     scores = scores + dots * n.astype(jnp.float32)[:, :, None, :]
-  valid = jnp.arange(S)[None, :] < lengths[:, None]  # [B, S]
+  slots = jnp.arange(S)[None, :]
+  valid = (slots < lengths[:, None]) & (slots >= start)  # [B, S]
   scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
   m = jnp.max(scores, axis=-1)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)

@@ -21,19 +21,25 @@ from tqjax import quantizer as qz
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
-# name -> (key segments, value segments), each a tuple of (dim, bits); D = 64.
+# name -> (key segments, value segments), each a tuple of (dim, bits). 4-bit segments of
+# 128 coordinates take the byte-permute ("lut") lookup, the others the select tree.
 PRESETS = {
     "mse4": (((64, 4),), ((64, 4),)),
     "mse3": (((64, 3),), ((64, 3),)),
     "mse2": (((64, 2),), ((64, 2),)),
     "prod4": (((64, 3), (64, 1)), ((64, 4),)),
     "split": (((16, 3), (48, 2)), ((16, 3), (48, 2))),
+    "lut4": (((128, 4),), ((128, 4),)),
+    "lut_k5v4": (((128, 5),), ((128, 4),)),
 }
 
 
 def _centroids(rng, dim, bits):
-  c = np.sort(rng.normal(size=2**bits) / math.sqrt(dim))
-  return c.astype(np.float16).astype(np.float32)  # f16-exact: the kernel's table is f16
+  """A random symmetric codebook (as Lloyd-Max codebooks are), float16-exact: the
+  kernel's tables are float16."""
+  half = np.sort(np.abs(rng.normal(size=2**(bits - 1)))) / math.sqrt(dim)
+  c = np.concatenate([-half[::-1], half])
+  return c.astype(np.float16).astype(np.float32)
 
 
 def make_case(seed, preset, *, B=2, K=3, G=5, S=211, lengths=None):
@@ -130,6 +136,77 @@ def test_decode_chunk_rows_and_traced_centroids():
   with pytest.raises(ValueError, match="concrete"):
     jax.jit(lambda kcb, vcb: dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths,
                                        implementation="pallas", lookup="select"))(kcb, vcb)
+
+
+@pytest.mark.parametrize("orient", ["rows", "tokens"])
+def test_decode_interpret_lut_path_and_start(orient):
+  # The lut path's query permutation and the per-part accumulators, with tokens before
+  # `start` ignored (both implementations).
+  args = make_case(12, "lut4", B=2, K=2, G=7, S=300, lengths=[300, 131])
+  S, start = 300, 37
+  assert dk.lut_eligible(dk.SegmentLayout(128, 4), tuple(float(x) for x in args[3][0]))
+  sliced = [[a[:, :, start:] for a in arg] for arg in (args[1], args[2], args[4], args[5])]
+  ref = dk.decode(args[0], sliced[0], sliced[1], args[3], sliced[2], sliced[3], args[6],
+                  args[7] - start)
+  got_ref = dk.decode(*args, start=start)
+  got = dk.decode(*args, implementation="pallas", interpret=True, block_s=32, num_splits=3,
+                  orient=orient, start=start)
+  assert_partials_close(got_ref, ref, S)
+  assert_partials_close(got, ref, S)
+
+
+def _run_ptx(asm: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+  """Runs the straight-line PTX of the lut lookup on uint32 numpy arrays (the handful of
+  instructions it uses), so its bit logic is checked without a GPU."""
+  regs = {f"${len(_LUT_OUTPUTS) + i}": x.astype(np.uint32) for i, x in enumerate(inputs)}
+
+  def val(tok):
+    tok = tok.strip()
+    return np.uint32(int(tok, 0)) if tok[0].isdigit() else regs[tok]
+
+  def prmt(a, b, c):
+    data = a.astype(np.uint64) | (b.astype(np.uint64) << np.uint64(32))
+    out = np.zeros(np.broadcast(a, b, c).shape, np.uint32)
+    for byte in range(4):
+      sel = (np.asarray(c, np.uint32) >> np.uint32(4 * byte)) & np.uint32(15)
+      assert np.all(sel < 8), "sign-replicate mode is not used"
+      picked = (data >> (sel.astype(np.uint64) * np.uint64(8))) & np.uint64(0xFF)
+      out |= picked.astype(np.uint32) << np.uint32(8 * byte)
+    return out
+
+  ops = {
+      "not.b32": lambda a: ~a, "and.b32": np.bitwise_and, "or.b32": np.bitwise_or,
+      "xor.b32": np.bitwise_xor, "shr.u32": lambda a, b: a >> b,
+      "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
+      "mov.b32": lambda a: np.uint32(a), "prmt.b32": prmt,
+  }
+  for line in asm.replace("{", "").replace("}", "").split(";"):
+    line = line.strip()
+    if not line or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    dst, *srcs = [t.strip() for t in rest.split(",")]
+    with np.errstate(over="ignore"):
+      regs[dst] = np.asarray(ops[op](*[val(t) for t in srcs]), np.uint32)
+  return [regs[name] for name in _LUT_OUTPUTS]
+
+
+_LUT_OUTPUTS = [f"${t}" for t in range(8)]
+
+
+def test_lut_ptx_looks_up_every_code():
+  # Every 4-bit code in every position of a word: the PTX's float16 pairs must equal the
+  # codebook's values (code t of word a in the low half, of word b in the high half).
+  rng = np.random.default_rng(13)
+  centroids = tuple(float(x) for x in _centroids(rng, 128, 4))
+  words = rng.integers(0, 2**32, (2, 4096), dtype=np.uint64).astype(np.uint32)
+  words[0, :16] = np.uint32(0x11111111) * np.arange(16, dtype=np.uint32)  # all codes, all places
+  outs = _run_ptx(dk._lut_asm(dk._lut_tables(centroids)), [words[0], words[1]])
+  table = np.asarray(centroids, np.float16)
+  for t, out in enumerate(outs):
+    halves = np.stack([out & 0xFFFF, out >> 16]).astype(np.uint16).view(np.float16)
+    want = table[(words >> np.uint32(4 * t)) & np.uint32(15)]
+    np.testing.assert_array_equal(halves, want)
 
 
 def test_merge_partials_splits_tokens():
