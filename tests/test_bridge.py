@@ -336,25 +336,28 @@ def test_smollm2_end_to_end():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
-@pytest.mark.parametrize("preset", ["k4v4", "k5v3"])
-def test_pallas_bridge_matches_xla_bridge_on_gpu(preset):
-  # Real head shapes (D = 128, G = 7) in bfloat16 on the GPU: the fused kernel's logits
-  # equal the jnp path's, and both stay near the exact cache.
+@pytest.mark.parametrize("preset,capacity", [("k4v4", 768), ("k5v3", 777)])
+def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity):
+  # Real head shapes (D = 128, G = 7) in bfloat16 on the GPU, teacher-forced (the same
+  # tokens for every cache: free generation of a random model diverges at the first
+  # flipped argmax): the fused kernel's logits equal the jnp path's, and both stay near
+  # the exact cache's.
   config = transformers.Qwen2Config(
     vocab_size=VOCAB, hidden_size=896, intermediate_size=512, num_hidden_layers=2,
     num_attention_heads=7, num_key_value_heads=1, head_dim=128, max_position_embeddings=2048,
     eos_token_id=None, bos_token_id=None, pad_token_id=None)
-  model = random_hf_model(config, seed=3).to("cuda", torch.bfloat16)
-  ids = torch.randint(0, VOCAB, (2, 700), generator=torch.Generator().manual_seed(4)).cuda()
+  model = hf_random.random_hf_model(config, 3, attn_implementation="sdpa").to("cuda", torch.bfloat16)
+  ids = torch.randint(0, VOCAB, (2, 708), generator=torch.Generator().manual_seed(4)).cuda()
   logits = {}
-  with bridge.tqjax_attention(model):
+  with bridge.tqjax_attention(model), torch.no_grad():
     for impl in ("exact", "xla", "pallas"):
       cache = bridge.TurboQuantHFCache.from_model(
-        model, None if impl == "exact" else preset, max_cache_len=768,
+        model, None if impl == "exact" else preset, max_cache_len=capacity,
         implementation="pallas" if impl == "exact" else impl)
-      out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
-                           output_scores=True, return_dict_in_generate=True)
-      logits[impl] = torch.stack(out.scores).float().cpu().numpy()
+      model(ids[:, :700], past_key_values=cache)
+      steps = [model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1]
+               for t in range(700, 708)]
+      logits[impl] = torch.stack(steps).float().cpu().numpy()
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
   assert rel(logits["pallas"], logits["xla"]) < 0.02, rel(logits["pallas"], logits["xla"])
-  assert rel(logits["xla"], logits["exact"]) < 0.2, rel(logits["xla"], logits["exact"])
+  assert rel(logits["xla"], logits["exact"]) < 0.1, rel(logits["xla"], logits["exact"])
