@@ -282,8 +282,8 @@ def _decode_kernel(
     value_segs: tuple[SegmentLayout, ...],
     key_centroids: tuple[tuple[float, ...] | None, ...],
     value_centroids: tuple[tuple[float, ...] | None, ...],
-    key_lut: tuple[bool, ...],
-    value_lut: tuple[bool, ...],
+    key_lut: tuple[str | None, ...],  # per segment: None, "parts" or "joined"
+    value_lut: tuple[str | None, ...],
     seq_len: int,
     split_len: int,
     block_s: int,
@@ -319,7 +319,7 @@ def _decode_kernel(
   rows = q_refs[0].shape[-1 if tok else -2]
 
   def load_q(ref, lut):
-    return [ref[u] for u in range(_LUT_CODES)] if lut else ref[...]
+    return [ref[u] for u in range(_LUT_CODES)] if lut == "parts" else ref[...]
 
   qs = [load_q(r, lut) for r, lut in zip(q_refs, key_lut)]
   ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
@@ -358,7 +358,8 @@ def _decode_kernel(
   def segment_values(codes_ref, seg, centroids, cb_ref, lut, tile, row_mask):
     """The tile's centroid values: [block_s, padded_dim] float16, or 8 "lut" parts."""
     if lut:
-      return _lut_parts(load_tokens(codes_ref, tile, row_mask), centroids, interpret)
+      parts = _lut_parts(load_tokens(codes_ref, tile, row_mask), centroids, interpret)
+      return parts if lut == "parts" else _interleave(parts)  # coordinate 8w + t
     codes = _load_codes(codes_ref, tile, seg, row_mask)
     return _lookup(codes, centroids, cb_ref, seg.bits, jnp.float16)
 
@@ -374,7 +375,7 @@ def _decode_kernel(
     for t in range(nk):
       keys = segment_values(kc_refs[t], key_segs[t], ck[t], kcb_refs[t], key_lut[t], tile,
                             row_mask)
-      if key_lut[t]:
+      if key_lut[t] == "parts":
         dots = sum(key_dot(part, q) for part, q in zip(keys, qs[t]))
       else:
         dots = key_dot(keys, qs[t])
@@ -395,7 +396,7 @@ def _decode_kernel(
       n = load_tokens(vn_refs[t], tile, row_mask).astype(jnp.float32)
       n = jnp.where(valid, n, 0.0)  # garbage scales past the length may be inf/nan
       pn = (p * bcast(n)).astype(jnp.float16)
-      if value_lut[t]:
+      if value_lut[t] == "parts":
         new_accs.append(tuple(a * rowb(corr) + value_dot(part, pn)
                               for a, part in zip(accs[t], vals)))
       else:
@@ -403,9 +404,9 @@ def _decode_kernel(
     return m_next, l_next, tuple(new_accs)
 
   def zero_acc(ref, lut):
-    shape = ref.shape[1:] if lut else ref.shape
-    zero = jnp.zeros(shape, jnp.float32)
-    return (zero,) * _LUT_CODES if lut else zero
+    if lut == "parts":
+      return (jnp.zeros(ref.shape[1:], jnp.float32),) * _LUT_CODES
+    return jnp.zeros(ref.shape, jnp.float32)
 
   m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((rows,), jnp.float32)
@@ -414,7 +415,7 @@ def _decode_kernel(
   m_ref[...] = m
   l_ref[...] = l
   for ref, acc, lut in zip(acc_refs, accs, value_lut):
-    if lut:
+    if lut == "parts":
       for u in range(_LUT_CODES):
         ref[u] = acc[u]
     else:
@@ -567,15 +568,18 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
-  if lookup not in ("lut", "select", "gather", "none"):
+  if lookup not in ("lut", "lut-joined", "select", "gather", "none"):
     raise ValueError(f'lookup must be "lut", "select" or "gather", got {lookup!r}')
-  if lookup in ("lut", "select") and any(c is None for c in static_ck + static_cv):
+  if lookup != "gather" and any(c is None for c in static_ck + static_cv):
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
                      'lookup="gather"')
-  key_lut = tuple(lookup == "lut" and lut_eligible(seg, c)
+  # "lut": the parts meet a permuted query; "lut-joined" (a variant for the benchmark's
+  # sweep): the parts are interleaved back into coordinate order in registers.
+  lut_mode = {"lut": "parts", "lut-joined": "joined"}.get(lookup)
+  key_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None
                   for seg, c in zip(key_segs, static_ck))
-  value_lut = tuple(lookup == "lut" and lut_eligible(seg, c)
+  value_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None
                     for seg, c in zip(value_segs, static_cv))
   if G > 128:
     raise ValueError(f"pallas decode supports at most 128 query rows per KV head, got {G=}")
@@ -618,7 +622,7 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
     q = jnp.pad(q.astype(jnp.float32),
                 ((0, 0), (0, 0), (0, rows - G), (0, seg.padded_dim - seg.dim)))
     q = q.astype(jnp.float16)
-    if lut:  # [B, K, Gp, W * 8] -> [B, K, 8, Gp, W]: part t holds coordinates 8w + t
+    if lut == "parts":  # [B, K, Gp, W * 8] -> [B, K, 8, Gp, W]: part t: coordinates 8w + t
       q = jnp.moveaxis(q.reshape(B, K, rows, seg.dim // _LUT_CODES, _LUT_CODES), -1, 2)
     qs.append(jnp.swapaxes(q, -1, -2) if tok else q)
   as_words = lambda c: lax.bitcast_convert_type(  # [B, K, S, P] uint8 -> [B, K, S, P / 4] uint32
@@ -646,9 +650,10 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
       (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))
 
   def acc_tail(seg, lut):
-    dims = (seg.dim // _LUT_CODES,) if lut else (seg.padded_dim,)
-    tail = (*dims, rows) if tok else (rows, *dims)
-    return ((_LUT_CODES,) if lut else ()) + tail
+    if lut != "parts":
+      return (seg.padded_dim, rows) if tok else (rows, seg.padded_dim)
+    words = seg.dim // _LUT_CODES
+    return (_LUT_CODES, words, rows) if tok else (_LUT_CODES, rows, words)
 
   acc_tail = [acc_tail(seg, lut) for seg, lut in zip(value_segs, value_lut)]
   out_specs = ([out_block((rows,)), out_block((rows,))]
@@ -673,7 +678,7 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
   if tok:
     accs = [jnp.swapaxes(a, -1, -2) for a in accs]
-  accs = [jnp.moveaxis(a, 3, -1).reshape(*a.shape[:3], rows, -1) if lut else a
+  accs = [jnp.moveaxis(a, 3, -1).reshape(*a.shape[:3], rows, -1) if lut == "parts" else a
           for a, lut in zip(accs, value_lut)]  # [.., 8, Gp, W] -> [.., Gp, W * 8]
   parts = Partial(m[..., :G], l[..., :G],
                   tuple(a[..., :G, :seg.dim] for a, seg in zip(accs, value_segs)))

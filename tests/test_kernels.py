@@ -138,8 +138,9 @@ def test_decode_chunk_rows_and_traced_centroids():
                                        implementation="pallas", lookup="select"))(kcb, vcb)
 
 
-@pytest.mark.parametrize("orient", ["rows", "tokens"])
-def test_decode_interpret_lut_path_and_start(orient):
+@pytest.mark.parametrize("orient,lookup", [("rows", "lut"), ("tokens", "lut"),
+                                           ("rows", "lut-joined")])
+def test_decode_interpret_lut_path_and_start(orient, lookup):
   # The lut path's query permutation and the per-part accumulators, with tokens before
   # `start` ignored (both implementations).
   args = make_case(12, "lut4", B=2, K=2, G=7, S=300, lengths=[300, 131])
@@ -150,7 +151,7 @@ def test_decode_interpret_lut_path_and_start(orient):
                   args[7] - start)
   got_ref = dk.decode(*args, start=start)
   got = dk.decode(*args, implementation="pallas", interpret=True, block_s=32, num_splits=3,
-                  orient=orient, start=start)
+                  orient=orient, lookup=lookup, start=start)
   assert_partials_close(got_ref, ref, S)
   assert_partials_close(got, ref, S)
 
