@@ -39,7 +39,7 @@ def _padded(n: int) -> int:
 
 
 def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, block_n,
-                   num_rows):
+                   num_rows, precision):
   ns = len(segs)
   it = iter(refs)
   # Per segment and bit plane p (width w, pb = 8 // w codes per byte, nb = d / pb bytes):
@@ -54,7 +54,7 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
   row_ok = (i0 + jnp.arange(block_n)) < num_rows
   x = plgpu.load(x_ref, mask=row_ok[:, None], other=0).astype(jnp.float32)  # [block_n, D]
   col = jnp.arange(x.shape[1])
-  hi = lax.Precision.HIGHEST
+  hi = precision
   proj = lambda a, m: lax.dot_general(a, m, (((1,), (1,)), ((), ())), precision=hi,
                                       preferred_element_type=jnp.float32)
   back = lambda a, m: lax.dot_general(a, m, (((1,), (0,)), ((), ())), precision=hi,
@@ -133,12 +133,20 @@ def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
 
 def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla",
            interpret: bool = False, block_n: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None) -> qz.Encoded:
+           num_warps: int | None = None, num_stages: int | None = None,
+           precision: str = "highest") -> qz.Encoded:
   """Quantizes x [N, D] into per segment codes [N, P_i] uint8 and scales [N].
 
   ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
-  kernel (``interpret=True`` runs it on CPU).
+  kernel (``interpret=True`` runs it on CPU). ``precision`` of the kernel's projections:
+  "highest" (float32, codes equal the float32 reference except at exact ties) or
+  "high" / "default" (tensor-core passes: faster, codes at coordinate boundaries may
+  differ).
   """
+  precisions = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
+                "default": lax.Precision.DEFAULT}
+  if precision not in precisions:
+    raise ValueError(f"precision must be one of {sorted(precisions)}, got {precision!r}")
   if implementation not in ("xla", "pallas"):
     raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}')
   cfg = quantizer.config
@@ -179,7 +187,7 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
   kernel = functools.partial(
       _encode_kernel, segs=segs, plane_counts=tuple(len(p) for p in plane_maps),
       groups=tuple((s.start, s.stop) for s in segs), norm_correction=cfg.norm_correction,
-      block_n=block_n, num_rows=N)
+      block_n=block_n, num_rows=N, precision=precisions[precision])
   outs = pl.pallas_call(
       kernel,
       grid=grid,
@@ -206,15 +214,24 @@ def encode_reference(quantizer: qz.Quantizer, x: jax.Array) -> qz.Encoded:
 
 
 def bench(key, *, n: int = 1 << 20) -> dict:
-  """Encode throughput on the device: n vectors of D = 128 (k4 mse and prod)."""
+  """Encode throughput on the device: n vectors of D = 128 (k4 mse and prod), the XLA
+  reference and the kernel at a few tilings and dot precisions."""
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
+  variants = {"xla": dict(implementation="xla")}
+  for block_n, precision in ((64, "highest"), (256, "highest"), (256, "default"),
+                             (128, "high")):
+    variants[f"pallas-{block_n}-{precision}"] = dict(
+        implementation="pallas", block_n=block_n, precision=precision,
+        num_warps=8 if block_n >= 256 else 4)
   for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
                     "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
     quant = qz.Quantizer.create(cfg)
+    with jax.default_matmul_precision("float32"):
+      ref = jax.jit(lambda x: encode(quant, x))(x[:65536])
     row = {}
-    for impl in ("xla", "pallas"):
-      f = jax.jit(lambda x, impl=impl: encode(quant, x, implementation=impl))
+    for vname, kw in variants.items():
+      f = jax.jit(lambda x, kw=kw: encode(quant, x, **kw))
       try:
         jax.block_until_ready(f(x))
         ts = []
@@ -224,13 +241,12 @@ def bench(key, *, n: int = 1 << 20) -> dict:
           ts.append(time.perf_counter() - t0)
         t = sorted(ts)[2]
         nbytes = x.nbytes + n * cfg.bytes_per_vector
-        row[impl] = {"us": t * 1e6, "tbps": nbytes / t * 1e-12}
+        got = f(x[:65536])
+        mismatch = float(np.mean([np.mean(np.asarray(a) != np.asarray(b))
+                                  for a, b in zip(ref.codes, got.codes)]))
+        row[vname] = {"us": t * 1e6, "tbps": nbytes / t * 1e-12, "code_mismatch": mismatch}
       except Exception as e:
-        row[impl] = {"error": repr(e)[:300]}
-    ref, got = (jax.jit(lambda x, i=i: encode(quant, x[:65536], implementation=i))(x)
-                for i in ("xla", "pallas")) if "us" in row["pallas"] else (None, None)
-    if ref is not None:
-      row["code_mismatch"] = float(np.mean([np.mean(np.asarray(a) != np.asarray(b))
-                                            for a, b in zip(ref.codes, got.codes)]))
+        row[vname] = {"error": repr(e)[:300]}
+      print("encode", name, vname, row[vname], flush=True)
     out[name] = row
   return out
