@@ -167,6 +167,20 @@ class DenseCache:
                query_sq=jnp.zeros((num_kv_heads, head_dim), jnp.float32),
                query_count=jnp.zeros((), jnp.float32))
 
+  def shardings(self, mesh: jax.sharding.Mesh, *, data_axis: str = "data",
+                model_axis: str = "model") -> DenseCache:
+    """The cache's `NamedSharding`s (a DenseCache of them): lengths [B] over data_axis, the
+    query statistics over model_axis (the sum [K, D]) or replicated (the count), every
+    other array (k, v: [B, K, ...]) over (data_axis, model_axis). Works on a concrete or
+    an abstract (`jax.eval_shape`) cache."""
+    from tqjax import sharding as sharding_lib
+
+    b, kh = self.k.shape[:2]
+    s = sharding_lib.cache_shardings(mesh, batch=b, num_kv_heads=kh, data_axis=data_axis,
+                                     model_axis=model_axis)
+    small = dict(lengths=s.batch, query_sq=s.heads, query_count=s.replicated)
+    return DenseCache(**{f.name: small.get(f.name, s.batch_heads) for f in dataclasses.fields(self)})
+
   @property
   def capacity(self) -> int:
     return self.k.shape[2]

@@ -325,6 +325,29 @@ class TurboQuantCache:
                      implementation=implementation)
     return cache._load(jnp.swapaxes(dense.k, 1, 2), jnp.swapaxes(dense.v, 1, 2), dense.lengths)
 
+  def shardings(self, mesh: jax.sharding.Mesh, *, data_axis: str = "data",
+                model_axis: str = "model") -> TurboQuantCache:
+    """The cache's `NamedSharding`s (a TurboQuantCache of them): the quantizers' tables
+    replicated, the key transforms and value order [K, D] over model_axis, lengths and
+    compressed [B] over data_axis, every other array (codes, scales, exact buffers:
+    [B, K, ...]) over (data_axis, model_axis). Works on a concrete or an abstract
+    (`jax.eval_shape`) cache."""
+    from tqjax import sharding as sharding_lib
+
+    b, kh = self.window_k.shape[:2]
+    s = sharding_lib.cache_shardings(mesh, batch=b, num_kv_heads=kh, data_axis=data_axis,
+                                     model_axis=model_axis)
+    small = dict(key_quantizer=s.replicated, value_quantizer=s.replicated, transform=s.heads,
+                 value_order=s.heads, lengths=s.batch, compressed=s.batch)
+
+    def like(name, tree):
+      sharding = small.get(name, s.batch_heads)
+      return jax.tree.map(lambda _: sharding, tree)
+
+    return dataclasses.replace(self, **{f.name: like(f.name, getattr(self, f.name))
+                                        for f in dataclasses.fields(self)
+                                        if not f.metadata.get("static")})
+
   def _load(self, k, v, lengths) -> TurboQuantCache:
     """Fills an empty cache with k, v [B, S, K, D] of which the first lengths[b] are valid."""
     s = k.shape[1]
