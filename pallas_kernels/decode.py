@@ -31,23 +31,33 @@ Design:
   coordinate order with ``join`` + ``reshape``, so each segment is one dot of depth d_i.
   A segment whose dim is not a power of two (96 in the 32 + 96 outlier split) is padded
   in-kernel to the next power of two with masked loads and zero query columns.
-* The lookup is a select tree on centroids baked in as constants (``lookup="select"``,
-  default for concrete centroids) or a gather from the table in memory
-  (``"gather"``, for traced centroids).
+* The lookup: 4-bit segments of >= 128 coordinates (``lookup="lut"``, the default for
+  concrete centroids) are looked up 4 codes at a time by PTX byte permutes (``prmt``)
+  on float16 tables held in registers, through a multi-output inline asm block
+  (:mod:`pallas_kernels.inline_asm`); see ``_LUT_WORD``. The 8 resulting float16 parts
+  of a word meet a permuted query (8 dots of depth W = d / 8), so nothing is
+  interleaved. Other segments use a select tree on centroids baked in as constants
+  (``"select"``) or a gather from the table in memory (``"gather"``, traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
 
-Measured on the H200 (``bench/kernels.py``, B = 8, Hq = 32, Hkv = 8, D = 128,
-S = 64K; fastest fp16 decode in the same run 482 us): 4-bit 1369 us, 3-bit 969 us,
-2-bit 540 us, i.e. 0.35x / 0.50x / 0.89x of fp16, at 0.14-0.19 of the copy bandwidth.
-The kernel is instruction-bound, not memory-bound: with the lookup skipped entirely
-(a timing diagnostic) it still took ~580 us, so unpacking, interleaving, int->float
-conversion and the operand shuffles into the tensor-core layout cost about 10 integer
-ops per coordinate, and the 4-bit select tree about as much again (a gather from the
-table was 2x slower still). Reaching the byte-bound target needs SIMD-within-register
-unpacking and lookup (PRMT byte permutes via ``plgpu.elementwise_inline_asm`` producing
-packed f16x2 directly in the dot's operand layout, the query permuted instead of the
-codes interleaved), see the project's issue 4.
+Measured on the H200 (``bench/kernels.py --sweep --quick``, B = 8, Hq = 32, Hkv = 8,
+D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
+
+* session 1, select tree: 4-bit 1369 us (0.35x of fp16), 3-bit 969 us, 2-bit 540 us;
+* session 2, byte-permute lookup: 4-bit 916 us (0.52x) with tokens as the dot's M, 64
+  tokens per tile, 4 warps, 3 stages; 1143 us (0.42x) at the session-1 tiling. B = 1:
+  144-148 us against 57 us (jax cuDNN). 2-bit 546 us (0.88x), 2.5-bit split 837 us.
+* The floor of this Triton structure is the problem, not the lookup any more: with the
+  lookup skipped entirely (codes cast to float16, wrong values, a timing diagnostic) the
+  select-tree structure already takes 459 us, as long as fp16 attention (1.2 TB/s of
+  compressed bytes). Unpacking, the dot operands' layout conversions (through shared
+  memory: a dequantized tile is 4x the bytes of its codes), 16-row MMAs for 4-7 query
+  rows and the per-tile softmax bookkeeping are all issued per coordinate. Beating the
+  fp16 cache by the byte ratio (3.9x at 4 bits) needs the dequantized operands produced
+  directly in the tensor cores' register layout and several KV heads' tiles per
+  program: a CUDA or Mosaic GPU kernel, not a Triton-lowered one (see issue 4). jax
+  0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
 """
 
 from __future__ import annotations
