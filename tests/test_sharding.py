@@ -108,13 +108,14 @@ def test_sharded_decode_equals_single_device(config, preset, implementation, dat
   runner = random_runner(config)
   sharded = sh.shard_params(runner, mesh)
 
+  options = dict(implementation=implementation)
   single, single_caches = run_protocol(
       runner, lambda r, t: r.prefill(t, CAPACITY),
-      jax.jit(lambda c: c if preset is None else kv.convert_caches(c, cache_config, implementation=implementation)),
+      jax.jit(lambda c: c if preset is None else kv.convert_caches(c, cache_config, **options)),
       tokens)
   multi, multi_caches = run_protocol(
       sharded, lambda r, t: sh.prefill(r, t, CAPACITY, mesh),
-      lambda c: c if preset is None else sh.convert_caches(c, cache_config, implementation=implementation),
+      lambda c: c if preset is None else sh.convert_caches(c, cache_config, **options),
       tokens)
   # Float32 sums in another order; a compressed cache also rounds its scales to float16,
   # where a last-bit difference can flip one rounding (5e-4 on that token's scale).

@@ -8,7 +8,8 @@ XLA's SPMD partitioner from the shardings of the inputs:
   features over ``model``: whole heads, since H and K divide by the axis size, and the
   query heads of a KV head stay on its device), o/down are row-parallel (input features
   over ``model``; one all-reduce after each), the embedding table is split over hidden
-  features (a lookup needs no communication), norms are replicated;
+  features (a lookup needs no communication; XLA then keeps the residual stream split
+  too and gathers one token's features before each projection), norms are replicated;
 * **caches** (the caches' own ``shardings(mesh)``; `shard_caches` moves existing caches,
   `build_caches` / `init_caches` / `convert_caches` create them in place): every [B, K, ...]
   array over (``data``, ``model``), per-row counters over ``data``, per-KV-head tables
@@ -45,6 +46,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tqjax import kvcache
@@ -96,7 +98,8 @@ def cache_shardings(mesh: Mesh, *, batch: int, num_kv_heads: int, data_axis: str
                     model_axis: str = MODEL) -> CacheShardings:
   """Shardings of a cache with ``batch`` rows and ``num_kv_heads`` KV heads; checks that
   the mesh's axes divide them."""
-  for name, value, axis in (("batch", batch, data_axis), ("num_kv_heads", num_kv_heads, model_axis)):
+  for name, value, axis in (("batch", batch, data_axis),
+                            ("num_kv_heads", num_kv_heads, model_axis)):
     size = _axis_size(mesh, axis)
     if value % size:
       raise ValueError(f"{name}={value} must be divisible by the mesh axis {axis!r} of size {size}")
@@ -229,14 +232,17 @@ _NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 def _param_spec(path: tuple[str, ...], model_axis: str) -> P:
   """Tensor-parallel layout of one parameter, from its path in the model."""
   module, name = path[-2], path[-1]
+  spec = None
   if module in _COLUMN:
-    return {"kernel": P(None, model_axis), "bias": P(model_axis)}[name]  # kernel [in, out]
-  if module in _ROW:
-    return {"kernel": P(model_axis, None), "bias": P()}[name]
-  if module == "embed_tokens" and name == "embedding":
-    return P(None, model_axis)  # [V, hidden]: hidden features
-  if module in _NORMS and name == "weight":
-    return P()
+    spec = {"kernel": P(None, model_axis), "bias": P(model_axis)}.get(name)  # kernel [in, out]
+  elif module in _ROW:
+    spec = {"kernel": P(model_axis, None), "bias": P()}.get(name)
+  elif module == "embed_tokens" and name == "embedding":
+    spec = P(None, model_axis)  # [V, hidden]: hidden features
+  elif module in _NORMS and name == "weight":
+    spec = P()
+  if spec is not None:
+    return spec
   raise ValueError(f"no tensor-parallel layout for the parameter {'.'.join(path)}")
 
 
@@ -288,9 +294,10 @@ def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype 
             *, data_axis: str = DATA, model_axis: str = MODEL
             ) -> tuple[jax.Array, tuple[ShardedCache, ...]]:
   """`Runner.prefill` into sharded exact caches: (logits [B, T, V], caches)."""
-  tokens = shard_tokens(tokens, mesh, data_axis=data_axis)
+  tokens = jnp.asarray(tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
+  tokens = shard_tokens(tokens, mesh, data_axis=data_axis)
   if capacity < tokens.shape[1]:
     raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
   caches = init_caches(runner, tokens.shape[0], capacity, mesh, dtype, data_axis=data_axis,
@@ -303,8 +310,6 @@ def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype 
 
 
 def _random_model(config: ModelConfig, dtype, seed: int) -> Runner:
-  from flax import nnx
-
   return Runner.from_model(Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed)))
 
 
