@@ -1,0 +1,113 @@
+"""Everything that needs the GPU, checked and timed in one call; a short table last.
+
+    PYTHONPATH=. python bench/h200.py --out DIR [--jobs tests,kernels,bridge,e2e]
+        [--budget 540]
+
+Runs each job as its own process (one JAX/torch client at a time, a crash stays in its
+job) under a share of the time budget, writes each job's JSON and log to DIR, and ends
+with one line per job: status, seconds, and its headline numbers.
+
+Jobs:
+  tests    the GPU tests of the cache's kernel path and the bridge's kernel path vs its
+           jnp path (`pytest -m gpu`; the kernels' own GPU tests are in
+           tests/test_kernels.py, and `kernels` checks every preset before timing)
+  kernels  bench/kernels.py --quick (B = 8 and 1, S = 64K, D = 128, every preset against
+           the fp16 baselines of the same run) plus the tiling sweep with --sweep
+  bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
+  e2e      bench/e2e.py --quick (the Flax model end to end)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+JOBS = {
+  "tests": (["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+             "tests/test_kvcache.py", "tests/test_bridge.py"], None),
+  "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
+  "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
+  "e2e": (["bench/e2e.py", "--quick"], "e2e.json"),
+}
+# Share of the budget each job may take (the rest of a finished job's share carries over).
+SHARE = {"tests": 0.2, "kernels": 0.3, "bridge": 0.25, "e2e": 0.25}
+
+
+def headline(job: str, path: str | None, log: str) -> str:
+  """A few numbers from a job's JSON (or the tail of its log)."""
+  if job == "tests":
+    lines = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l]
+    return lines[-1].strip() if lines else log.strip().splitlines()[-1:][0] if log else ""
+  if path is None or not os.path.exists(path):
+    return "no json"
+  with open(path) as f:
+    data = json.load(f)
+  if job == "kernels":
+    rows = [r for r in data.get("rows", []) if "speedup" in r and r["kind"] == "tq_decode"]
+    return " ".join(f"{r['name']}@B{r['B']}:{r['speedup']:.2f}x" for r in rows[:6])
+  if job == "bridge":
+    rows = data.get("rows", [])
+    return " ".join(f"{r.get('variant')}@{r.get('context')}:{r.get('step_ms', 0):.1f}ms"
+                    for r in rows if "step_ms" in r)[:300]
+  if job == "e2e":
+    rows = data.get("rows", [])
+    return f"{len(rows)} rows" + "".join(
+      f" {r.get('preset')}@B{r.get('batch')}/S{r.get('context')}:"
+      f"{r.get('tokens_per_s', float('nan')):.0f}tok/s" for r in rows[:6] if "tokens_per_s" in r)
+  return ""
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--jobs", default=",".join(JOBS))
+  ap.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
+  ap.add_argument("--sweep", action="store_true", help="kernels: the tiling sweep too")
+  args = ap.parse_args(argv)
+  jobs = [j for j in args.jobs.split(",") if j]
+  unknown = sorted(set(jobs) - set(JOBS))
+  if unknown:
+    raise SystemExit(f"--jobs: unknown {unknown}; choose from {sorted(JOBS)}")
+  os.makedirs(args.out, exist_ok=True)
+  env = dict(os.environ, PYTHONPATH=".", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+             PYTHONUNBUFFERED="1")
+  total = sum(SHARE[j] for j in jobs)
+  left = args.budget
+  summary = []
+  for i, job in enumerate(jobs):
+    cmd, json_name = JOBS[job]
+    cmd = [sys.executable, *cmd]
+    if job != "tests":
+      cmd += ["--out", args.out]
+    if job == "kernels" and args.sweep:
+      cmd.append("--sweep")
+    share = sum(SHARE[j] for j in jobs[i:])
+    limit = max(30.0, left * SHARE[job] / share)
+    start = time.perf_counter()
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+      status, log = ("ok" if proc.returncode == 0 else f"rc={proc.returncode}",
+                     proc.stdout + proc.stderr)
+    except subprocess.TimeoutExpired as e:
+      status = "timeout"
+      log = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    seconds = time.perf_counter() - start
+    left -= seconds
+    with open(os.path.join(args.out, f"{job}.log"), "w") as f:
+      f.write(log)
+    print(f"--- {job}: {status} in {seconds:.0f} s; log tail:\n" + "\n".join(log.splitlines()[-15:]),
+          flush=True)
+    path = os.path.join(args.out, json_name) if json_name else None
+    summary.append((job, status, seconds, headline(job, path, log)))
+  print(f"\n{'job':8s} {'status':8s} {'s':>5s}  headline")
+  for job, status, seconds, text in summary:
+    print(f"{job:8s} {status:8s} {seconds:5.0f}  {text}")
+  return 0 if all(s == "ok" for _, s, _, _ in summary) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
