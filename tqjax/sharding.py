@@ -7,9 +7,9 @@ XLA's SPMD partitioner from the shardings of the inputs:
 * **weights** (`shard_params`): q/k/v, gate/up and ``lm_head`` are column-parallel (output
   features over ``model``: whole heads, since H and K divide by the axis size, and the
   query heads of a KV head stay on its device), o/down are row-parallel (input features
-  over ``model``; one all-reduce after each), the embedding table is split over hidden
-  features (a lookup needs no communication; XLA then keeps the residual stream split
-  too and gathers one token's features before each projection), norms are replicated;
+  over ``model``; one all-reduce after each), the embedding table is split over the
+  vocabulary (a masked local lookup and one all-reduce; the residual stream stays
+  replicated, so a layer costs two all-reduces of [B, T, hidden]), norms are replicated;
 * **caches** (the caches' own ``shardings(mesh)``; `shard_caches` moves existing caches,
   `build_caches` / `init_caches` / `convert_caches` create them in place): every [B, K, ...]
   array over (``data``, ``model``), per-row counters over ``data``, per-KV-head tables
@@ -238,7 +238,7 @@ def _param_spec(path: tuple[str, ...], model_axis: str) -> P:
   elif module in _ROW:
     spec = {"kernel": P(model_axis, None), "bias": P()}.get(name)
   elif module == "embed_tokens" and name == "embedding":
-    spec = P(None, model_axis)  # [V, hidden]: hidden features
+    spec = P(model_axis, None)  # [V, hidden]: vocabulary-parallel
   elif module in _NORMS and name == "weight":
     spec = P()
   if spec is not None:
@@ -259,10 +259,7 @@ def _path_names(path) -> tuple[str, ...]:
 def check_model(config: ModelConfig, mesh: Mesh, *, model_axis: str = MODEL) -> None:
   """Raises ValueError unless every dimension `shard_params` splits divides by the axis."""
   size = _axis_size(mesh, model_axis)
-  dims = ["num_kv_heads", "num_heads", "intermediate_size", "hidden_size"]
-  if not config.tie_word_embeddings:
-    dims.append("vocab_size")  # lm_head's output features
-  for name in dims:
+  for name in ("num_kv_heads", "num_heads", "intermediate_size", "vocab_size"):
     value = getattr(config, name)
     if value % size:
       raise ValueError(f"{name}={value} must be divisible by the mesh axis {model_axis!r} "
