@@ -317,12 +317,12 @@ def main(argv=None):
       json.dump(results, f, indent=1)
 
   if args.sweep:
-    # Session 2 found lookup="lut", orient="tokens", block_s 64, 4 warps, 3 stages best of
-    # lut/select x rows/tokens x block_s 32-256 x 4/8 warps x 2/3 stages (916 us at B = 8).
+    # Session 2: lookup "lut" (parts interleaved back) at rows / 64 / 4 warps / 2 stages
+    # was the best (510 us at B = 8), "lut-parts" 913 us at its best, "select" 1337 us.
     configs = [(8, 65536, "k4v4", dict(block_s=64, num_warps=4, num_stages=ns, lookup=lk,
                                       orient=o))
-               for lk, o, ns in (("lut", "tokens", 3), ("lut-joined", "tokens", 3),
-                                 ("lut-joined", "rows", 2), ("lut-joined", "tokens", 2))]
+               for lk, o, ns in (("lut", "rows", 2), ("lut", "rows", 3), ("lut", "tokens", 2),
+                                 ("lut-parts", "tokens", 3), ("select", "rows", 2))]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None

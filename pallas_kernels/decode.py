@@ -35,8 +35,9 @@ Design:
   concrete centroids) are looked up 4 codes at a time by PTX byte permutes (``prmt``)
   on float16 tables held in registers, through a multi-output inline asm block
   (:mod:`pallas_kernels.inline_asm`); see ``_LUT_WORD``. The 8 resulting float16 parts
-  of a word meet a permuted query (8 dots of depth W = d / 8), so nothing is
-  interleaved. Other segments use a select tree on centroids baked in as constants
+  of a word are interleaved back into coordinate order (one dot per segment; letting
+  them meet a permuted query instead, 8 dots of depth d / 8, was 1.8x slower). Other
+  segments use a select tree on centroids baked in as constants
   (``"select"``) or a gather from the table in memory (``"gather"``, traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
@@ -45,13 +46,12 @@ Measured on the H200 (``bench/kernels.py --sweep --quick``, B = 8, Hq = 32, Hkv 
 D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
 
 * session 1, select tree: 4-bit 1369 us (0.35x of fp16), 3-bit 969 us, 2-bit 540 us;
-* session 2, byte-permute lookup: 4-bit 916 us (0.52x) with tokens as the dot's M, 64
-  tokens per tile, 4 warps, 3 stages; 1143 us (0.42x) at the session-1 tiling. B = 1:
-  144-148 us against 57 us (jax cuDNN). 2-bit 546 us (0.88x), 2.5-bit split 837 us.
-* The floor of this Triton structure is the problem, not the lookup any more: with the
-  lookup skipped entirely (codes cast to float16, wrong values, a timing diagnostic) the
-  select-tree structure already takes 459 us, as long as fp16 attention (1.2 TB/s of
-  compressed bytes). Unpacking, the dot operands' layout conversions (through shared
+* session 2, byte-permute lookup, parts interleaved back: 4-bit 510 us (0.94x of fp16,
+  1.09 TB/s of compressed bytes) at 64 tokens per tile, 4 warps, 2 stages, query rows as
+  the dot's M; the parts meeting a permuted query instead: 913 us at the best tiling.
+* The floor of this Triton structure is the limit now, not the lookup: with the lookup
+  skipped entirely (codes cast to float16, wrong values, a timing diagnostic) the same
+  structure takes 459 us, as long as fp16 attention (1.2 TB/s of compressed bytes). Unpacking, the dot operands' layout conversions (through shared
   memory: a dequantized tile is 4x the bytes of its codes), 16-row MMAs for 4-7 query
   rows and the per-tile softmax bookkeeping are all issued per coordinate. Beating the
   fp16 cache by the byte ratio (3.9x at 4 bits) needs the dequantized operands produced
@@ -274,7 +274,8 @@ def _lut_tables(centroids: tuple[float, ...]) -> tuple[int, int, int, int]:
 
 
 def _lut_parts(words: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
-  """[block_s, W] uint32 words -> 8 x [block_s, W] float16, part t = c[code t]."""
+  """[block_s, W] uint32 words -> 8 x [block_s, W] float16, part t = c[code t] of every
+  word (coordinates 8w + t)."""
   if interpret:  # the same function in plain jnp (no PTX off the GPU)
     return [_lookup(((words >> (4 * t)) & 15).astype(jnp.int32), centroids, True, 4,
                     jnp.float16) for t in range(_LUT_CODES)]
@@ -542,6 +543,7 @@ def decode(
       "select"), "select" (a select tree on the centroids baked into the kernel as
       constants) or "gather" (centroids read from memory). "lut" and "select" need
       concrete centroids; the default is "lut" for concrete centroids, else "gather".
+      ("lut-parts" is a slower layout of "lut" kept for the benchmark's sweep.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
       bench/kernels.py only.)
     start: compressed tokens before this position are ignored (e.g. attention-sink
@@ -578,15 +580,16 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
-  if lookup not in ("lut", "lut-joined", "select", "gather", "none"):
+  if lookup not in ("lut", "lut-parts", "select", "gather", "none"):
     raise ValueError(f'lookup must be "lut", "select" or "gather", got {lookup!r}')
   if lookup != "gather" and any(c is None for c in static_ck + static_cv):
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
                      'lookup="gather"')
-  # "lut": the parts meet a permuted query; "lut-joined" (a variant for the benchmark's
-  # sweep): the parts are interleaved back into coordinate order in registers.
-  lut_mode = {"lut": "parts", "lut-joined": "joined"}.get(lookup)
+  # "lut": the parts are interleaved back into coordinate order in registers (one dot per
+  # segment); "lut-parts" (a variant for the benchmark's sweep, 1.8x slower on the H200):
+  # the parts meet a permuted query, 8 dots of depth d / 8.
+  lut_mode = {"lut": "joined", "lut-parts": "parts"}.get(lookup)
   key_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None
                   for seg, c in zip(key_segs, static_ck))
   value_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None

@@ -40,13 +40,12 @@ DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=52
 ENCODE_DEFAULT = EncodeConfig(block_n=64, num_warps=4, num_stages=2)
 
 DECODE: dict[tuple, DecodeConfig] = {
-    # bench/kernels.py --sweep, 4-bit mse at B = 8, S = 64K, D = 128 (session 2, with the
-    # byte-permute lookup): tokens as the dot's M, block_s 64, 4 warps, 3 stages was the
-    # best of rows/tokens x block_s 32/64/128/256 x 4/8 warps x 2/3 stages (916 us; 8 warps
-    # or 128+ tokens per tile were 1.3-10x slower), with 1024 programs (16 splits per row
-    # and head); at B = 1, 32/64/128 splits were within 10% (148 us at 64).
+    # bench/kernels.py --sweep, 4-bit mse at B = 8, S = 64K, D = 128, session 2 (the
+    # byte-permute lookup): 64 tokens per tile, 4 warps, 2 stages, query rows as the dot's
+    # M: 510 us; tokens as M 519-554 us; 8 warps or 128+ tokens per tile 1.3-10x slower
+    # (measured for the lookup's slower "parts" layout). 16 splits per (row, head).
     ("NVIDIA H200", "*", "*", "*"): DecodeConfig(
-        block_s=64, num_warps=4, num_stages=3, target_programs=1024, orient="tokens"),
+        block_s=64, num_warps=4, num_stages=2, target_programs=1024, orient="rows"),
 }
 
 ENCODE: dict[tuple, EncodeConfig] = {}

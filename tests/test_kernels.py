@@ -139,7 +139,7 @@ def test_decode_chunk_rows_and_traced_centroids():
 
 
 @pytest.mark.parametrize("orient,lookup", [("rows", "lut"), ("tokens", "lut"),
-                                           ("rows", "lut-joined")])
+                                           ("tokens", "lut-parts")])
 def test_decode_interpret_lut_path_and_start(orient, lookup):
   # The lut path's query permutation and the per-part accumulators, with tokens before
   # `start` ignored (both implementations).
