@@ -94,6 +94,11 @@ def test_prefill_and_decode_match_transformers(arch, rng):
   chunk, caches = runner.forward(tokens[:, 7:], caches)
   assert rel_err(chunk, ref[:, 7:]) < 1e-4, name
 
+  last, _ = runner.prefill(tokens, capacity=CAP, logits_to_keep=2)  # the last positions only
+  assert last.shape == (b, 2, VOCAB) and rel_err(last, ref[:, -2:]) < 1e-4, name
+  with pytest.raises(ValueError, match="logits_to_keep"):
+    runner.prefill(tokens, capacity=CAP, logits_to_keep=t + 1)
+
 
 def test_sliding_window_matters():
   # The Mistral parity above only means something if the window changes the result.

@@ -288,9 +288,10 @@ def shard_tokens(tokens, mesh: Mesh, *, data_axis: str = DATA) -> jax.Array:
 
 
 def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype | None = None,
-            *, data_axis: str = DATA, model_axis: str = MODEL
-            ) -> tuple[jax.Array, tuple[ShardedCache, ...]]:
-  """`Runner.prefill` into sharded exact caches: (logits [B, T, V], caches)."""
+            *, data_axis: str = DATA, model_axis: str = MODEL,
+            logits_to_keep: int | None = None) -> tuple[jax.Array, tuple[ShardedCache, ...]]:
+  """`Runner.prefill` into sharded exact caches: (logits [B, T, V] or of the last
+  ``logits_to_keep`` positions, caches)."""
   tokens = jnp.asarray(tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
@@ -299,7 +300,7 @@ def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype 
     raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
   caches = init_caches(runner, tokens.shape[0], capacity, mesh, dtype, data_axis=data_axis,
                        model_axis=model_axis)
-  return runner.forward(tokens, caches)
+  return runner.forward(tokens, caches, logits_to_keep=logits_to_keep)
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,10 +356,10 @@ def compare(config: ModelConfig, *, devices: int, data: int = 1, batch: int, pro
     return out, caches
 
   single, single_caches = run(
-      runner, lambda r, t: r.prefill(t, capacity),
+      runner, lambda r, t: r.prefill(t, capacity, logits_to_keep=1),
       jax.jit(lambda c: kvcache.convert_caches(c, cache_config, implementation=implementation)))
   multi, multi_caches = run(
-      sharded, lambda r, t: prefill(r, t, capacity, mesh),
+      sharded, lambda r, t: prefill(r, t, capacity, mesh, logits_to_keep=1),
       lambda c: convert_caches(c, cache_config, implementation=implementation))
   errors = [float(np.linalg.norm(m - s) / np.linalg.norm(s)) for m, s in zip(multi, single)]
   result = dict(devices=devices, data=data, model=mesh.shape[MODEL], batch=batch,

@@ -120,11 +120,15 @@ class Decoder(nnx.Module):
     else:
       self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
 
-  def __call__(self, tokens: jax.Array, caches: Sequence[Any]
-               ) -> tuple[jax.Array, tuple[Any, ...]]:
-    """tokens [B, T] int -> (logits [B, T, V] float32, new caches)."""
+  def __call__(self, tokens: jax.Array, caches: Sequence[Any], *,
+               logits_to_keep: int | None = None) -> tuple[jax.Array, tuple[Any, ...]]:
+    """tokens [B, T] int -> (logits [B, T, V] float32, new caches); with
+    ``logits_to_keep=n`` only the last n positions' logits, [B, n, V] (a long prompt's
+    full-vocabulary logits can outweigh its cache)."""
     if tokens.ndim != 2:
       raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
+    if logits_to_keep is not None and not 1 <= logits_to_keep <= tokens.shape[1]:
+      raise ValueError(f"{logits_to_keep=} must be in [1, T={tokens.shape[1]}] or None")
     if len(caches) != self.config.num_layers:
       raise ValueError(f"expected {self.config.num_layers} layer caches, got {len(caches)}")
     t = tokens.shape[1]
@@ -135,6 +139,8 @@ class Decoder(nnx.Module):
     for block, cache in zip(self.layers, caches):
       x, cache = block(x, cos, sin, cache)
       new_caches.append(cache)
+    if logits_to_keep is not None:
+      x = x[:, -logits_to_keep:]
     x = self.norm(x)
     if self.lm_head is None:
       w = self.embed_tokens.embedding[...]  # [V, hidden]

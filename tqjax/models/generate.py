@@ -74,18 +74,21 @@ class _Graph:
     return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def _forward(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, caches: Caches
-             ) -> tuple[jax.Array, Caches]:
-  return graph.merge(params)(tokens, caches)
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("logits_to_keep",),
+                   donate_argnums=(3,))
+def _forward(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, caches: Caches,
+             *, logits_to_keep: int | None = None) -> tuple[jax.Array, Caches]:
+  return graph.merge(params)(tokens, caches, logits_to_keep=logits_to_keep)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capacity", "cache_dtype"))
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("capacity", "cache_dtype", "logits_to_keep"))
 def _prefill(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, *,
-             capacity: int, cache_dtype: jnp.dtype) -> tuple[jax.Array, Caches]:
+             capacity: int, cache_dtype: jnp.dtype, logits_to_keep: int | None = None
+             ) -> tuple[jax.Array, Caches]:
   model = graph.merge(params)
   caches = init_caches(model.config, tokens.shape[0], capacity, cache_dtype)
-  return model(tokens, caches)
+  return model(tokens, caches, logits_to_keep=logits_to_keep)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
@@ -136,20 +139,24 @@ class Runner:
   def init_caches(self, batch: int, capacity: int, dtype: jnp.dtype | None = None) -> Caches:
     return init_caches(self.config, batch, capacity, dtype or self.dtype)
 
-  def forward(self, tokens: jax.Array, caches: Caches) -> tuple[jax.Array, Caches]:
-    """Chunk step: tokens [B, T] through caches of any type (donated) -> logits [B, T, V]."""
-    return _forward(self.graph, self.params, jnp.asarray(tokens, jnp.int32), caches)
-
-  def prefill(self, tokens: jax.Array, capacity: int, dtype: jnp.dtype | None = None
+  def forward(self, tokens: jax.Array, caches: Caches, *, logits_to_keep: int | None = None
               ) -> tuple[jax.Array, Caches]:
-    """Fresh exact `DenseCache`s of `capacity` filled with tokens [B, T] -> (logits, caches)."""
+    """Chunk step: tokens [B, T] through caches of any type (donated) -> logits [B, T, V]
+    (the last ``logits_to_keep`` positions only, when given)."""
+    return _forward(self.graph, self.params, jnp.asarray(tokens, jnp.int32), caches,
+                    logits_to_keep=logits_to_keep)
+
+  def prefill(self, tokens: jax.Array, capacity: int, dtype: jnp.dtype | None = None, *,
+              logits_to_keep: int | None = None) -> tuple[jax.Array, Caches]:
+    """Fresh exact `DenseCache`s of `capacity` filled with tokens [B, T] -> (logits, caches)
+    (logits [B, T, V], or of the last ``logits_to_keep`` positions)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
       raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
     if capacity < tokens.shape[1]:
       raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
     return _prefill(self.graph, self.params, tokens, capacity=capacity,
-                    cache_dtype=jnp.dtype(dtype or self.dtype))
+                    cache_dtype=jnp.dtype(dtype or self.dtype), logits_to_keep=logits_to_keep)
 
   def decode_step(self, tokens: jax.Array, caches: Caches, key: jax.Array, *,
                   temperature: float = 0.0, top_k: int | None = None,
