@@ -190,6 +190,11 @@ def _lookup(codes: Array, centroids: tuple[float, ...] | None, cb_ref, bits: int
     return codes.astype(dtype)
   if centroids is None:
     return cb_ref[codes].astype(dtype)
+  return _select_tree(codes, centroids, dtype)
+
+
+def _select_tree(codes: Array, centroids: tuple[float, ...], dtype) -> Array:
+  """c[codes] as ``dtype`` by selects on the code's bits, the centroids as constants."""
   values = [jnp.asarray(c, dtype) for c in centroids]
   level = 0
   while len(values) > 1:
@@ -205,11 +210,11 @@ def _lookup(codes: Array, centroids: tuple[float, ...] | None, cb_ref, bits: int
 # and a 3-bit index into the 8 positive centroids M. Their float16 bit patterns sit in four
 # registers (low bytes of M[0..3], M[4..7]; high bytes of the same), and one PRMT byte
 # permute looks up 4 codes at once; the sign goes into the high bytes, and two more
-# permutes interleave low and high bytes into float16 pairs. That is ~2.8 integer
+# permutes interleave low and high bytes into float16 pairs. That is ~3.3 integer
 # instructions per coordinate and no int -> float conversion, against ~30 for a select
 # tree. The result is 8 float16 tensors of the shape of the words, part t holding code t of
-# every word, so the query is permuted (coordinate 8w + t -> part t, column w) instead of
-# the codes interleaved.
+# every word; the kernel interleaves them back into coordinate order (or, in the slower
+# "lut-parts" layout, lets them meet a query permuted to coordinate 8w + t -> part t).
 _LUT_CODES = 8  # 4-bit codes per 32-bit word
 
 _LUT_WORD = """
@@ -277,8 +282,8 @@ def _lut_parts(words: Array, centroids: tuple[float, ...], interpret: bool) -> l
   """[block_s, W] uint32 words -> 8 x [block_s, W] float16, part t = c[code t] of every
   word (coordinates 8w + t)."""
   if interpret:  # the same function in plain jnp (no PTX off the GPU)
-    return [_lookup(((words >> (4 * t)) & 15).astype(jnp.int32), centroids, True, 4,
-                    jnp.float16) for t in range(_LUT_CODES)]
+    return [_select_tree(((words >> (4 * t)) & 15).astype(jnp.int32), centroids, jnp.float16)
+            for t in range(_LUT_CODES)]
   shape = jax.ShapeDtypeStruct(words.shape, jnp.float16)
   return inline_asm.multi_output_asm(
       _lut_asm(_lut_tables(centroids)), args=[words],
