@@ -107,11 +107,12 @@ def median_time(fn, device: str, *, steps: int, warmup: int) -> float:
 
 class Bench:
 
-  def __init__(self, args):
+  def __init__(self, args, config=None):
+    """`config`: a transformers config to build (default: `model_config(args.quick)`)."""
     self.args = args
     self.device = "cpu" if args.quick else "cuda"
     self.dtype = torch.float32 if args.quick else torch.bfloat16
-    self.config = model_config(args.quick)
+    self.config = model_config(args.quick) if config is None else config
     torch.manual_seed(0)
     self.model = build_model(self.config, self.device, self.dtype)
     forward_params = inspect.signature(self.model.forward).parameters

@@ -1,0 +1,1220 @@
+"""End to end: decode tokens/s and memory of whole models, bf16 cache vs TurboQuant presets.
+
+    python -m bench.e2e --quick --out DIR    # GPU: the headline rows (Flax, Qwen2.5-7B shapes,
+                                             #   B 8 and 1, 32K and 128K, bf16 vs k4v4)
+    python -m bench.e2e --out DIR            # GPU: both models, B 1 and 8, 8K-128K, bf16 /
+                                             #   k4v4 / k3v3, Flax and bridge paths
+    python -m bench.e2e --models tiny --batches 2 --contexts 256,384 --budget-gib 0.02 \\
+        --in-process --out DIR               # CPU: a tiny model (what tests/test_e2e.py runs)
+
+**Flax path.** `tqjax.models.Decoder` at Qwen2.5-7B shapes (28 layers, 28 q / 4 kv heads,
+head_dim 128) and Llama-3-8B shapes (32 layers, 32 / 8 heads), random bf16 weights. The
+caches of a given context are built directly, never by a prefill: a `DenseCache` of random
+bf16 K/V with ``lengths = context``, or a `TurboQuantCache` made by ``from_dense`` of a short
+random dense cache (the key transforms, the exact window and sinks) whose code and scale
+buffers are then replaced by random ones of the full capacity (``compressed = context -
+window``). Nothing is timed on zeros. Capacity = context + 256 (the decoded tokens). The
+decode step is the Runner's jitted step (`tqjax.models.generate`: the model over all
+layers, greedy sampling, caches donated), one program per token, compiled ahead of time so
+that its compile time and memory analysis are known before anything is allocated;
+compressed caches run the fused Pallas kernel on the GPU (``implementation="pallas"``) and
+the jnp path on the CPU. Each row: warm-up steps, then ``--steps`` steps each timed from
+dispatch to the next token being ready; tokens/s = batch / median step time. The default
+32 steps hold exactly one window flush of a compressed cache (F = 32 tokens), so the mean
+is the amortized step time; the median leaves the flush step out.
+
+Programs are lowered in this thread and compiled by a thread pool (XLA compiles without
+the GIL); compile seconds are per program, measured while others compiled alongside.
+
+**Longest context in a budget** (``kind="fit"``), per model, batch and preset: bytes of the
+caches as a function of capacity (exact: the shapes of a cache at two capacities, the same
+numbers `memory_bytes()` gives), the weights, and the step's temporaries (the compiled
+programs' `memory_analysis()` at the contexts run, linear in the capacity) give the longest
+context whose weights + caches + temporaries fit ``--budget-gib`` (default: the device
+allocator's limit less ``--headroom-gib``). The presets in ``--verify`` are then allocated
+at that context and decoded for a few steps.
+
+**Bridge path.** transformers `Qwen2ForCausalLM` / `LlamaForCausalLM` at the same shapes
+(random bf16 weights, torch on CUDA) through `bench.bridge.Bench`: stock `DynamicCache` and
+`StaticCache` vs `bridge.TurboQuantHFCache` (exact and each preset), caches of random
+contents built directly as above (for the bridge: JAX caches put into its layers). Its
+correctness check (`Bench.check`: a real prefill, exact bridge vs stock logits) runs once
+per model at a small context. On the GPU with both paths each runs in its own process:
+JAX's allocator keeps what it freed, which torch could not get back.
+
+**Memory numbers** (``memory`` of a row): ``bytes_in_use_after_build`` = the allocator's
+bytes in use with weights and caches allocated (before the first step);
+``step_temp_bytes`` / ``step_output_bytes`` / ``step_alias_bytes`` = the compiled step's
+`memory_analysis()`; ``estimated_peak_bytes`` = bytes in use after build + temporaries +
+outputs not aliased to donated inputs; ``peak_bytes_in_use`` = the allocator's raw peak
+since the process started (it does not reset; it is the row's peak only when it grew during
+the row, ``peak_grew_in_row``). Cache bytes are `memory_bytes()` of the allocated caches;
+``bits_per_coordinate`` is the preset's long-context storage rate.
+
+Out-of-memory configurations are estimated before allocating and recorded as skipped with
+the reason (allocation errors are caught as well). ``e2e.json`` in ``--out`` is rewritten
+after every row, merged with the rows of earlier runs into the same folder (a row is
+replaced only by the same configuration: split a long run into several calls). A short
+table and the issue's targets are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tqjax import kvcache
+from tqjax.dense_cache import DenseCache
+from tqjax.models import Decoder, ModelConfig, Runner
+from tqjax.models.generate import _decode
+
+BF16 = "bf16"  # the exact DenseCache in the model's dtype
+MARGIN = 256  # capacity beyond the context: the decoded tokens
+PATHS = ("flax", "bridge")
+GIB = 2**30
+# Budgets for each path's JAX allocator (used only when unset, and only on a GPU).
+MEM_FRACTION = {"flax": "0.95", "bridge": "0.85"}
+DEFAULTS = dict(models="qwen2.5-7b,llama3-8b", batches="1,8", contexts="8192,32768,131072",
+                presets="bf16,k4v4,k3v3", paths="flax,bridge", verify=None)
+QUICK = dict(models="qwen2.5-7b", batches="8,1", contexts="32768,131072", presets="bf16,k4v4",
+             paths="flax", verify="bf16,k4v4")
+TARGETS = dict(b8_32k=1.4, b8_128k=2.5, b1_min=1.0, context=3.8)
+
+
+# ---- model shapes ----
+
+
+def tiny_config() -> ModelConfig:
+  """A 2-layer Qwen2-style model for CPU tests (prime-ish sizes, G = 3)."""
+  return ModelConfig(model_type="qwen2", vocab_size=131, hidden_size=96, intermediate_size=160,
+                     num_layers=2, num_heads=6, num_kv_heads=2, head_dim=64, qkv_bias=True,
+                     max_position_embeddings=1 << 20)
+
+
+MODELS: dict[str, Callable[[], ModelConfig]] = {
+  "qwen2.5-7b": ModelConfig.qwen2_5_7b, "llama3-8b": ModelConfig.llama3_8b, "tiny": tiny_config,
+}
+
+
+def model_config(name: str) -> ModelConfig:
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+  return MODELS[name]()
+
+
+def hf_config(config: ModelConfig) -> Any:
+  """The transformers config of the same shapes (Qwen2Config or LlamaConfig)."""
+  import transformers
+
+  common = dict(
+    vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+    intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+    num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+    head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+    max_position_embeddings=max(config.max_position_embeddings, 1 << 20),
+    tie_word_embeddings=config.tie_word_embeddings)
+  if config.model_type == "qwen2":
+    return transformers.Qwen2Config(**common)
+  if config.model_type == "llama":
+    return transformers.LlamaConfig(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias,
+                                    **common)
+  raise ValueError(f"no transformers config for model_type={config.model_type!r}")
+
+
+def random_runner(config: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Runner:
+  """A `Runner` of the decoder with random weights, made by one jitted program: kernels
+  uniform with variance 1/fan_in, embeddings of unit variance, norms 1, biases 0.1."""
+  abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  names = [jax.tree_util.keystr(path) for path, _ in flat]
+  shapes = [leaf for _, leaf in flat]
+
+  @jax.jit
+  def fill(key):
+    out = []
+    for i, (name, leaf) in enumerate(zip(names, shapes)):
+      k = jax.random.fold_in(key, i)
+      if "norm" in name:
+        out.append(jnp.ones(leaf.shape, leaf.dtype))
+      elif "embedding" in name:
+        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -math.sqrt(3), math.sqrt(3)))
+      elif len(leaf.shape) == 2:  # kernels [in, out]
+        bound = math.sqrt(3 / leaf.shape[0])
+        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound))
+      else:  # biases
+        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -0.1, 0.1))
+    return out
+
+  leaves = fill(jax.random.key(seed))
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+  return Runner.from_model(model)
+
+
+# ---- caches of a given context, random contents ----
+
+
+def cache_config(preset: str) -> kvcache.CacheConfig | None:
+  """None for the exact bf16 cache, else the named TurboQuant preset."""
+  return None if preset == BF16 else kvcache.preset(preset)
+
+
+def _random_dense(key, context, *, batch: int, num_kv_heads: int, head_dim: int,
+                  capacity: int, dtype) -> DenseCache:
+  """A DenseCache [B, K, capacity, D] of uniform(-2, 2) K/V, lengths = context."""
+  kk, kv = jax.random.split(key)
+  shape = (batch, num_kv_heads, capacity, head_dim)
+  cache = DenseCache.init(batch, num_kv_heads, head_dim, capacity, dtype)
+  return dataclasses.replace(
+    cache, k=jax.random.uniform(kk, shape, dtype, -2.0, 2.0),
+    v=jax.random.uniform(kv, shape, dtype, -2.0, 2.0),
+    lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def short_tokens(config: kvcache.CacheConfig) -> int:
+  """Tokens of the short dense cache a compressed one is made from."""
+  return config.sink_tokens + config.window + config.flush_block
+
+
+def _random_turboquant(key, context, *, config: kvcache.CacheConfig, layer: int, batch: int,
+                       num_kv_heads: int, head_dim: int, capacity: int, dtype,
+                       implementation: str) -> kvcache.TurboQuantCache:
+  """A TurboQuantCache holding `context` tokens: transforms, window and sinks from
+  ``from_dense`` of a short random dense cache, random codes and scales at full capacity."""
+  k_short, k_codes, k_scales = jax.random.split(key, 3)
+  short = short_tokens(config)
+  dense = _random_dense(k_short, short, batch=batch, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, capacity=short, dtype=dtype)
+  cache = kvcache.TurboQuantCache.from_dense(dense, config, layer=layer,
+                                             implementation=implementation)
+  held = cache.lengths - cache.compressed  # [B] tokens in the exact window
+
+  def codes(buffers, key):
+    keys = jax.random.split(key, len(buffers))
+    return tuple(jax.random.bits(k, x.shape[:2] + (capacity,) + x.shape[3:], jnp.uint8)
+                 for k, x in zip(keys, buffers))
+
+  def scales(buffers, key):  # positive, about the norm of a D-dim vector of unit entries
+    keys = jax.random.split(key, len(buffers))
+    root = math.sqrt(head_dim)
+    return tuple(jax.random.uniform(k, x.shape[:2] + (capacity,), x.dtype, 0.5 * root,
+                                    1.5 * root) for k, x in zip(keys, buffers))
+
+  kc, vc = jax.random.split(k_codes)
+  ks, vs = jax.random.split(k_scales)
+  lengths = jnp.full((batch,), context, jnp.int32)
+  return dataclasses.replace(
+    cache, k_codes=codes(cache.k_codes, kc), v_codes=codes(cache.v_codes, vc),
+    k_scales=scales(cache.k_scales, ks), v_scales=scales(cache.v_scales, vs),
+    lengths=lengths, compressed=lengths - held)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """Which caches to build: preset, batch, capacity, for one model."""
+  model: ModelConfig
+  preset: str
+  batch: int
+  capacity: int
+  dtype: Any
+  implementation: str  # of compressed caches
+
+  def builder(self, layer: int) -> Callable[..., Any]:
+    """fn(key, context) -> the cache of `layer` (not jitted)."""
+    m = self.model
+    shapes = dict(batch=self.batch, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                  capacity=self.capacity, dtype=self.dtype)
+    config = cache_config(self.preset)
+    if config is None:
+      return functools.partial(_random_dense, **shapes)
+    return functools.partial(_random_turboquant, config=config, layer=layer,
+                             implementation=self.implementation, **shapes)
+
+  def builder_group(self, layer: int) -> Any:
+    """Layers with equal groups share one compiled builder (equal quantizer configs)."""
+    config = cache_config(self.preset)
+    return None if config is None else config.quantizers(layer, self.model.head_dim)
+
+  def abstract(self) -> tuple[Any, ...]:
+    """The caches as ShapeDtypeStructs (nothing allocated; traced once per group)."""
+    shapes: dict[Any, Any] = {}
+    out = []
+    for layer in range(self.model.num_layers):
+      group = self.builder_group(layer)
+      if group not in shapes:
+        shapes[group] = jax.eval_shape(self.builder(layer), jax.random.key(0), jnp.int32(0))
+      out.append(shapes[group])
+    return tuple(out)
+
+  def check_context(self, context: int, steps: int) -> None:
+    config = cache_config(self.preset)
+    if config is not None and context <= short_tokens(config):
+      raise ValueError(f"{context=} must exceed the {short_tokens(config)} tokens of sinks, "
+                       f"window and flush block of preset {self.preset!r}")
+    if context + steps > self.capacity:
+      raise ValueError(f"{context=} + {steps} decoded tokens exceed capacity={self.capacity}")
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) leaf: what `memory_bytes()` counts."""
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "shape") and hasattr(x, "dtype")))
+
+
+def cache_memory_bytes(caches: Sequence[Any]) -> int:
+  return int(sum(c.memory_bytes() for c in caches))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+  """bytes(capacity) = fixed + per_token * capacity, all layers and batch rows."""
+  fixed: int
+  per_token: int  # bytes per position of the capacity, all layers and rows
+
+  @classmethod
+  def measure(cls, spec: CacheSpec, c1: int = 1024, c2: int = 2048) -> CacheLayout:
+    b1 = tree_nbytes(dataclasses.replace(spec, capacity=c1).abstract())
+    b2 = tree_nbytes(dataclasses.replace(spec, capacity=c2).abstract())
+    per_token, rest = divmod(b2 - b1, c2 - c1)
+    if rest:
+      raise ValueError(f"cache bytes are not linear in the capacity: {b1=} at {c1}, {b2=} at {c2}")
+    return cls(fixed=b1 - per_token * c1, per_token=per_token)
+
+  def bytes(self, capacity: int) -> int:
+    return self.fixed + self.per_token * capacity
+
+
+# ---- programs: lowered here, compiled in a pool ----
+
+
+def step_function(runner: Runner) -> Callable[..., Any]:
+  """The Runner's greedy decode step as fn(params, tokens [B, 1], caches, key) ->
+  (next tokens [B], caches, key), caches donated (no static arguments: the compiled program
+  takes exactly these)."""
+  return jax.jit(functools.partial(_decode, runner.graph, temperature=0.0, top_k=None,
+                                   top_p=None), donate_argnums=(2,))
+
+
+def memory_analysis(compiled: Any) -> dict[str, int] | None:
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if ma is None:
+    return None
+  names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+           "alias_size_in_bytes", "generated_code_size_in_bytes")
+  return {n.replace("_size_in_bytes", "_bytes"): int(getattr(ma, n, 0) or 0) for n in names}
+
+
+class Program:
+  """The compiled decode step and cache builders of one (preset, batch, capacity)."""
+
+  def __init__(self, spec: CacheSpec, runner: Runner, step: Callable[..., Any]):
+    self.spec = spec
+    t0 = time.perf_counter()
+    tokens = jax.ShapeDtypeStruct((spec.batch, 1), jnp.int32)
+    self.step_lowered = step.lower(runner.params, tokens, spec.abstract(), jax.random.key(0))
+    self.builder_lowered: dict[Any, Any] = {}
+    self.layer_group = []
+    for layer in range(spec.model.num_layers):
+      group = spec.builder_group(layer)
+      self.layer_group.append(group)
+      if group not in self.builder_lowered:
+        self.builder_lowered[group] = jax.jit(spec.builder(layer)).lower(
+          jax.random.key(0), jnp.int32(0))
+    self.lower_s = time.perf_counter() - t0
+    self.compile_s: float | None = None
+    self.step = None
+    self.builders: dict[Any, Any] = {}
+    self.memory: dict[str, int] | None = None
+
+  def compile(self) -> Program:
+    t0 = time.perf_counter()
+    self.step = self.step_lowered.compile()
+    self.builders = {g: low.compile() for g, low in self.builder_lowered.items()}
+    self.compile_s = time.perf_counter() - t0
+    self.memory = memory_analysis(self.step)
+    self.step_lowered = self.builder_lowered = None  # free the modules
+    return self
+
+  def step_extra_bytes(self) -> int | None:
+    """Temporaries + outputs not aliased to donated inputs (None: unknown)."""
+    if self.memory is None:
+      return None
+    m = self.memory
+    return m["temp_bytes"] + max(m["output_bytes"] - m["alias_bytes"], 0)
+
+  def build(self, key, context: int) -> tuple[Any, ...]:
+    """The caches (allocated) of `context` tokens, random contents."""
+    return tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
+                 for layer, group in enumerate(self.layer_group))
+
+
+def compile_all(make: Sequence[Callable[[], Program]], workers: int
+                ) -> tuple[list[Program | BaseException], float]:
+  """Lowers each program here (tracing holds the GIL) and compiles it in a pool as soon as
+  it is lowered. Returns the programs (or the error that stopped each) and the wall time."""
+  t0 = time.perf_counter()
+  futures: list[Future | BaseException] = []
+  with ThreadPoolExecutor(max(1, workers)) as pool:
+    for fn in make:
+      try:
+        futures.append(pool.submit(fn().compile))
+      except Exception as e:  # lowering failed
+        futures.append(e)
+    out = []
+    for f in futures:
+      if isinstance(f, BaseException):
+        out.append(f)
+        continue
+      try:
+        out.append(f.result())
+      except Exception as e:
+        out.append(e)
+  return out, time.perf_counter() - t0
+
+
+# ---- device memory ----
+
+
+def memory_stats() -> dict[str, int]:
+  stats = jax.devices()[0].memory_stats() or {}
+  keep = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_alloc_size")
+  return {k: int(stats[k]) for k in keep if k in stats}
+
+
+def is_oom(error: BaseException) -> bool:
+  text = f"{type(error).__name__}: {error}"
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                 "OutOfMemory", "CUDA_ERROR_OUT_OF_MEMORY"))
+
+
+def error_text(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error) else ''}"
+
+
+def free() -> None:
+  gc.collect()
+
+
+# ---- the results document ----
+
+
+def row_key(row: dict) -> tuple:
+  kind = row["kind"]
+  if kind == "fit":
+    return (kind, row["path"], row["model"], row["batch"], row["preset"])
+  return (kind, row["path"], row["model"], row["batch"], row["context"],
+          row.get("variant", row.get("preset")))
+
+
+class Results:
+  """e2e.json: rows (merged with earlier runs into the same folder), meta, targets."""
+
+  def __init__(self, out: str, fresh: bool = False):
+    os.makedirs(out, exist_ok=True)
+    self.path = os.path.join(out, "e2e.json")
+    self.doc: dict[str, Any] = dict(meta={}, notes=NOTES, rows=[], targets={})
+    if not fresh and os.path.exists(self.path):
+      with open(self.path) as f:
+        old = json.load(f)
+      self.doc["meta"] = old.get("meta", {})
+      self.doc["rows"] = old.get("rows", [])
+
+  @property
+  def rows(self) -> list[dict]:
+    return self.doc["rows"]
+
+  def add(self, row: dict) -> None:
+    key = row_key(row)
+    self.doc["rows"] = [r for r in self.rows if row_key(r) != key] + [row]
+    self.write()
+
+  def set_meta(self, path: str, meta: dict) -> None:
+    self.doc["meta"][path] = meta
+    self.write()
+
+  def write(self) -> None:
+    annotate(self.rows)
+    self.doc["targets"] = targets(self.rows)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.doc, f, indent=1, default=float)
+    os.replace(tmp, self.path)
+
+
+NOTES = {
+  "tokens_per_s": "batch / median step seconds (step = dispatch until the next tokens are ready)",
+  "tokens_per_s_mean": "batch / mean step seconds over the timed steps (with --steps 32: one "
+                       "window flush of a compressed cache included, amortized)",
+  "speedup_vs_bf16": "tokens_per_s / tokens_per_s of the bf16 row of the same path, model, "
+                     "batch and context",
+  "cache_bytes": "memory_bytes() of all layers' caches as allocated (capacity = context + 256)",
+  "cache_bytes_per_token": "bytes one more position of capacity costs, per sequence, all "
+                           "layers (keys and values)",
+  "memory.bytes_in_use_after_build": "allocator bytes in use with weights and caches allocated",
+  "memory.step_temp_bytes": "compiled decode step's memory_analysis() temporaries",
+  "memory.estimated_peak_bytes": "bytes_in_use_after_build + temporaries + outputs not aliased",
+  "memory.peak_bytes_in_use": "allocator's raw peak since process start (never reset)",
+  "fit.max_context": "longest context (multiple of 256) with weights + caches(context + 256) + "
+                     "step temporaries (linear fit over the contexts run) <= budget_bytes",
+  "bridge.step_ms": "median seconds of one HF forward of one token (bench.bridge.Bench)",
+}
+
+
+def annotate(rows: list[dict]) -> None:
+  """Ratios against the baseline rows of the same configuration."""
+  base: dict[tuple, dict] = {}
+  for r in rows:
+    if r.get("status") != "ok":
+      continue
+    if r["kind"] == "decode" and r["preset"] == BF16 and r.get("variant") in (None, "bridge-exact"):
+      base[(r["path"], r["model"], r["batch"], r["context"])] = r
+    if r["kind"] == "decode" and r.get("variant") in ("stock-static", "stock-dynamic"):
+      base[(r["path"], r["model"], r["batch"], r["context"], r["variant"])] = r
+  fits = {(r["path"], r["model"], r["batch"]): r for r in rows
+          if r["kind"] == "fit" and r["preset"] == BF16 and r.get("max_context")}
+  for r in rows:
+    if r.get("status") != "ok":
+      continue
+    if r["kind"] == "decode":
+      b = base.get((r["path"], r["model"], r["batch"], r["context"]))
+      if b is not None:
+        r["speedup_vs_bf16"] = r["tokens_per_s"] / b["tokens_per_s"]
+      for variant in ("stock-static", "stock-dynamic"):
+        s = base.get((r["path"], r["model"], r["batch"], r["context"], variant))
+        if s is not None:
+          r[f"speedup_vs_{variant.replace('-', '_')}"] = s["step_ms"] / r["step_ms"]
+    elif r["kind"] == "fit":
+      b = fits.get((r["path"], r["model"], r["batch"]))
+      if b is not None and r.get("max_context"):
+        r["context_ratio_vs_bf16"] = r["max_context"] / b["max_context"]
+
+
+def targets(rows: list[dict]) -> dict[str, Any]:
+  """Issue 6's targets on the Flax path, per model present, for k4v4."""
+  out: dict[str, Any] = {}
+  ok = [r for r in rows if r.get("status") == "ok" and r["path"] == "flax"]
+  for model in sorted({r["model"] for r in ok}):
+    dec = {(r["batch"], r["context"]): r.get("speedup_vs_bf16") for r in ok
+           if r["kind"] == "decode" and r["model"] == model and r["preset"] == "k4v4"}
+    fit = {r["batch"]: r.get("context_ratio_vs_bf16") for r in ok
+           if r["kind"] == "fit" and r["model"] == model and r["preset"] == "k4v4"}
+    t: dict[str, Any] = {}
+    for name, context in (("b8_32k", 32768), ("b8_128k", 131072)):
+      value = dec.get((8, context))
+      t[name] = dict(value=value, target=TARGETS[name],
+                     met=None if value is None else value >= TARGETS[name])
+    b1 = [v for (b, _), v in dec.items() if b == 1 and v is not None]
+    t["b1_min"] = dict(value=min(b1) if b1 else None, target=TARGETS["b1_min"],
+                       met=min(b1) >= TARGETS["b1_min"] if b1 else None)
+    ratios = [v for v in fit.values() if v is not None]
+    t["context"] = dict(value=min(ratios) if ratios else None, target=TARGETS["context"],
+                        met=min(ratios) >= TARGETS["context"] if ratios else None)
+    out[model] = t
+  return out
+
+
+# ---- the Flax path ----
+
+
+def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vocab: int
+               ) -> tuple[list[float], Any]:
+  """Runs warmup + steps greedy decode steps; seconds of each timed one, final caches."""
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    nxt, caches, key = step(params, tokens, caches, key)
+    nxt.block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    tokens = nxt[:, None]
+  host = np.asarray(tokens)
+  if host.min() < 0 or host.max() >= vocab:
+    raise RuntimeError(f"decoded tokens out of range [0, {vocab}): {host.ravel()[:8]}")
+  return times, caches
+
+
+class FlaxBench:
+
+  def __init__(self, args, results: Results):
+    self.args = args
+    self.results = results
+    self.implementation = args.implementation or (
+      "pallas" if jax.default_backend() == "gpu" else "xla")
+    self.dtype = jnp.bfloat16
+    stats = memory_stats()
+    limit = args.memory_limit_gib * GIB if args.memory_limit_gib else stats.get("bytes_limit")
+    self.limit = None if limit is None else int(limit)
+    self.headroom = int(args.headroom_gib * GIB)
+    if args.budget_gib:
+      self.budget = int(args.budget_gib * GIB)
+    elif self.limit is not None:
+      self.budget = self.limit - self.headroom
+    else:
+      self.budget = None
+    results.set_meta("flax", dict(
+      jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+      implementation=self.implementation, dtype="bfloat16", steps=args.steps,
+      warmup=args.warmup, margin=MARGIN, memory_limit_bytes=self.limit,
+      headroom_bytes=self.headroom, budget_bytes=self.budget,
+      compile_workers=args.compile_workers, memory_stats_at_start=stats,
+      allocator=dict((k, os.environ.get(k)) for k in (
+        "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "XLA_PYTHON_CLIENT_ALLOCATOR"))))
+
+  def available(self) -> int | None:
+    """Bytes that may still be allocated (None: unknown, e.g. on the CPU)."""
+    if self.limit is None:
+      return None
+    return self.limit - self.headroom - memory_stats().get("bytes_in_use", 0)
+
+  def run(self) -> None:
+    for name in self.args.models:
+      self.run_model(name)
+      free()
+
+  def run_model(self, name: str) -> None:
+    args = self.args
+    config = model_config(name)
+    t0 = time.perf_counter()
+    runner = random_runner(config, self.dtype)
+    jax.block_until_ready(runner.params)
+    weights = tree_nbytes(runner.params)
+    weights_s = time.perf_counter() - t0
+    step = step_function(runner)
+    base = dict(kind="decode", path="flax", model=name, implementation=self.implementation,
+                dtype="bfloat16", steps=args.steps, warmup=args.warmup, weights_bytes=weights)
+    layouts = {}
+    for preset in args.presets:
+      for batch in args.batches:
+        spec = CacheSpec(config, preset, batch, 2048, self.dtype, self.implementation)
+        layouts[preset, batch] = CacheLayout.measure(spec)
+
+    # Wave 1: every (preset, batch, context) that may fit.
+    cells, makers = [], []
+    for batch in args.batches:
+      for context in args.contexts:
+        for preset in args.presets:
+          capacity = context + MARGIN
+          spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation)
+          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
+          need = layouts[preset, batch].bytes(capacity)
+          avail = self.available()
+          if avail is not None and need > avail:
+            self.results.add(dict(row, status="skipped", reason=(
+              f"out of memory (estimated before allocating): caches need {need / GIB:.1f} GiB, "
+              f"{avail / GIB:.1f} GiB free after the weights ({weights / GIB:.1f} GiB) and "
+              f"{self.headroom / GIB:.1f} GiB headroom")))
+            continue
+          spec.check_context(context, args.warmup + args.steps)
+          cells.append((row, spec))
+          makers.append(functools.partial(Program, spec, runner, step))
+    programs, wave_s = compile_all(makers, args.compile_workers)
+    print(f"[flax {name}] weights {weights / GIB:.2f} GiB in {weights_s:.1f} s; compiled "
+          f"{len(programs)} programs in {wave_s:.1f} s", flush=True)
+
+    measured: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for (row, spec), program in zip(cells, programs):
+      row["compile_wave_s"], row["compile_wave_programs"] = wave_s, len(programs)
+      if isinstance(program, BaseException):
+        status = "skipped" if is_oom(program) else "error"
+        self.results.add(dict(row, status=status, reason=f"compile: {error_text(program)}"))
+        continue
+      extra = program.step_extra_bytes()
+      if extra is not None:
+        measured.setdefault((spec.preset, spec.batch), []).append((spec.capacity, extra))
+      self.results.add(self.decode_row(row, spec, program, runner, layouts, weights))
+      print(self.line(self.results.rows[-1]), flush=True)
+      del program
+      free()
+    self.fit(name, config, runner, step, base, layouts, measured, weights)
+
+  def decode_row(self, row: dict, spec: CacheSpec, program: Program, runner: Runner,
+                 layouts: dict, weights: int, *, steps: int | None = None) -> dict:
+    args = self.args
+    steps = args.steps if steps is None else steps
+    layout = layouts[spec.preset, spec.batch]
+    config = cache_config(spec.preset)
+    bits = (8.0 * jnp.dtype(spec.dtype).itemsize if config is None else
+            config.bits_per_coordinate(spec.model.num_layers, spec.model.head_dim))
+    row = dict(row, lower_s=program.lower_s, compile_s=program.compile_s,
+               bits_per_coordinate=bits, cache_bytes_per_token=layout.per_token / spec.batch)
+    extra = program.step_extra_bytes()
+    need = layout.bytes(spec.capacity) + (extra or 0)
+    avail = self.available()
+    if avail is not None and need > avail:
+      return dict(row, status="skipped", reason=(
+        f"out of memory (estimated before allocating): caches + step temporaries need "
+        f"{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB free"))
+    caches = None
+    try:
+      before = memory_stats()
+      key = jax.random.key(spec.batch * 1_000_003 + row["context"])
+      caches = program.build(key, row["context"])
+      jax.block_until_ready(caches)
+      built = memory_stats()
+      cache_bytes = cache_memory_bytes(caches)
+      if cache_bytes != layout.bytes(spec.capacity):
+        raise RuntimeError(f"memory_bytes()={cache_bytes} differs from the layout's "
+                           f"{layout.bytes(spec.capacity)} at capacity {spec.capacity}")
+      tokens = jax.random.randint(jax.random.key(7), (spec.batch, 1), 0,
+                                  spec.model.vocab_size, jnp.int32)
+      times, caches = time_steps(program.step, runner.params, tokens, caches, jax.random.key(1),
+                                 warmup=args.warmup, steps=steps, vocab=spec.model.vocab_size)
+      lengths = np.asarray(caches[0].lengths)
+      want = row["context"] + args.warmup + steps
+      if not (lengths == want).all():
+        raise RuntimeError(f"cache lengths after decoding are {lengths}, expected {want}")
+      after = memory_stats()
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+      caches = None
+      free()
+      status = "skipped" if is_oom(e) else "error"
+      if status == "error":
+        traceback.print_exc()
+      return dict(row, status=status, reason=f"run: {error_text(e)}")
+    finally:
+      del caches
+      free()
+    median, mean = statistics.median(times), statistics.fmean(times)
+    read = weights + layout.per_token * row["context"]
+    memory = dict(memory_stats_before=before, bytes_in_use_after_build=built.get("bytes_in_use"),
+                  peak_bytes_in_use=after.get("peak_bytes_in_use"),
+                  peak_grew_in_row=(after.get("peak_bytes_in_use", 0)
+                                    > before.get("peak_bytes_in_use", 0)) if after else None,
+                  **{f"step_{k}": v for k, v in (program.memory or {}).items()})
+    if extra is not None:  # without allocator statistics (CPU): weights + caches + step
+      held = built.get("bytes_in_use")
+      memory["estimated_peak_basis"] = ("bytes_in_use_after_build" if held is not None
+                                        else "weights_bytes + cache_bytes")
+      memory["estimated_peak_bytes"] = (weights + cache_bytes if held is None else held) + extra
+    return dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * mean,
+                step_ms_min=1e3 * min(times), step_ms_all=[1e3 * t for t in times],
+                tokens_per_s=spec.batch / median, tokens_per_s_mean=spec.batch / mean,
+                cache_bytes=cache_bytes, bytes_read_per_step_estimate=read,
+                read_tb_per_s=read / median / 1e12, memory=memory)
+
+  # -- the longest context in the budget --
+
+  def fit(self, name: str, config: ModelConfig, runner: Runner, step, base: dict,
+          layouts: dict, measured: dict, weights: int) -> None:
+    args = self.args
+    if self.budget is None:
+      print(f"[flax {name}] no memory budget known (CPU without --budget-gib): no fit rows",
+            flush=True)
+      return
+    fits = {}
+    for batch in args.batches:
+      for preset in args.presets:
+        layout = layouts[preset, batch]
+        points = measured.get((preset, batch), [])
+        if len({c for c, _ in points}) >= 2:
+          slope, intercept = np.polyfit([c for c, _ in points], [t for _, t in points], 1)
+          temp_a, temp_b = float(max(intercept, 0.0)), float(max(slope, 0.0))
+        elif points:
+          temp_a, temp_b = float(max(t for _, t in points)), 0.0
+        else:
+          temp_a, temp_b = 0.0, 0.0
+        free_bytes = self.budget - weights - layout.fixed - temp_a
+        per = layout.per_token + temp_b
+        context = int((free_bytes - per * MARGIN) // per) // 256 * 256
+        row = dict(kind="fit", path="flax", model=name, batch=batch, preset=preset,
+                   budget_bytes=self.budget, weights_bytes=weights,
+                   cache_fixed_bytes=layout.fixed,
+                   cache_bytes_per_token=layout.per_token / batch,
+                   temp_fit=dict(bytes_at_0=temp_a, bytes_per_token=temp_b / batch,
+                                 points=[dict(capacity=c, bytes=t) for c, t in points]),
+                   max_context=max(context, 0), verified=None)
+        if context > 0:
+          cap = context + MARGIN
+          row["estimated_total_bytes"] = (weights + layout.bytes(cap) + temp_a + temp_b * cap)
+          row["status"] = "ok"
+        else:
+          row["status"] = "skipped"
+          row["reason"] = "the weights and step temporaries alone exceed the budget"
+        fits[batch, preset] = row
+        self.results.add(row)
+    # Verification: allocate at the fitted context and decode a few steps.
+    todo = [(b, p) for b in args.batches for p in args.verify
+            if p in args.presets and fits[b, p]["status"] == "ok"]
+    makers, specs = [], []
+    for batch, preset in todo:
+      context = fits[batch, preset]["max_context"]
+      spec = CacheSpec(config, preset, batch, context + MARGIN, self.dtype, self.implementation)
+      spec.check_context(context, args.warmup + args.verify_steps)
+      specs.append(spec)
+      makers.append(functools.partial(Program, spec, runner, step))
+    if not makers:
+      return
+    programs, wave_s = compile_all(makers, args.compile_workers)
+    print(f"[flax {name}] compiled {len(programs)} fit checks in {wave_s:.1f} s", flush=True)
+    for spec, program in zip(specs, programs):
+      row = fits[spec.batch, spec.preset]
+      if isinstance(program, BaseException):
+        row.update(verified=False, verify=dict(error=f"compile: {error_text(program)}"))
+        self.results.add(row)
+        continue
+      row_in = dict(base, batch=spec.batch, context=row["max_context"], preset=spec.preset,
+                    capacity=spec.capacity)
+      result = self.decode_row(row_in, spec, program, runner, layouts, weights,
+                               steps=args.verify_steps)
+      del program
+      free()
+      verify = {k: result.get(k) for k in ("status", "reason", "step_ms", "tokens_per_s",
+                                           "cache_bytes", "compile_s", "memory")}
+      peak = (result.get("memory") or {}).get("estimated_peak_bytes")
+      verify["within_budget"] = None if peak is None else peak <= self.budget
+      row.update(verified=result["status"] == "ok" and verify["within_budget"] is not False,
+                 verify=verify)
+      self.results.add(row)
+      print(self.line(row), flush=True)
+
+  @staticmethod
+  def line(r: dict) -> str:
+    if r["kind"] == "fit":
+      return (f"fit {r['model']} B={r['batch']} {r['preset']}: max context {r['max_context']} "
+              f"verified={r.get('verified')}")
+    if r.get("status") != "ok":
+      return (f"{r['model']} B={r['batch']} S={r['context']} {r['preset']}: {r['status']} "
+              f"({r.get('reason')})")
+    return (f"{r['model']} B={r['batch']} S={r['context']} {r['preset']}: "
+            f"{r['step_ms']:.2f} ms, {r['tokens_per_s']:.1f} tok/s, compile {r['compile_s']:.1f} s")
+
+
+def check_step_matches_runner(runner: Runner, spec: CacheSpec, context: int, *, steps: int = 3
+                              ) -> tuple[tuple[np.ndarray, Any], tuple[np.ndarray, Any]]:
+  """`steps` greedy steps by the bench's compiled step and by the Runner's own
+  `decode_step`, each on its own copy of the same random caches: ((tokens [B, steps],
+  final caches) of the bench, (the same) of the Runner). The bench's correctness reference."""
+  program = Program(spec, runner, step_function(runner)).compile()
+  tokens = jax.random.randint(jax.random.key(4), (spec.batch, 1), 0, spec.model.vocab_size,
+                              jnp.int32)
+  results = []
+  for run in (functools.partial(program.step, runner.params), runner.decode_step):
+    caches, t, key, out = program.build(jax.random.key(3), context), tokens, jax.random.key(5), []
+    for _ in range(steps):
+      nxt, caches, key = run(t, caches, key)
+      out.append(np.asarray(nxt))
+      t = nxt[:, None]
+    results.append((np.stack(out, 1), caches))
+  return results[0], results[1]
+
+
+# ---- the bridge path ----
+
+
+class BridgeE2E:
+  """Stock transformers caches vs the tqjax bridge, caches of random contents."""
+
+  def __init__(self, args, results: Results):
+    import torch
+
+    from bench import bridge as bridge_bench
+
+    self.torch = torch
+    self.bridge_bench = bridge_bench
+    self.args = args
+    self.results = results
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.implementation = args.implementation or (
+      "pallas" if jax.default_backend() == "gpu" else "xla")
+    self.compressed = [p for p in args.presets if p != BF16]
+    self.headroom = int(args.headroom_gib * GIB)
+    results.set_meta("bridge", dict(
+      torch=torch.__version__, jax=jax.__version__,
+      transformers=__import__("transformers").__version__, device=(
+        torch.cuda.get_device_name() if self.device == "cuda" else "cpu"),
+      jax_backend=jax.default_backend(), implementation=self.implementation,
+      dtype="bfloat16" if self.device == "cuda" else "float32", steps=args.steps,
+      warmup=args.warmup, margin=self.bridge_bench.MARGIN))
+
+  def run(self) -> None:
+    for name in self.args.models:
+      self.run_model(name)
+
+  def bench(self, config: ModelConfig):
+    a = self.args
+    bargs = argparse.Namespace(quick=self.device == "cpu", steps=a.steps, warmup=a.warmup,
+                               presets=self.compressed, implementation=self.implementation)
+    return self.bridge_bench.Bench(bargs, config=hf_config(config))
+
+  def free_bytes(self, jax_side: bool = False) -> int | None:
+    """Bytes that torch (or, with `jax_side`, JAX: its allocator's free pool too, within its
+    limit) may still allocate, less the headroom; None when unknown (CPU)."""
+    if self.device != "cuda":
+      return None if not self.args.memory_limit_gib else int(self.args.memory_limit_gib * GIB)
+    free = int(self.torch.cuda.mem_get_info()[0])
+    if jax_side:
+      stats = jax.devices()[0].memory_stats() or {}
+      in_use = stats.get("bytes_in_use", 0)
+      free += max(stats.get("pool_bytes", in_use) - in_use, 0)
+      if "bytes_limit" in stats:
+        free = min(free, stats["bytes_limit"] - in_use)
+    return free - self.headroom
+
+  def run_model(self, name: str) -> None:
+    torch, args = self.torch, self.args
+    config = model_config(name)
+    bb = self.bench(config)
+    dtype = bb.dtype
+    elem = torch.finfo(dtype).bits // 8
+    base = dict(kind="decode", path="bridge", model=name, implementation=self.implementation,
+                dtype=str(dtype).removeprefix("torch."), steps=args.steps, warmup=args.warmup)
+    check_context = min(1024, min(args.contexts))
+    try:
+      check = bb.check(check_context)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded, the timing still runs
+      check = dict(context=check_context, error=error_text(e))
+    meta = dict(self.results.doc["meta"].get("bridge", {}))
+    meta.setdefault("check", {})[name] = check
+    self.results.set_meta("bridge", meta)
+    print(f"[bridge {name}] check: {json.dumps(check)}", flush=True)
+    mk = lambda *shape: torch.empty(shape, device=bb.device, dtype=dtype).uniform_(-2, 2)
+    layers, kh, d = config.num_layers, config.num_kv_heads, config.head_dim
+    kv_bytes = lambda batch, s: 2 * layers * batch * kh * s * d * elem
+    breakdown = {}
+    for batch in args.batches:
+      token = torch.randint(0, config.vocab_size, (batch, 1), device=bb.device)
+      breakdown[batch] = dict(torch=bb.torch_only(token), handoff=bb.handoffs(batch))
+    # Phase 1: stock caches (torch memory, released after each).
+    for batch in args.batches:
+      token = torch.randint(0, config.vocab_size, (batch, 1), device=bb.device)
+      torch_s = breakdown[batch]["torch"]
+      for context in args.contexts:
+        cap = context + self.bridge_bench.MARGIN
+        for variant in ("stock-dynamic", "stock-static"):
+          row = dict(base, batch=batch, context=context, preset=BF16, variant=variant)
+          need = kv_bytes(batch, cap if variant == "stock-static" else context + 1) + (
+            2 * kv_bytes(batch, context) // layers)  # one layer's K/V in flight
+          avail = self.free_bytes()
+          if avail is not None and need > avail:
+            self.results.add(dict(row, status="skipped", reason=(
+              f"out of memory (estimated before allocating): {need / GIB:.1f} GiB of K/V, "
+              f"{avail / GIB:.1f} GiB free")))
+            continue
+          cache = None
+          try:
+            if variant == "stock-dynamic":
+              cache = self.bridge_bench.DynamicCache(config=bb.config)
+            else:
+              cache = self.bridge_bench.StaticCache(config=bb.config, max_cache_len=cap)
+            for i in range(layers):
+              cache.update(mk(batch, kh, context, d), mk(batch, kh, context, d), i)
+            nbytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+            if bb.device == "cuda":
+              torch.cuda.reset_peak_memory_stats()
+            step = bb.timed_steps(token, cache)
+            peak = torch.cuda.max_memory_allocated() if bb.device == "cuda" else None
+            row.update(status="ok", step_ms=1e3 * step, tokens_per_s=batch / step,
+                       kv_bytes=nbytes, torch_peak_bytes=peak,
+                       breakdown_ms=dict(torch=1e3 * torch_s, attention=1e3 * (step - torch_s)))
+          except Exception as e:  # noqa: BLE001
+            row.update(status="skipped" if is_oom(e) else "error", reason=error_text(e))
+          finally:
+            del cache
+            bb.free()
+          self.results.add(row)
+          print(self.line(row), flush=True)
+    # Phase 2: the bridge (JAX memory).
+    for batch in args.batches:
+      token = torch.randint(0, config.vocab_size, (batch, 1), device=bb.device)
+      for context in args.contexts:
+        for preset in [BF16, *self.compressed]:
+          self.results.add(self.bridge_row(bb, config, base, batch, context, preset, token,
+                                           breakdown[batch]))
+          print(self.line(self.results.rows[-1]), flush=True)
+    del bb
+    free()
+    if self.device == "cuda":
+      torch.cuda.empty_cache()
+
+  def bridge_row(self, bb, config: ModelConfig, base: dict, batch: int, context: int,
+                 preset: str, token, breakdown: dict) -> dict:
+    import bridge
+
+    variant = "bridge-exact" if preset == BF16 else f"bridge-{preset}"
+    cap = context + self.bridge_bench.MARGIN
+    row = dict(base, batch=batch, context=context, preset=preset, variant=variant, capacity=cap)
+    dtype = jnp.dtype(str(bb.dtype).removeprefix("torch."))
+    spec = CacheSpec(config, preset, batch, cap, dtype, self.implementation)
+    layout = CacheLayout.measure(spec)
+    need = layout.bytes(cap)
+    avail = self.free_bytes(jax_side=True)
+    if avail is not None and need > avail:
+      return dict(row, status="skipped", reason=(
+        f"out of memory (estimated before allocating): caches need {need / GIB:.1f} GiB, "
+        f"{avail / GIB:.1f} GiB free"))
+    cache = None
+    try:
+      spec.check_context(context, 2 * (self.args.warmup + self.args.steps))
+      builders: dict[Any, Any] = {}
+      states = []
+      key = jax.random.key(batch * 1_000_003 + context)
+      for layer in range(config.num_layers):
+        group = spec.builder_group(layer)
+        if group not in builders:
+          builders[group] = jax.jit(spec.builder(layer))
+        states.append(builders[group](jax.random.fold_in(key, layer), jnp.int32(context)))
+      jax.block_until_ready(states)
+      cache = bridge.TurboQuantHFCache.from_model(
+        bb.model, preset=None if preset == BF16 else preset, max_cache_len=cap,
+        implementation=self.implementation)
+      for layer, state in zip(cache.layers, states):
+        layer.state, layer.capacity, layer.seen = state, cap, context
+        layer.device, layer.dtype, layer.is_initialized = bb.device, bb.dtype, True
+      del states
+      with bridge.tqjax_attention(bb.model):
+        step = bb.timed_steps(token, cache)
+        jax_s = bb.jax_attention(cache, batch)
+      stats = memory_stats() if jax.default_backend() == "gpu" else {}
+      t = breakdown
+      row.update(status="ok", step_ms=1e3 * step, tokens_per_s=batch / step,
+                 kv_bytes=cache.memory_bytes(), cache_bytes=cache.memory_bytes(),
+                 jax_memory=stats, breakdown_ms=dict(
+                   torch=1e3 * t["torch"], handoff=1e3 * t["handoff"], jax=1e3 * jax_s,
+                   glue=1e3 * (step - t["torch"] - t["handoff"] - jax_s)))
+    except Exception as e:  # noqa: BLE001
+      row.update(status="skipped" if is_oom(e) else "error", reason=error_text(e))
+      if row["status"] == "error":
+        traceback.print_exc()
+    finally:
+      del cache
+      bb.free()
+    return row
+
+  @staticmethod
+  def line(r: dict) -> str:
+    if r.get("status") != "ok":
+      return (f"{r['model']} B={r['batch']} S={r['context']} {r['variant']}: {r['status']} "
+              f"({r.get('reason')})")
+    return (f"{r['model']} B={r['batch']} S={r['context']} {r['variant']}: "
+            f"{r['step_ms']:.2f} ms, {r['tokens_per_s']:.1f} tok/s")
+
+
+# ---- the table ----
+
+
+def fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
+  return none if x is None else format(x, spec)
+
+
+def table(doc: dict) -> str:
+  rows = doc["rows"]
+  lines = []
+  dec = [r for r in rows if r["kind"] == "decode" and r["path"] == "flax"]
+  if dec:
+    lines.append(f"{'flax':12s} {'B':>2s} {'S':>7s} {'preset':7s} {'ms':>8s} {'mean':>8s} "
+                 f"{'tok/s':>8s} {'x bf16':>6s} {'cache GiB':>9s} {'peak GiB':>8s} {'comp s':>6s}")
+    for r in sorted(dec, key=lambda r: (r["model"], r["batch"], r["context"], r["preset"])):
+      if r.get("status") != "ok":
+        lines.append(f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} "
+                     f"{r['preset'][:7]:7s} {r['status']}: {str(r.get('reason'))[:70]}")
+        continue
+      peak = (r.get("memory") or {}).get("estimated_peak_bytes")
+      lines.append(
+        f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} {r['preset'][:7]:7s} "
+        f"{r['step_ms']:8.2f} {r['step_ms_mean']:8.2f} {r['tokens_per_s']:8.1f} "
+        f"{fmt(r.get('speedup_vs_bf16')):>6s} {r['cache_bytes'] / GIB:9.2f} "
+        f"{fmt(None if peak is None else peak / GIB):>8s} {fmt(r.get('compile_s'), '.1f'):>6s}")
+  fits = [r for r in rows if r["kind"] == "fit"]
+  if fits:
+    lines.append(f"{'fit':12s} {'B':>2s} {'preset':7s} {'max ctx':>9s} {'x bf16':>6s} "
+                 f"{'budget GiB':>10s} {'verified':8s}")
+    for r in sorted(fits, key=lambda r: (r["model"], r["batch"], r["preset"])):
+      lines.append(f"{r['model'][:12]:12s} {r['batch']:2d} {r['preset'][:7]:7s} "
+                   f"{r.get('max_context', 0):9d} {fmt(r.get('context_ratio_vs_bf16')):>6s} "
+                   f"{r['budget_bytes'] / GIB:10.1f} {str(r.get('verified')):8s}")
+  br = [r for r in rows if r["kind"] == "decode" and r["path"] == "bridge"]
+  if br:
+    lines.append(f"{'bridge':12s} {'B':>2s} {'S':>7s} {'variant':14s} {'ms':>8s} {'tok/s':>8s} "
+                 f"{'x static':>8s} {'x dyn':>6s} {'KV GiB':>7s}")
+    for r in sorted(br, key=lambda r: (r["model"], r["batch"], r["context"], r["variant"])):
+      if r.get("status") != "ok":
+        lines.append(f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} "
+                     f"{r['variant'][:14]:14s} {r['status']}: {str(r.get('reason'))[:60]}")
+        continue
+      lines.append(
+        f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} {r['variant'][:14]:14s} "
+        f"{r['step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
+        f"{fmt(r.get('speedup_vs_stock_static')):>8s} {fmt(r.get('speedup_vs_stock_dynamic')):>6s} "
+        f"{r['kv_bytes'] / GIB:7.2f}")
+  for model, t in doc.get("targets", {}).items():
+    parts = []
+    for name, label in (("b8_32k", "B8 32K x"), ("b8_128k", "B8 128K x"),
+                        ("b1_min", "B1 min x"), ("context", "context x")):
+      v = t[name]
+      mark = {True: "ok", False: "MISS", None: "n/a"}[v["met"]]
+      parts.append(f"{label} {fmt(v['value'])} (>= {v['target']}) {mark}")
+    lines.append(f"targets k4v4 {model}: " + "; ".join(parts))
+  return "\n".join(lines)
+
+
+# ---- main ----
+
+
+def parse_list(kind, text: str) -> list:
+  values = [kind(x.strip()) for x in text.split(",") if x.strip()]
+  if not values:
+    raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+  return values
+
+
+def parse_context(text: str) -> int:
+  t = text.strip().lower()
+  return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default=".", help="directory for e2e.json")
+  ap.add_argument("--quick", action="store_true",
+                  help="headline rows only: " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()))
+  ap.add_argument("--models", default=None, help=f"comma-separated, of {sorted(MODELS)} "
+                  f"(default {DEFAULTS['models']})")
+  ap.add_argument("--batches", default=None, help=f"default {DEFAULTS['batches']}")
+  ap.add_argument("--contexts", default=None, help=f"tokens, e.g. 32K (default {DEFAULTS['contexts']})")
+  ap.add_argument("--presets", default=None,
+                  help=f"bf16 (exact cache) and TurboQuant presets {sorted(kvcache.PRESETS)} "
+                  f"(default {DEFAULTS['presets']})")
+  ap.add_argument("--paths", default=None, help=f"flax, bridge (default {DEFAULTS['paths']})")
+  ap.add_argument("--verify", default=None,
+                  help="presets allocated at their fitted longest context (default: all)")
+  ap.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--verify-steps", type=int, default=3)
+  ap.add_argument("--budget-gib", type=float, default=None,
+                  help="memory budget of the fit (default: allocator limit - headroom)")
+  ap.add_argument("--headroom-gib", type=float, default=4.0)
+  ap.add_argument("--memory-limit-gib", type=float, default=None,
+                  help="device memory to plan for (default: the allocator's limit; none on CPU)")
+  ap.add_argument("--implementation", default=None, choices=["xla", "pallas"],
+                  help="of compressed caches (default: pallas on GPU, xla on CPU)")
+  ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
+  ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache dir")
+  ap.add_argument("--in-process", action="store_true",
+                  help="run both paths in this process (CPU); default on GPU: one process each")
+  ap.add_argument("--fresh", action="store_true", help="discard rows of earlier runs in --out")
+  return ap
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+  base = QUICK if args.quick else DEFAULTS
+  for name in ("models", "batches", "contexts", "presets", "paths", "verify"):
+    if getattr(args, name) is None:
+      setattr(args, name, base[name])
+  args.models = parse_list(str, args.models)
+  args.batches = parse_list(int, args.batches)
+  args.contexts = parse_list(parse_context, args.contexts)
+  args.presets = parse_list(str, args.presets)
+  args.paths = parse_list(str, args.paths)
+  args.verify = args.presets if args.verify is None else parse_list(str, args.verify)
+  for m in args.models:
+    model_config(m)
+  for p in args.presets:
+    cache_config(p)
+  bad = sorted(set(args.paths) - set(PATHS))
+  if bad:
+    raise SystemExit(f"--paths: unknown {bad}; choose from {PATHS}")
+  bad = sorted(set(args.verify) - set(args.presets))
+  if bad:
+    raise SystemExit(f"--verify: {bad} not in --presets {args.presets}")
+  if args.steps < 1 or args.warmup < 0 or args.verify_steps < 1:
+    raise SystemExit(f"need --steps >= 1, --warmup >= 0, --verify-steps >= 1, got "
+                     f"{args.steps}, {args.warmup}, {args.verify_steps}")
+  if 2 * (args.warmup + args.steps) > MARGIN:
+    raise SystemExit(f"2 x (--warmup + --steps) = {2 * (args.warmup + args.steps)} exceeds the "
+                     f"{MARGIN} tokens of room beyond each context")
+  return args
+
+
+def configure_allocator(paths: Sequence[str]) -> None:
+  """JAX's GPU allocator: grow on demand; a larger share than the default 75% for the
+  Flax path (nothing else uses the GPU), less for the bridge (torch holds the weights).
+  Must run before the JAX backend starts; explicit settings win."""
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  fraction = MEM_FRACTION["bridge" if "bridge" in paths else "flax"]
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
+
+
+def run_children(args: argparse.Namespace, argv: Sequence[str]) -> int:
+  """Each path in its own process (same options, --paths <one>), sequentially."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rc = 0
+  for path in args.paths:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION[path])
+    cmd = [sys.executable, "-m", "bench.e2e", *strip_paths(argv), "--paths", path,
+           "--no-table"]
+    print(f"=== {path}: {' '.join(cmd[1:])}", flush=True)
+    rc = subprocess.run(cmd, env=env, cwd=root).returncode or rc
+  return rc
+
+
+def strip_paths(argv: Sequence[str]) -> list[str]:
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    if a == "--paths":
+      skip = True
+      continue
+    if a.startswith("--paths=") or a in ("--in-process", "--fresh"):
+      continue
+    out.append(a)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  ap = build_parser()
+  ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
+  args = resolve(ap.parse_args(argv))
+  results = Results(args.out, fresh=args.fresh)
+  if len(args.paths) > 1 and not args.in_process:
+    if args.fresh:
+      results.write()  # the children merge into an emptied e2e.json
+    rc = run_children(args, argv)
+    results = Results(args.out)
+  else:
+    configure_allocator(args.paths)
+    if args.compile_cache:
+      jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    rc = 0
+    if "flax" in args.paths:
+      FlaxBench(args, results).run()
+    if "bridge" in args.paths:
+      BridgeE2E(args, results).run()
+    results.write()
+  if not args.no_table:
+    print()
+    print(table(results.doc))
+    print(f"wrote {results.path}")
+  return rc
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,216 @@
+"""bench/e2e.py end to end on the CPU at tiny shapes: complete, consistent rows; the bench's
+decode step is the Runner's; caches are built at their context with random contents."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import e2e
+from tqjax import kvcache
+from tqjax.models import ModelConfig
+
+TINY = ["--models", "tiny", "--batches", "2", "--presets", "bf16,k4v4", "--warmup", "1",
+        "--headroom-gib", "0", "--in-process"]
+
+
+@pytest.fixture(scope="module")
+def flax_run(tmp_path_factory):
+  """One Flax run: two contexts that fit, one (1M tokens) beyond a 64 MiB device, a 20 MiB
+  fit budget verified for both presets."""
+  out = tmp_path_factory.mktemp("e2e")
+  rc = e2e.main([*TINY, "--paths", "flax", "--contexts", "256,384,1048576", "--budget-gib",
+                 str(20 / 1024), "--memory-limit-gib", str(64 / 1024), "--out", str(out)])
+  with open(out / "e2e.json") as f:
+    return rc, json.load(f), out
+
+
+def test_decode_rows_are_complete(flax_run):
+  rc, doc, _ = flax_run
+  assert rc == 0
+  rows = {(r["context"], r["preset"]): r for r in doc["rows"] if r["kind"] == "decode"}
+  assert set(rows) == {(s, p) for s in (256, 384, 1 << 20) for p in ("bf16", "k4v4")}
+  for context in (256, 384):
+    for preset in ("bf16", "k4v4"):
+      r = rows[context, preset]
+      assert r["status"] == "ok", r
+      assert r["path"] == "flax" and r["model"] == "tiny" and r["batch"] == 2
+      assert r["capacity"] == context + e2e.MARGIN
+      assert len(r["step_ms_all"]) == r["steps"] == 32
+      assert r["step_ms_min"] <= r["step_ms"] <= max(r["step_ms_all"])
+      assert r["tokens_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+      assert r["compile_s"] > 0 and r["lower_s"] > 0
+      layers, kv_heads, head_dim = 2, 2, 64
+      assert r["cache_bytes_per_token"] == pytest.approx(
+        layers * 2 * kv_heads * head_dim * r["bits_per_coordinate"] / 8)
+      memory = r["memory"]
+      assert memory["step_temp_bytes"] > 0
+      assert memory["estimated_peak_bytes"] > r["cache_bytes"] + r["weights_bytes"] - 1
+    assert rows[context, "bf16"]["speedup_vs_bf16"] == 1.0
+    assert rows[context, "k4v4"]["speedup_vs_bf16"] == pytest.approx(
+      rows[context, "k4v4"]["tokens_per_s"] / rows[context, "bf16"]["tokens_per_s"])
+  for preset in ("bf16", "k4v4"):  # 1M tokens cannot fit 64 MiB: skipped before allocating
+    r = rows[1 << 20, preset]
+    assert r["status"] == "skipped"
+    assert "out of memory (estimated before allocating)" in r["reason"]
+
+
+def test_compressed_bytes_per_token_match_bits_per_coordinate(flax_run):
+  _, doc, _ = flax_run
+  rows = [r for r in doc["rows"] if r["kind"] == "decode" and r["status"] == "ok"]
+  bf16 = next(r for r in rows if r["preset"] == "bf16")
+  k4v4 = next(r for r in rows if r["preset"] == "k4v4")
+  bits = kvcache.preset("k4v4").bits_per_coordinate(2, 64)
+  assert k4v4["bits_per_coordinate"] == bits == 4.25  # 4-bit codes + a float16 norm per 64
+  assert k4v4["cache_bytes_per_token"] / bf16["cache_bytes_per_token"] == bits / 16
+
+
+def test_fit_rows_are_consistent_and_verified(flax_run):
+  _, doc, _ = flax_run
+  fits = {r["preset"]: r for r in doc["rows"] if r["kind"] == "fit"}
+  assert set(fits) == {"bf16", "k4v4"}
+  budget = 20 * 2**20
+  for preset, r in fits.items():
+    assert r["status"] == "ok" and r["budget_bytes"] == budget
+    context = r["max_context"]
+    assert context > 0 and context % 256 == 0
+    temp = r["temp_fit"]
+    per_token = 2 * (r["cache_bytes_per_token"] + temp["bytes_per_token"])  # batch 2
+
+    def total(s):
+      return r["weights_bytes"] + r["cache_fixed_bytes"] + temp["bytes_at_0"] + per_token * (
+        s + e2e.MARGIN)
+
+    assert total(context) <= budget < total(context + 256)
+    # Allocated at that context and decoded: caches + temporaries within the budget.
+    assert r["verified"] is True, r
+    verify = r["verify"]
+    assert verify["status"] == "ok" and verify["within_budget"] is True
+    assert verify["memory"]["estimated_peak_bytes"] <= budget
+  assert fits["bf16"]["context_ratio_vs_bf16"] == 1.0
+  assert fits["k4v4"]["context_ratio_vs_bf16"] == pytest.approx(
+    fits["k4v4"]["max_context"] / fits["bf16"]["max_context"])
+  assert set(doc["targets"]["tiny"]) == {"b8_32k", "b8_128k", "b1_min", "context"}
+
+
+def test_table_is_printed_last(flax_run, capsys):
+  _, doc, out = flax_run
+  rc = e2e.main([*TINY, "--paths", "flax", "--contexts", "256", "--out", str(out),
+                 "--presets", "bf16", "--steps", "2", "--verify", "bf16"])
+  assert rc == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1] == f"wrote {out / 'e2e.json'}"
+  assert lines[-2].startswith("targets k4v4 tiny:")
+  with open(out / "e2e.json") as f:
+    merged = json.load(f)
+  # Rows of the earlier run with other configurations are kept; the re-run one is replaced.
+  keys = [e2e.row_key(r) for r in merged["rows"]]
+  assert len(keys) == len(set(keys)) == len(doc["rows"])
+  row = next(r for r in merged["rows"] if r["kind"] == "decode" and r["context"] == 256
+             and r["preset"] == "bf16")
+  assert row["steps"] == 2
+
+
+@pytest.mark.parametrize("preset", ["bf16", "k4v4"])
+def test_bench_step_equals_runner_decode_step(preset):
+  config = e2e.tiny_config()
+  runner = e2e.random_runner(config)
+  # 40 steps from 64 exact + 96 compressed tokens: the window flushes once on the way.
+  spec = e2e.CacheSpec(config, preset, 3, 448, jnp.bfloat16, "xla")
+  (tokens, caches), (want_tokens, want_caches) = e2e.check_step_matches_runner(
+    runner, spec, 160, steps=40)
+  np.testing.assert_array_equal(tokens, want_tokens)
+  assert jax.tree.structure(caches) == jax.tree.structure(want_caches)
+  for a, b in zip(jax.tree.leaves(caches), jax.tree.leaves(want_caches)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (np.asarray(caches[0].lengths) == 200).all()
+  if preset == "k4v4":
+    assert (np.asarray(caches[0].compressed) > 96).all()  # a flush happened
+
+
+def test_built_caches_hold_the_context_with_random_contents():
+  config = e2e.tiny_config()
+  dense = e2e.CacheSpec(config, "bf16", 2, 512, jnp.bfloat16, "xla")
+  quant = e2e.CacheSpec(config, "k3v3", 2, 512, jnp.bfloat16, "xla")
+  caches = tuple(jax.jit(dense.builder(i))(jax.random.key(i), jnp.int32(300)) for i in range(2))
+  for c in caches:
+    assert (np.asarray(c.lengths) == 300).all()
+    k = np.asarray(c.k.astype(jnp.float32))
+    assert (k != 0).mean() > 0.99 and 0.5 < np.abs(k).mean() < 1.5  # uniform(-2, 2)
+  assert not np.array_equal(np.asarray(caches[0].k), np.asarray(caches[1].k))
+  assert e2e.cache_memory_bytes(caches) == e2e.CacheLayout.measure(dense).bytes(512)
+  config_k3 = kvcache.preset("k3v3")
+  q = jax.jit(quant.builder(0))(jax.random.key(0), jnp.int32(300))
+  held = 300 - np.asarray(q.compressed)
+  assert (np.asarray(q.lengths) == 300).all() and (held == config_k3.window).all()
+  for codes in q.k_codes + q.v_codes:
+    values = np.asarray(codes)
+    assert values.shape[2] == 512 and len(np.unique(values)) == 256  # random bytes
+  for scales in q.k_scales + q.v_scales:
+    assert (np.asarray(scales, np.float32) > 0).all()
+  assert q.memory_bytes() == e2e.CacheLayout.measure(quant).bytes(512) // 2
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-7b", "llama3-8b"])
+@pytest.mark.parametrize("preset", ["k4v4", "k3v3", "k5v3", "k2.5v2.5"])
+def test_layout_at_model_shapes(model, preset):
+  """Bytes per token at the benchmark's real shapes (shapes only, nothing allocated)."""
+  config = e2e.model_config(model)
+  bits = kvcache.preset(preset).bits_per_coordinate(config.num_layers, config.head_dim)
+  layouts = {p: e2e.CacheLayout.measure(e2e.CacheSpec(config, p, 8, 0, jnp.bfloat16, "pallas"))
+             for p in ("bf16", preset)}
+  per_token_bf16 = 8 * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+  assert layouts["bf16"].per_token == per_token_bf16
+  assert layouts[preset].per_token / per_token_bf16 == bits / 16
+  if preset == "k4v4":  # 4 bits + a float16 norm per 128 coordinates: 3.88x the context
+    assert 16 / bits == pytest.approx(3.879, abs=1e-3)
+
+
+def test_step_lowers_for_cuda_with_the_pallas_kernel():
+  """The bench's whole decode step with compressed caches lowers for the GPU, one fused
+  decode kernel per layer (a CPU smoke test of what the H200 compiles)."""
+  config = e2e.tiny_config()
+  runner = e2e.random_runner(config)
+  spec = e2e.CacheSpec(config, "k4v4", 8, 4096, jnp.bfloat16, "pallas")
+  lowered = e2e.step_function(runner).trace(
+    runner.params, jax.ShapeDtypeStruct((8, 1), jnp.int32), spec.abstract(),
+    jax.random.key(0)).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == config.num_layers
+
+
+def test_hf_config_matches_the_flax_shapes():
+  for name in ("qwen2.5-7b", "llama3-8b", "tiny"):
+    config = e2e.model_config(name)
+    back = ModelConfig.from_hf(e2e.hf_config(config))
+    for field in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "num_kv_heads", "head_dim", "qkv_bias", "rope_theta"):
+      assert getattr(back, field) == getattr(config, field), (name, field)
+
+
+def test_bridge_rows(tmp_path):
+  rc = e2e.main([*TINY, "--paths", "bridge", "--contexts", "300", "--steps", "2",
+                 "--out", str(tmp_path)])
+  assert rc == 0
+  with open(tmp_path / "e2e.json") as f:
+    doc = json.load(f)
+  rows = {r["variant"]: r for r in doc["rows"]}
+  assert set(rows) == {"stock-dynamic", "stock-static", "bridge-exact", "bridge-k4v4"}
+  for r in rows.values():
+    assert r["status"] == "ok", r
+    assert r["path"] == "bridge" and r["batch"] == 2 and r["context"] == 300
+    assert r["tokens_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+    assert r["speedup_vs_stock_static"] == pytest.approx(
+      rows["stock-static"]["step_ms"] / r["step_ms"])
+  kv = 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv heads x head_dim x float32, per token and row
+  assert rows["stock-dynamic"]["kv_bytes"] == 2 * kv * 300  # before the timed steps
+  assert rows["stock-static"]["kv_bytes"] == 2 * kv * (300 + 256)  # its capacity
+  config = e2e.tiny_config()
+  for preset, variant in (("bf16", "bridge-exact"), ("k4v4", "bridge-k4v4")):
+    spec = e2e.CacheSpec(config, preset, 2, 300 + 256, jnp.float32, "xla")
+    assert rows[variant]["kv_bytes"] == e2e.CacheLayout.measure(spec).bytes(300 + 256)
+  check = doc["meta"]["bridge"]["check"]["tiny"]
+  assert check["exact_rel_err"] < 1e-4 and check["exact_top1_agrees"]
+  assert math.isfinite(check["k4v4_rel_err"])
