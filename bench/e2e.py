@@ -21,7 +21,9 @@ compressed caches run the fused Pallas kernel on the GPU (``implementation="pall
 the jnp path on the CPU. Each row: warm-up steps, then ``--steps`` steps each timed from
 dispatch to the next token being ready; tokens/s = batch / median step time. The default
 32 steps hold exactly one window flush of a compressed cache (F = 32 tokens), so the mean
-is the amortized step time; the median leaves the flush step out.
+is the amortized step time; the median leaves the flush step out. Then ``--steps`` more
+dispatched back to back with one wait at the end (``step_ms_pipelined``: no host gap
+between steps) and, with ``--profile-dir``, a `jax.profiler` trace of a few more.
 
 Programs are lowered in this thread and compiled by a thread pool (XLA compiles without
 the GIL); compile seconds are per program, measured while others compiled alongside.
@@ -301,6 +303,19 @@ class CacheLayout:
     return self.fixed + self.per_token * capacity
 
 
+def max_capacity_int32(spec: CacheSpec) -> int:
+  """The largest capacity at which every cache buffer holds fewer than 2**31 elements
+  (kernels and XLA may index a buffer with int32)."""
+  small = jax.tree.leaves(dataclasses.replace(spec, capacity=1024).abstract())
+  large = jax.tree.leaves(dataclasses.replace(spec, capacity=2048).abstract())
+  limit = sys.maxsize
+  for x, y in zip(small, large):
+    slope = (math.prod(y.shape) - math.prod(x.shape)) // 1024
+    if slope > 0:
+      limit = min(limit, (2**31 - 1 - (math.prod(x.shape) - slope * 1024)) // slope)
+  return limit
+
+
 # ---- programs: lowered here, compiled in a pool ----
 
 
@@ -465,6 +480,8 @@ NOTES = {
   "tokens_per_s": "batch / median step seconds (step = dispatch until the next tokens are ready)",
   "tokens_per_s_mean": "batch / mean step seconds over the timed steps (with --steps 32: one "
                        "window flush of a compressed cache included, amortized)",
+  "tokens_per_s_pipelined": "batch / mean seconds of --steps more steps dispatched back to "
+                            "back with one wait at the end (no host gap between steps)",
   "speedup_vs_bf16": "tokens_per_s / tokens_per_s of the bf16 row of the same path, model, "
                      "batch and context",
   "cache_bytes": "memory_bytes() of all layers' caches as allocated (capacity = context + 256)",
@@ -536,21 +553,40 @@ def targets(rows: list[dict]) -> dict[str, Any]:
 # ---- the Flax path ----
 
 
-def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vocab: int
-               ) -> tuple[list[float], Any]:
-  """Runs warmup + steps greedy decode steps; seconds of each timed one, final caches."""
-  times = []
+def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vocab: int,
+               profile_dir: str | None = None, profile_steps: int = 3
+               ) -> tuple[dict[str, Any], Any, int]:
+  """Greedy decode steps: `warmup`, then `steps` each timed from dispatch until its tokens
+  are ready (seconds in "synced"), then `steps` dispatched back to back with one wait at the
+  end (mean seconds in "pipelined": no host gap between steps, as in a generation loop
+  that does not look at the tokens), then, with `profile_dir`, `profile_steps` under
+  `jax.profiler.trace`. Returns (timings, final caches, steps taken)."""
+  synced = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
     nxt, caches, key = step(params, tokens, caches, key)
     nxt.block_until_ready()
     if i >= warmup:
-      times.append(time.perf_counter() - t0)
+      synced.append(time.perf_counter() - t0)
     tokens = nxt[:, None]
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    nxt, caches, key = step(params, tokens, caches, key)
+    tokens = nxt[:, None]
+  tokens.block_until_ready()
+  pipelined = (time.perf_counter() - t0) / steps
+  taken = warmup + 2 * steps
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(profile_steps):
+        nxt, caches, key = step(params, tokens, caches, key)
+        tokens = nxt[:, None]
+      tokens.block_until_ready()
+    taken += profile_steps
   host = np.asarray(tokens)
   if host.min() < 0 or host.max() >= vocab:
     raise RuntimeError(f"decoded tokens out of range [0, {vocab}): {host.ravel()[:8]}")
-  return times, caches
+  return dict(synced=synced, pipelined=pipelined), caches, taken
 
 
 class FlaxBench:
@@ -625,7 +661,7 @@ class FlaxBench:
               f"{avail / GIB:.1f} GiB free after the weights ({weights / GIB:.1f} GiB) and "
               f"{self.headroom / GIB:.1f} GiB headroom")))
             continue
-          spec.check_context(context, args.warmup + args.steps)
+          spec.check_context(context, decoded_tokens(args))
           cells.append((row, spec))
           makers.append(functools.partial(Program, spec, runner, step))
     programs, wave_s = compile_all(makers, args.compile_workers)
@@ -649,7 +685,8 @@ class FlaxBench:
     self.fit(name, config, runner, step, base, layouts, measured, weights)
 
   def decode_row(self, row: dict, spec: CacheSpec, program: Program, runner: Runner,
-                 layouts: dict, weights: int, *, steps: int | None = None) -> dict:
+                 layouts: dict, weights: int, *, steps: int | None = None,
+                 verify: bool = False) -> dict:
     args = self.args
     steps = args.steps if steps is None else steps
     layout = layouts[spec.preset, spec.batch]
@@ -678,10 +715,17 @@ class FlaxBench:
                            f"{layout.bytes(spec.capacity)} at capacity {spec.capacity}")
       tokens = jax.random.randint(jax.random.key(7), (spec.batch, 1), 0,
                                   spec.model.vocab_size, jnp.int32)
-      times, caches = time_steps(program.step, runner.params, tokens, caches, jax.random.key(1),
-                                 warmup=args.warmup, steps=steps, vocab=spec.model.vocab_size)
+      profile = None
+      if args.profile_dir and not verify:
+        profile = os.path.join(args.profile_dir, f"{row['model']}-b{spec.batch}-"
+                               f"s{row['context']}-{spec.preset}")
+      timings, caches, taken = time_steps(
+        program.step, runner.params, tokens, caches, jax.random.key(1), warmup=args.warmup,
+        steps=steps, vocab=spec.model.vocab_size, profile_dir=profile,
+        profile_steps=args.profile_steps)
+      times = timings["synced"]
       lengths = np.asarray(caches[0].lengths)
-      want = row["context"] + args.warmup + steps
+      want = row["context"] + taken
       if not (lengths == want).all():
         raise RuntimeError(f"cache lengths after decoding are {lengths}, expected {want}")
       after = memory_stats()
@@ -710,6 +754,8 @@ class FlaxBench:
     return dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * mean,
                 step_ms_min=1e3 * min(times), step_ms_all=[1e3 * t for t in times],
                 tokens_per_s=spec.batch / median, tokens_per_s_mean=spec.batch / mean,
+                step_ms_pipelined=1e3 * timings["pipelined"],
+                tokens_per_s_pipelined=spec.batch / timings["pipelined"], profile=profile,
                 cache_bytes=cache_bytes, bytes_read_per_step_estimate=read,
                 read_tb_per_s=read / median / 1e12, memory=memory)
 
@@ -758,9 +804,17 @@ class FlaxBench:
             if p in args.presets and fits[b, p]["status"] == "ok"]
     makers, specs = [], []
     for batch, preset in todo:
-      context = fits[batch, preset]["max_context"]
+      row = fits[batch, preset]
+      context = row["max_context"]
       spec = CacheSpec(config, preset, batch, context + MARGIN, self.dtype, self.implementation)
-      spec.check_context(context, args.warmup + args.verify_steps)
+      limit = (max_capacity_int32(spec) - MARGIN) // 256 * 256
+      if limit < context:  # kept out of the kernels' reach: a crash would end the run
+        context = limit
+        spec = dataclasses.replace(spec, capacity=context + MARGIN)
+        row["verify_note"] = ("verified at a shorter context: at max_context a cache buffer "
+                              "would hold 2**31 elements or more (int32 indexing)")
+      row["verify_context"] = context
+      spec.check_context(context, args.warmup + 2 * args.verify_steps)
       specs.append(spec)
       makers.append(functools.partial(Program, spec, runner, step))
     if not makers:
@@ -773,10 +827,10 @@ class FlaxBench:
         row.update(verified=False, verify=dict(error=f"compile: {error_text(program)}"))
         self.results.add(row)
         continue
-      row_in = dict(base, batch=spec.batch, context=row["max_context"], preset=spec.preset,
+      row_in = dict(base, batch=spec.batch, context=row["verify_context"], preset=spec.preset,
                     capacity=spec.capacity)
       result = self.decode_row(row_in, spec, program, runner, layouts, weights,
-                               steps=args.verify_steps)
+                               steps=args.verify_steps, verify=True)
       del program
       free()
       verify = {k: result.get(k) for k in ("status", "reason", "step_ms", "tokens_per_s",
@@ -965,7 +1019,7 @@ class BridgeE2E:
         f"{avail / GIB:.1f} GiB free"))
     cache = None
     try:
-      spec.check_context(context, 2 * (self.args.warmup + self.args.steps))
+      spec.check_context(context, decoded_tokens(self.args))
       builders: dict[Any, Any] = {}
       states = []
       key = jax.random.key(batch * 1_000_003 + context)
@@ -973,7 +1027,9 @@ class BridgeE2E:
         group = spec.builder_group(layer)
         if group not in builders:
           builders[group] = jax.jit(spec.builder(layer))
-        states.append(builders[group](jax.random.fold_in(key, layer), jnp.int32(context)))
+        # Committed, like the outputs of the bridge's step: one compile serves both.
+        states.append(jax.device_put(builders[group](jax.random.fold_in(key, layer),
+                                                     jnp.int32(context)), jax.devices()[0]))
       jax.block_until_ready(states)
       cache = bridge.TurboQuantHFCache.from_model(
         bb.model, preset=None if preset == BF16 else preset, max_cache_len=cap,
@@ -1023,7 +1079,8 @@ def table(doc: dict) -> str:
   dec = [r for r in rows if r["kind"] == "decode" and r["path"] == "flax"]
   if dec:
     lines.append(f"{'flax':12s} {'B':>2s} {'S':>7s} {'preset':7s} {'ms':>8s} {'mean':>8s} "
-                 f"{'tok/s':>8s} {'x bf16':>6s} {'cache GiB':>9s} {'peak GiB':>8s} {'comp s':>6s}")
+                 f"{'pipe':>8s} {'tok/s':>8s} {'x bf16':>6s} {'cache GiB':>9s} {'peak GiB':>8s} "
+                 f"{'comp s':>6s}")
     for r in sorted(dec, key=lambda r: (r["model"], r["batch"], r["context"], r["preset"])):
       if r.get("status") != "ok":
         lines.append(f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} "
@@ -1032,7 +1089,8 @@ def table(doc: dict) -> str:
       peak = (r.get("memory") or {}).get("estimated_peak_bytes")
       lines.append(
         f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} {r['preset'][:7]:7s} "
-        f"{r['step_ms']:8.2f} {r['step_ms_mean']:8.2f} {r['tokens_per_s']:8.1f} "
+        f"{r['step_ms']:8.2f} {r['step_ms_mean']:8.2f} {r['step_ms_pipelined']:8.2f} "
+        f"{r['tokens_per_s']:8.1f} "
         f"{fmt(r.get('speedup_vs_bf16')):>6s} {r['cache_bytes'] / GIB:9.2f} "
         f"{fmt(None if peak is None else peak / GIB):>8s} {fmt(r.get('compile_s'), '.1f'):>6s}")
   fits = [r for r in rows if r["kind"] == "fit"]
@@ -1101,6 +1159,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--verify-steps", type=int, default=3)
+  ap.add_argument("--profile-dir", default=None,
+                  help="Flax path: a jax.profiler trace of --profile-steps more steps per row")
+  ap.add_argument("--profile-steps", type=int, default=3)
   ap.add_argument("--budget-gib", type=float, default=None,
                   help="memory budget of the fit (default: allocator limit - headroom)")
   ap.add_argument("--headroom-gib", type=float, default=4.0)
@@ -1140,10 +1201,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
   if args.steps < 1 or args.warmup < 0 or args.verify_steps < 1:
     raise SystemExit(f"need --steps >= 1, --warmup >= 0, --verify-steps >= 1, got "
                      f"{args.steps}, {args.warmup}, {args.verify_steps}")
-  if 2 * (args.warmup + args.steps) > MARGIN:
-    raise SystemExit(f"2 x (--warmup + --steps) = {2 * (args.warmup + args.steps)} exceeds the "
-                     f"{MARGIN} tokens of room beyond each context")
+  if decoded_tokens(args) > MARGIN:
+    raise SystemExit(f"a row decodes {decoded_tokens(args)} tokens (--warmup, --steps, "
+                     f"--profile-steps), more than the {MARGIN} of room beyond each context")
   return args
+
+
+def decoded_tokens(args: argparse.Namespace) -> int:
+  """Tokens a row appends to its caches: Flax (synced + pipelined + profiled steps) or
+  bridge (timed steps + the breakdown's attention-only steps)."""
+  flax = args.warmup + 2 * args.steps + (args.profile_steps if args.profile_dir else 0)
+  return max(flax, 2 * (args.warmup + args.steps))
 
 
 def configure_allocator(paths: Sequence[str]) -> None:

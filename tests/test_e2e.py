@@ -87,6 +87,7 @@ def test_fit_rows_are_consistent_and_verified(flax_run):
     assert total(context) <= budget < total(context + 256)
     # Allocated at that context and decoded: caches + temporaries within the budget.
     assert r["verified"] is True, r
+    assert r["verify_context"] == context and "verify_note" not in r
     verify = r["verify"]
     assert verify["status"] == "ok" and verify["within_budget"] is True
     assert verify["memory"]["estimated_peak_bytes"] <= budget
