@@ -62,30 +62,34 @@ table and the issue's targets are printed last.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import gc
-import json
-import math
 import os
-import statistics
-import subprocess
 import sys
-import time
-import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+  sys.path.pop(0)  # run as `python bench/e2e.py`, this folder would shadow packages (bridge)
 
-from tqjax import kvcache
-from tqjax.dense_cache import DenseCache
-from tqjax.models import Decoder, ModelConfig, Runner
-from tqjax.models.generate import _decode
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tqjax import kvcache  # noqa: E402
+from tqjax.dense_cache import DenseCache  # noqa: E402
+from tqjax.models import Decoder, ModelConfig, Runner  # noqa: E402
+from tqjax.models.generate import _decode  # noqa: E402
 
 BF16 = "bf16"  # the exact DenseCache in the model's dtype
 MARGIN = 256  # capacity beyond the context: the decoded tokens
@@ -142,7 +146,7 @@ def hf_config(config: ModelConfig) -> Any:
 
 def random_runner(config: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Runner:
   """A `Runner` of the decoder with random weights, made by one jitted program: kernels
-  uniform with variance 1/fan_in, embeddings of unit variance, norms 1, biases 0.1."""
+  uniform with variance 1/fan_in, embeddings of unit variance, norms 1, biases in ±0.1."""
   abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -461,6 +465,16 @@ class Results:
   def add(self, row: dict) -> None:
     key = row_key(row)
     self.doc["rows"] = [r for r in self.rows if row_key(r) != key] + [row]
+    self.write()
+
+  def merge(self, path: str) -> None:
+    """Rows and meta of another e2e.json; its rows replace ours of the same configuration."""
+    with open(path) as f:
+      other = json.load(f)
+    for name, meta in other.get("meta", {}).items():
+      self.doc["meta"][name] = meta
+    keys = {row_key(r) for r in other.get("rows", [])}
+    self.doc["rows"] = [r for r in self.rows if row_key(r) not in keys] + other.get("rows", [])
     self.write()
 
   def set_meta(self, path: str, meta: dict) -> None:
@@ -1174,6 +1188,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--in-process", action="store_true",
                   help="run both paths in this process (CPU); default on GPU: one process each")
   ap.add_argument("--fresh", action="store_true", help="discard rows of earlier runs in --out")
+  ap.add_argument("--merge", default=None,
+                  help="comma-separated e2e.json files of other runs: merge them into --out "
+                  "and print the table (no benchmark, no device needed)")
   return ap
 
 
@@ -1261,7 +1278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
   args = resolve(ap.parse_args(argv))
   results = Results(args.out, fresh=args.fresh)
-  if len(args.paths) > 1 and not args.in_process:
+  if args.merge:
+    for path in parse_list(str, args.merge):
+      results.merge(path)
+    rc = 0
+  elif len(args.paths) > 1 and not args.in_process:
     if args.fresh:
       results.write()  # the children merge into an emptied e2e.json
     rc = run_children(args, argv)

@@ -192,8 +192,15 @@ def test_hf_config_matches_the_flax_shapes():
 
 
 def test_bridge_rows(tmp_path):
-  rc = e2e.main([*TINY, "--paths", "bridge", "--contexts", "300", "--steps", "2",
-                 "--out", str(tmp_path)])
+  import torch
+
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # a loaded 2-core machine: 2 OpenMP threads wait on each other
+  try:
+    rc = e2e.main([*TINY, "--paths", "bridge", "--contexts", "300", "--steps", "2",
+                   "--out", str(tmp_path)])
+  finally:
+    torch.set_num_threads(threads)
   assert rc == 0
   with open(tmp_path / "e2e.json") as f:
     doc = json.load(f)
@@ -215,3 +222,21 @@ def test_bridge_rows(tmp_path):
   check = doc["meta"]["bridge"]["check"]["tiny"]
   assert check["exact_rel_err"] < 1e-4 and check["exact_top1_agrees"]
   assert math.isfinite(check["k4v4_rel_err"])
+
+
+def test_merge_of_separate_runs(flax_run, tmp_path, capsys):
+  """Rows of runs made in separate device calls merge into one e2e.json, no device used."""
+  _, doc, out = flax_run
+  first = {**doc, "rows": doc["rows"][:3]}
+  second = {**doc, "rows": doc["rows"][2:]}  # row 2 in both: kept once
+  for name, part in (("a.json", first), ("b.json", second)):
+    with open(tmp_path / name, "w") as f:
+      json.dump(part, f)
+  merged_dir = tmp_path / "merged"
+  assert e2e.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                   "--out", str(merged_dir)]) == 0
+  with open(merged_dir / "e2e.json") as f:
+    merged = json.load(f)
+  assert sorted(map(e2e.row_key, merged["rows"])) == sorted(map(e2e.row_key, doc["rows"]))
+  assert merged["meta"]["flax"] == doc["meta"]["flax"]
+  assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {merged_dir / 'e2e.json'}"
