@@ -1186,7 +1186,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
   ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache dir")
   ap.add_argument("--in-process", action="store_true",
-                  help="run both paths in this process (CPU); default on GPU: one process each")
+                  help="everything in this process (CPU); default: the Flax path in one "
+                  "process, the bridge path in one per model")
   ap.add_argument("--fresh", action="store_true", help="discard rows of earlier runs in --out")
   ap.add_argument("--merge", default=None,
                   help="comma-separated e2e.json files of other runs: merge them into --out "
@@ -1240,36 +1241,48 @@ def configure_allocator(paths: Sequence[str]) -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
 
 
-def run_children(args: argparse.Namespace, argv: Sequence[str]) -> int:
-  """Each path in its own process (same options, --paths <one>), sequentially."""
+def child_runs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+  """(path, models) of each process: the Flax path in one, the bridge one per model (the
+  JAX pool of one model's rows would keep memory from the next model's torch caches)."""
+  runs = []
+  for path in args.paths:
+    groups = [[m] for m in args.models] if path == "bridge" else [list(args.models)]
+    runs.extend((path, models) for models in groups)
+  return runs
+
+
+def child_argv(args: argparse.Namespace, path: str, models: Sequence[str]) -> list[str]:
+  """The options of a child process: this run's resolved options for one path."""
+  join = lambda xs: ",".join(map(str, xs))
+  argv = ["--out", args.out, "--paths", path, "--models", join(models),
+          "--batches", join(args.batches), "--contexts", join(args.contexts),
+          "--presets", join(args.presets), "--verify", join(args.verify),
+          "--steps", str(args.steps), "--warmup", str(args.warmup),
+          "--verify-steps", str(args.verify_steps), "--headroom-gib", str(args.headroom_gib),
+          "--compile-workers", str(args.compile_workers),
+          "--profile-steps", str(args.profile_steps), "--no-table"]
+  for name in ("budget_gib", "memory_limit_gib", "implementation", "compile_cache",
+               "profile_dir"):
+    value = getattr(args, name)
+    if value is not None:
+      argv += [f"--{name.replace('_', '-')}", str(value)]
+  return argv
+
+
+def run_children(args: argparse.Namespace) -> int:
+  """Runs `child_runs` one after the other, each in its own process."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rc = 0
-  for path in args.paths:
+  for path, models in child_runs(args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION[path])
-    cmd = [sys.executable, "-m", "bench.e2e", *strip_paths(argv), "--paths", path,
-           "--no-table"]
-    print(f"=== {path}: {' '.join(cmd[1:])}", flush=True)
+    cmd = [sys.executable, "-m", "bench.e2e", *child_argv(args, path, models)]
+    print(f"=== {path} {','.join(models)}: {' '.join(cmd[1:])}", flush=True)
     rc = subprocess.run(cmd, env=env, cwd=root).returncode or rc
   return rc
-
-
-def strip_paths(argv: Sequence[str]) -> list[str]:
-  out, skip = [], False
-  for a in argv:
-    if skip:
-      skip = False
-      continue
-    if a == "--paths":
-      skip = True
-      continue
-    if a.startswith("--paths=") or a in ("--in-process", "--fresh"):
-      continue
-    out.append(a)
-  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1282,10 +1295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in parse_list(str, args.merge):
       results.merge(path)
     rc = 0
-  elif len(args.paths) > 1 and not args.in_process:
+  elif len(child_runs(args)) > 1 and not args.in_process:
     if args.fresh:
       results.write()  # the children merge into an emptied e2e.json
-    rc = run_children(args, argv)
+    rc = run_children(args)
     results = Results(args.out)
   else:
     configure_allocator(args.paths)
