@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tqjax import kvcache as kv
+from tqjax import quantizer as qz
 from tqjax.dense_cache import DenseCache, dense_attention
 
 B, K, G, D = 2, 3, 5, 64  # prime-ish: a swapped axis cannot pass
@@ -116,7 +117,8 @@ def test_jitted_update_with_donation_reuses_buffers():
 
 def test_memory_accounting():
   rng = np.random.default_rng(5)
-  cache = kv.TurboQuantCache.from_dense(filled_dense(rng, [10, 10], 256), kv.preset("k4v4"), layer=0)
+  dense = filled_dense(rng, [10, 10], 256)
+  cache = kv.TurboQuantCache.from_dense(dense, kv.preset("k4v4", sink_tokens=0), layer=0)
   assert cache.bits_per_coordinate() == 4 + 16 / D  # 4-bit codes + a float16 norm
   codes = sum(x.nbytes for x in (*cache.k_codes, *cache.k_scales, *cache.v_codes, *cache.v_scales))
   assert codes == 2 * B * K * 256 * (D * 4 // 8 + 2)
@@ -124,6 +126,104 @@ def test_memory_accounting():
   assert cache.memory_bytes() > codes  # window, transforms and rotations are counted too
   config = kv.CacheConfig.k5v3(layer_overrides=((0, kv.TensorSpec(8), kv.TensorSpec(8)),))
   assert config.bits_per_coordinate(4, 128) == pytest.approx(((8 + 8) + 3 * (5 + 3)) / 8 + 16 / 128)
+  # The exact sink buffer (4 float32 tokens by default) is counted in both measures.
+  sinked = kv.TurboQuantCache.from_dense(dense, kv.preset("k4v4"), layer=0)
+  assert sinked.sink_tokens == 4
+  sink_bytes = 2 * B * K * 4 * D * 4
+  assert sinked.memory_bytes() - cache.memory_bytes() == sink_bytes
+  assert sinked.bits_per_coordinate() == pytest.approx(4 + 16 / D + 4 * 32 / 256)
+  assert kv.preset("k4v4").bits_per_coordinate(3, D, tokens=1024, exact_bits=32) == pytest.approx(
+      4 + 16 / D + 4 * 32 / 1024)
+  assert kv.preset("k4v4").bits_per_coordinate(3, D) == 4 + 16 / D  # the long-context rate
+  assert kv.preset("plain-k4v4").sink_tokens == 0
+
+
+def _attention_f64(q, k, v, q_pos, kv_valid, scale):
+  """float64 numpy reference: q [B, T, K, G, D], k/v [B, K, S, D], q_pos [B, T], kv_valid [B, S]."""
+  logits = np.einsum("btkgd,bksd->btkgs", q, k) * scale
+  s = k.shape[2]
+  mask = kv_valid[:, None, :] & (np.arange(s)[None, None, :] <= q_pos[:, :, None])  # [B, T, S]
+  logits = np.where(mask[:, :, None, None, :], logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("btkgs,bksd->btkgd", p, v)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas-interpret"])
+@pytest.mark.parametrize("sink", [0, 5])
+def test_sink_tokens_are_read_exactly(sink, implementation):
+  """Against float64 numpy over ragged rows that start shorter than the sink: positions below
+  min(sink, compressed) are attended with their exact keys and values (their codes are never
+  read), the other compressed positions through the codes, the window exactly."""
+  rng = np.random.default_rng(9)
+  config = kv.preset("k2v2", window=8, flush_block=4, sink_tokens=sink)
+  lengths = [41, 3]
+  keys = qwen_like_keys(rng, (B, 72, K, D)).astype(np.float64)
+  values = rng.standard_normal((B, 72, K, D))
+  dense = DenseCache.init(B, K, D, 72, jnp.float32).update(
+      jnp.asarray(keys[:, :41], jnp.float32), jnp.asarray(values[:, :41], jnp.float32))
+  dense = dataclasses.replace(dense, lengths=jnp.asarray(lengths, jnp.int32))
+  cache = kv.TurboQuantCache.from_dense(dense, config, layer=0, implementation=implementation)
+  pos = np.array(lengths)
+  for t in (3, 1, 6, 2, 5, 7, 2):  # row 1's first tokens reach the sink through flushes
+    new = np.stack([keys[b, pos[b]:pos[b] + t] for b in range(B)])
+    new_v = np.stack([values[b, pos[b]:pos[b] + t] for b in range(B)])
+    cache = cache.update(jnp.asarray(new, jnp.float32), jnp.asarray(new_v, jnp.float32))
+    pos += t
+  q = rng.standard_normal((B, 2, H, D))
+  out = np.asarray(cache.attend(jnp.asarray(q, jnp.float32), scale=0.125), np.float64)
+  np.testing.assert_array_equal(cache.lengths, pos)
+
+  state = cache.transform
+  mean, scl, order = (np.asarray(a, np.float64) for a in (state.mean, state.scale, state.order))
+  exact_k = np.take_along_axis((keys - mean) / scl, np.broadcast_to(order, keys.shape).astype(int), -1)
+  exact_k = np.swapaxes(exact_k, 1, 2)  # [B, K, S, D], transformed basis
+  exact_v = np.swapaxes(values, 1, 2)
+  codes_k = np.asarray(qz.decode(cache.key_quantizer, qz.Encoded(cache.k_codes, cache.k_scales)), np.float64)
+  codes_v = np.asarray(qz.decode(cache.value_quantizer, qz.Encoded(cache.v_codes, cache.v_scales)), np.float64)
+  inverse = np.argsort(np.asarray(cache.value_order), -1)  # [K, D]
+  codes_v = np.take_along_axis(codes_v, inverse[None, :, None, :], -1)
+  compressed = np.asarray(cache.compressed)
+  assert compressed[1] > sink and compressed[1] < lengths[0]  # row 1 flushed past the sink
+  slots = np.arange(72)[None, None, :, None]  # [1, 1, S, 1]
+  coded = (slots >= sink) & (slots < compressed[:, None, None, None])
+  k_ref = np.where(coded, codes_k, exact_k)
+  v_ref = np.where(coded, codes_v, exact_v)
+  qt = np.take_along_axis(q.reshape(B, 2, K, G, D) * scl[:, None, :],
+                          np.broadcast_to(order[:, None, :], (B, 2, K, G, D)).astype(int), -1)
+  want = _attention_f64(qt, k_ref, v_ref, pos[:, None] - 2 + np.arange(2),
+                        np.arange(72)[None, :] < pos[:, None], 0.125).reshape(B, 2, H, D)
+  rel = np.linalg.norm(out - want, axis=-1) / np.linalg.norm(want, axis=-1)
+  # The kernel feeds its dots half-precision queries (see test_pallas_kernel_matches_xla_path).
+  assert rel.max() < (3e-3 if implementation != "xla" else 2e-5), rel.max()
+  if sink:  # and the sink slots of dequantize are the exact tokens
+    k_hat, v_hat = cache.dequantize()
+    held = min(sink, compressed.min())
+    np.testing.assert_allclose(k_hat[:, :, :held], exact_k[:, :, :held], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(v_hat[:, :, :held], exact_v[:, :, :held], rtol=1e-6, atol=1e-6)
+
+
+def test_sink_tokens_keep_a_dominant_first_key_exact():
+  """A first token that takes most of the attention (a sink: a large key along the queries'
+  common direction) moves every weight when its key is noisy; kept exact, the 3-bit cache
+  tracks the exact one far better."""
+  rng = np.random.default_rng(10)
+  s = 200
+  direction = rng.standard_normal(D)
+  k = rng.standard_normal((B, s, K, D))
+  k[:, 0] = 9.0 * direction / np.linalg.norm(direction) * np.sqrt(D)
+  v = rng.standard_normal((B, s, K, D))
+  q = rng.standard_normal((B, 1, H, D)) * 0.5 + direction / np.linalg.norm(direction)
+  dense = DenseCache.init(B, K, D, s + 1, jnp.float32).update(
+      jnp.asarray(k[:, :-1], jnp.float32), jnp.asarray(v[:, :-1], jnp.float32))
+  last = lambda x: jnp.asarray(x[:, -1:], jnp.float32)
+  ref = dense.update(last(k), last(v)).attend(jnp.asarray(q, jnp.float32), scale=D ** -0.5)
+  errors = {}
+  for sink in (0, 4):
+    cache = kv.TurboQuantCache.from_dense(dense, kv.preset("k3v3", sink_tokens=sink), layer=0)
+    out = cache.update(last(k), last(v)).attend(jnp.asarray(q, jnp.float32), scale=D ** -0.5)
+    errors[sink] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert errors[4] < 0.5 * errors[0], errors
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -132,6 +232,7 @@ def test_memory_accounting():
     (dict(key_transform="whiten"), "key_transform must be one of"),
     (dict(values=kv.TensorSpec(4, kind="prod")), "values are quantized with kind='mse' only"),
     (dict(keys=kv.TensorSpec(9)), "bits must be in 1..8, got 9"),
+    (dict(sink_tokens=-1), "sink_tokens must be >= 0, got -1"),
 ])
 def test_bad_config_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -356,7 +356,8 @@ def test_report_files(full_run):
     assert key in cell
   assert data["metadata"]["model"]["num_layers"] == 3
   k4 = data["presets"]["k4v4"]
-  assert 4.0 < k4["bits_per_coordinate"] < 4.6
+  # 4-bit codes, a float16 norm per 64 coordinates, 4 exact float32 sink tokens in 211
+  assert k4["bits_per_coordinate"] == pytest.approx(4 + 16 / 64 + 4 * 32 / 211)
   assert k4["compression_vs_fp16"] == pytest.approx(16 / k4["bits_per_coordinate"])
   assert k4["memory_bytes"] < data["presets"][BASELINE]["memory_bytes"]
   md = (tmp_path / "niah.md").read_text()
@@ -377,3 +378,36 @@ def test_summary_accuracy_and_delta():
   assert summary[BASELINE]["accuracy"] == 1.0 and summary[BASELINE]["delta_pp"] == 0.0
   assert summary["k4v4"]["accuracy"] == 0.75 and summary["k4v4"]["delta_pp"] == -25.0
   assert summary["k4v4"]["grid"] == [[1.0, 1.0], [1.0, 0.0]]  # rows: depths, cols: lengths
+
+
+def test_prefill_padding_stays_out_of_the_query_statistics(tiny_model, tokenizer):
+  """The padded last chunk adds only its real tokens' queries: the statistics equal those
+  of one unpadded prefill of the document."""
+  from tqjax.models import Runner
+
+  p = PromptBuilder(tokenizer).build(233, 0.5, 0, 0)
+  backend = FlaxBackend(tiny_model, tokenizer, capacity=320, chunk=67)
+  assert len(p.doc_ids) % 67  # the last chunk really is padded
+  chunked = backend.prefill(p.doc_ids)
+  _, whole = Runner.from_model(tiny_model).prefill(np.asarray([p.doc_ids], np.int32), 320)
+  for a, b in zip(chunked, whole):
+    assert float(a.query_count) == float(b.query_count) == len(p.doc_ids) * 2  # G = 2
+    np.testing.assert_allclose(a.query_sq, b.query_sq, rtol=1e-5)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+
+
+def test_prefill_chunks_compute_no_vocabulary_logits(tiny_model, tokenizer):
+  import jax
+  import jax.numpy as jnp
+
+  from tqjax.niah import backends
+
+  backend = FlaxBackend(tiny_model, tokenizer, capacity=256, chunk=64)
+  runner = backend.runner
+  caches, tokens = runner.init_caches(1, 128), jnp.zeros((1, 64), jnp.int32)
+  chunk = backends._prefill_chunk.lower(runner.graph, runner.params, caches, tokens,
+                                        jnp.int32(64)).as_text()
+  full = jax.jit(lambda params, caches, tokens: runner.graph.merge(params)(tokens, caches)).lower(
+      runner.params, caches, tokens).as_text()
+  logits = f"tensor<1x64x{runner.config.vocab_size}xf32>"  # [B, T, V]
+  assert logits in full and logits not in chunk

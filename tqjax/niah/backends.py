@@ -102,7 +102,9 @@ def cache_accounting(preset: str, info: ModelInfo, window: int | None, tokens: i
     caches = [jax.eval_shape(functools.partial(
         kvcache.TurboQuantCache.init, config, layer=layer, batch=b, num_kv_heads=kh,
         head_dim=d, capacity=tokens, dtype=dtype)) for layer in range(info.num_layers)]
-    bits = config.bits_per_coordinate(info.num_layers, d)
+    # The exact sink tokens count too, spread over the context.
+    bits = config.bits_per_coordinate(info.num_layers, d, tokens=tokens,
+                                      exact_bits=8 * jnp.dtype(dtype).itemsize)
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                for c in caches for x in jax.tree.leaves(c))
   return {"bits_per_coordinate": float(bits), "compression_vs_fp16": 16.0 / float(bits),
@@ -114,9 +116,11 @@ class FlaxBackend:
 
   The document is prefilled in chunks of `chunk` tokens (the last one right-padded, then
   the caches' lengths are wound back past the padding: causal attention keeps the padding
-  invisible to real tokens, and later appends overwrite it), so every prompt of a run
-  reuses the same compiled programs: one chunk step per cache size (chunk * 2^k), and per
-  preset one conversion, one question step and one decode step at the full capacity.
+  invisible to real tokens, later appends overwrite it, and the padding's queries are kept
+  out of the query statistics), so every prompt of a run reuses the same compiled
+  programs: one chunk step per cache size (chunk * 2^k), and per preset one conversion,
+  one question step and one decode step at the full capacity. Prefill chunks compute no
+  logits (only the question's are read).
   """
   name = "flax"
 
@@ -177,7 +181,9 @@ class FlaxBackend:
     caches = self.runner.init_caches(1, self._bucket(self.chunk))
     for start in range(0, len(padded), self.chunk):
       caches = _grow(caches, self._bucket(start + self.chunk))
-      _, caches = self.runner.forward(padded[None, start:start + self.chunk], caches)
+      real = jnp.int32(min(n - start, self.chunk))  # traced: one program for every chunk
+      caches = _prefill_chunk(self.runner.graph, self.runner.params, caches,
+                              jnp.asarray(padded[None, start:start + self.chunk]), real)
     caches = _grow(caches, self.capacity)
     pad = len(padded) - n
     if pad:
@@ -210,7 +216,7 @@ class FlaxBackend:
     return {p: answers[p] for p in presets}
 
   def _decode(self, question: np.ndarray, caches: Any, max_new_tokens: int) -> list[int]:
-    logits, caches = self.runner.forward(question, caches)
+    logits, caches = self.runner.forward(question, caches, logits_to_keep=1)
     token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [1]
     key = jax.random.key(0)  # unused at temperature 0
     out: list[int] = []
@@ -223,6 +229,45 @@ class FlaxBackend:
         break
       token, caches, key = self.runner.decode_step(token[:, None], caches, key)
     return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _PaddedChunkCache:
+  """A `DenseCache` fed one prefill chunk whose tokens from index ``real`` on are padding:
+  the padding's queries stay out of the query statistics (keys and values are written,
+  and dropped later by winding the lengths back). Same protocol as the cache it wraps."""
+  cache: DenseCache
+  real: jax.Array  # [] int32, real tokens at the start of the chunk
+
+  @property
+  def lengths(self) -> jax.Array:
+    return self.cache.lengths
+
+  def update(self, k: jax.Array, v: jax.Array, q: jax.Array | None = None) -> _PaddedChunkCache:
+    if q is None:
+      return dataclasses.replace(self, cache=self.cache.update(k, v))
+    t = q.shape[1]
+    keep = jnp.arange(t) < self.real  # [T]
+    cache = self.cache.update(k, v, jnp.where(keep[None, :, None, None], q, 0))
+    # Count only the real tokens' queries (the count grows linearly with T).
+    added = cache.query_count - self.cache.query_count
+    count = self.cache.query_count + added * self.real.astype(jnp.float32) / t
+    return dataclasses.replace(self, cache=dataclasses.replace(cache, query_count=count))
+
+  def attend(self, q: jax.Array, *, scale: float, sliding_window: int | None = None) -> jax.Array:
+    return self.cache.attend(q, scale=scale, sliding_window=sliding_window)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_chunk(graph: Any, params: tuple[jax.Array, ...], caches: tuple[DenseCache, ...],
+                   tokens: jax.Array, real: jax.Array) -> tuple[DenseCache, ...]:
+  """One prefill chunk, tokens [1, chunk] of which the first `real` are the document's,
+  through the caches (donated). Only the caches are returned: no logits are computed
+  beyond one position, which XLA then drops as unused."""
+  wrapped = tuple(_PaddedChunkCache(c, real) for c in caches)
+  _, wrapped = graph.merge(params)(tokens, wrapped, logits_to_keep=1)
+  return tuple(w.cache for w in wrapped)
 
 
 def _grow(caches: tuple[DenseCache, ...], capacity: int) -> tuple[DenseCache, ...]:
@@ -298,7 +343,7 @@ class HFBackend:
     answers = {}
     with torch.no_grad(), bridge.tqjax_attention(self.model), warnings.catch_warnings():
       warnings.simplefilter("ignore", UserWarning)  # generation-config notes
-      self.model(doc, **self._cache_kw(exact))
+      self.model(doc, logits_to_keep=1, **self._cache_kw(exact))  # the cache is what counts
       # The baseline goes last: generating appends to the exact cache.
       for preset in sorted(presets, key=lambda p: p == BASELINE):
         cache = exact if preset == BASELINE else exact.convert(cache_config(preset, self.window))
