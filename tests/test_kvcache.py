@@ -309,3 +309,48 @@ def test_pallas_kernel_matches_xla_path_on_gpu(name):
     outs[impl] = np.asarray(attend(cache, k, q), np.float32)
   rel = np.linalg.norm(outs["pallas"] - outs["xla"]) / np.linalg.norm(outs["xla"])
   assert rel < 1e-2, rel
+
+
+def test_flush_schedule_equals_the_branch_bit_for_bit():
+  """Decoding with `FlushSchedule` (no branch in the step, flushes by a separate program)
+  leaves the same caches and outputs as `update`'s own lax.cond, over ragged rows that
+  flush on different steps; the step's program holds no conditional."""
+  rng = np.random.default_rng(11)
+  config = kv.preset("k3v3", window=6, flush_block=4, sink_tokens=2)
+  dense = filled_dense(rng, [23, 9], 64)
+  caches = tuple(kv.TurboQuantCache.from_dense(dense, config, layer=i) for i in range(2))
+
+  def step(caches, k, v, q):
+    caches = tuple(c.update(k, v) for c in caches)
+    return caches, sum(c.attend(q, scale=0.125) for c in caches)
+
+  jitted = jax.jit(step)
+  inputs = [tuple(jnp.asarray(rng.standard_normal(s), jnp.float32)
+                  for s in ((B, 1, K, D), (B, 1, K, D), (B, 1, H, D))) for _ in range(13)]
+  auto, outs_auto = caches, []
+  for k, v, q in inputs:
+    auto, out = jitted(auto, k, v, q)
+    outs_auto.append(out)
+  schedule = kv.FlushSchedule(caches)
+  planned, outs_planned = schedule.begin(caches), []
+  assert not any("case" in line for line in
+                 jax.jit(step).lower(planned, *inputs[0]).as_text().splitlines())
+  for k, v, q in inputs:
+    planned = schedule.before_step(planned)
+    planned, out = jitted(planned, k, v, q)
+    outs_planned.append(out)
+  planned = schedule.end(planned)
+  assert all(c.auto_flush for c in planned)
+  assert int(auto[0].compressed[0]) > 23 - 6  # row 0 flushed during the steps
+  for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(planned)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(outs_auto, outs_planned):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Tokens appended behind the schedule's back are caught.
+  schedule = kv.FlushSchedule(planned)
+  sneaky = schedule.begin(planned)
+  sneaky = tuple(c.update(*inputs[0][:2]) for c in sneaky)
+  with pytest.raises(RuntimeError, match="lost track"):
+    schedule.end(sneaky)
+  with pytest.raises(ValueError, match="flush_block=4"):
+    schedule.before_step(sneaky, t=5)

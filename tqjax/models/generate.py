@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tqjax.kvcache import FlushSchedule
 from tqjax.models.config import ModelConfig
 from tqjax.models.decoder import Decoder, init_caches
 
@@ -214,9 +215,12 @@ class Runner:
     token = _sample(logits[:, -1], sub, **sampling)
     out = [token]
     done = None if eos_id is None else token == eos_id
+    schedule = FlushSchedule(caches)  # compressed windows flushed without a branch per step
+    caches = schedule.begin(caches)
     for _ in range(max_new_tokens - 1):
       if done is not None and bool(jnp.all(done)):
         break
+      caches = schedule.before_step(caches)
       token, caches, key = self.decode_step(token[:, None], caches, key, **sampling)
       if done is not None:
         token = jnp.where(done, jnp.int32(eos_id), token)
