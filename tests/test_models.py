@@ -289,3 +289,42 @@ def test_load_model_from_local_folder(tmp_path):
   np.testing.assert_array_equal(tokens[0], [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37])
   logits, _ = Runner.from_model(model).prefill(tokens, CAP)
   assert rel_err(logits, hf_logits(hf, tokens)) < 1e-4
+
+
+def test_decode_step_moves_only_what_it_writes(rng):
+  """`Runner.decode_step` passes the cache arrays that a step only reads around the program
+  (not donated, not returned): same tokens and caches, bit for bit, as the plain jitted step,
+  over compressed caches whose windows flush by `FlushSchedule` on the way."""
+  from tqjax import kvcache
+  from tqjax.models.generate import _decode, changed_leaves
+
+  hf = random_hf_model(hf_configs()["qwen2"], seed=2)
+  runner = Runner.from_model(from_torch(hf))
+  _, dense = runner.prefill(rng.integers(0, VOCAB, (2, 11)), CAP)
+  config = kvcache.preset("k4v4", window=4, flush_block=2, rotation="haar")
+  fresh = lambda: tuple(kvcache.TurboQuantCache.from_dense(c, config, layer=i)
+                        for i, c in enumerate(dense))
+  token, key = jnp.asarray(rng.integers(0, VOCAB, (2, 1)), jnp.int32), jax.random.key(0)
+  sampling = dict(temperature=0.0, top_k=None, top_p=None)
+  schedule = kvcache.FlushSchedule(fresh())
+  caches = schedule.begin(fresh())
+  changed = changed_leaves(runner.graph, runner.params, token, caches, key, **sampling)
+  per_layer = len(jax.tree.leaves(caches[0]))
+  assert sum(changed) == 3 * len(caches) < per_layer * len(caches)  # window k, v, lengths
+  outs = {}
+  for name in ("split", "plain"):
+    schedule = kvcache.FlushSchedule(fresh())
+    caches, t, k, toks = schedule.begin(fresh()), token, key, []
+    for _ in range(7):
+      caches = schedule.before_step(caches)
+      if name == "split":
+        nxt, caches, k = runner.decode_step(t, caches, k)
+      else:
+        nxt, caches, k = _decode(runner.graph, runner.params, t, caches, k, **sampling)
+      toks.append(np.asarray(nxt))
+      t = nxt[:, None]
+    outs[name] = (toks, schedule.end(caches))
+  np.testing.assert_array_equal(outs["split"][0], outs["plain"][0])
+  assert int(outs["split"][1][0].compressed[0]) > 11 - 4  # flushed on the way
+  for a, b in zip(jax.tree.leaves(outs["split"][1]), jax.tree.leaves(outs["plain"][1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

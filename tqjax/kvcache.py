@@ -641,6 +641,16 @@ class FlushSchedule:
     """The caches with ``auto_flush`` off (the same arrays)."""
     return _set_auto_flush(caches, False)
 
+  def warm(self, caches, t: int = 1):
+    """Runs the flush program now (compiling it outside a timed loop): it flushes the rows
+    that cannot take ``t`` more tokens and leaves the others as they are."""
+    if not self._held:
+      return caches
+    need = [held + t > room for held, room in zip(self._held, self._room)]
+    caches = _make_room(caches, t)
+    self._held = [np.where(n, held - f, held) for n, held, f in zip(need, self._held, self._block)]
+    return caches
+
   def before_step(self, caches, t: int = 1):
     """Makes room for ``t`` tokens per row (t at most every window's flush block)."""
     if not self._held:

@@ -142,7 +142,11 @@ class ShardedCache:
   def update(self, k: jax.Array, v: jax.Array, q: jax.Array | None = None) -> ShardedCache:
     """Appends k, v [B, T, K, D] (and the queries q [B, T, H, D] for statistics)."""
     cache = self.cache.update(k, v) if q is None else self.cache.update(k, v, q)
-    cache = jax.lax.with_sharding_constraint(cache, self.shardings())
+    # Pinned where written; arrays passed through stay the same (a decode step can then
+    # leave them out of its outputs, see `Runner.decode_step`).
+    cache = jax.tree.map(lambda new, old, s: new if new is old else
+                         jax.lax.with_sharding_constraint(new, s), cache, self.cache,
+                         self.shardings())
     return dataclasses.replace(self, cache=cache)
 
   def attend(self, q: jax.Array, *, scale: float, sliding_window: int | None = None
