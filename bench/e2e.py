@@ -89,7 +89,7 @@ from flax import nnx  # noqa: E402
 from tqjax import kvcache  # noqa: E402
 from tqjax.dense_cache import DenseCache  # noqa: E402
 from tqjax.models import Decoder, ModelConfig, Runner  # noqa: E402
-from tqjax.models.generate import _decode  # noqa: E402
+from tqjax.models.generate import _decode_changed, changed_leaves  # noqa: E402
 
 BF16 = "bf16"  # the exact DenseCache in the model's dtype
 MARGIN = 256  # capacity beyond the context: the decoded tokens
@@ -323,12 +323,58 @@ def max_capacity_int32(spec: CacheSpec) -> int:
 # ---- programs: lowered here, compiled in a pool ----
 
 
-def step_function(runner: Runner) -> Callable[..., Any]:
-  """The Runner's greedy decode step as fn(params, tokens [B, 1], caches, key) ->
-  (next tokens [B], caches, key), caches donated (no static arguments: the compiled program
-  takes exactly these)."""
-  return jax.jit(functools.partial(_decode, runner.graph, temperature=0.0, top_k=None,
-                                   top_p=None), donate_argnums=(2,))
+GREEDY = dict(temperature=0.0, top_k=None, top_p=None)
+
+
+class StepFunction:
+  """The Runner's greedy decode step as `Runner.decode_step` runs it: only the cache arrays
+  the step writes are donated and returned (`tqjax.models.generate.changed_leaves`),
+  compiled ahead of time. ``lower(params, tokens, caches, key)`` (caches may be abstract)
+  -> an object whose ``compile()`` gives fn(params, tokens [B, 1], caches, key) ->
+  (next tokens [B], caches, key)."""
+
+  def __init__(self, runner: Runner):
+    self.runner = runner
+
+  def lower(self, params, tokens, caches, key, **lower_kwargs) -> _LoweredStep:
+    """``lower_kwargs`` go to `jax.stages.Traced.lower` (e.g. ``lowering_platforms``)."""
+    return _LoweredStep(self.runner, params, tokens, caches, key, **lower_kwargs)
+
+
+class _LoweredStep:
+  def __init__(self, runner: Runner, params, tokens, caches, key, **lower_kwargs):
+    self.treedef = jax.tree.structure(caches)
+    self.changed = changed_leaves(runner.graph, params, tokens, caches, key, **GREEDY)
+    leaves = jax.tree.leaves(caches)
+    kept = tuple(x for x, c in zip(leaves, self.changed) if not c)
+    moved = tuple(x for x, c in zip(leaves, self.changed) if c)
+    self.lowered = _decode_changed.trace(
+      runner.graph, params, tokens, kept, moved, key, treedef=self.treedef,
+      changed=self.changed, **GREEDY).lower(**lower_kwargs)
+
+  def compile(self) -> _CompiledStep:
+    return _CompiledStep(self.lowered.compile(), self.treedef, self.changed)
+
+
+class _CompiledStep:
+  def __init__(self, compiled, treedef, changed: tuple[bool, ...]):
+    self.compiled, self.treedef, self.changed = compiled, treedef, changed
+
+  def memory_analysis(self):
+    return self.compiled.memory_analysis()
+
+  def __call__(self, params, tokens, caches, key):
+    leaves = self.treedef.flatten_up_to(caches)
+    kept = tuple(x for x, c in zip(leaves, self.changed) if not c)
+    moved = tuple(x for x, c in zip(leaves, self.changed) if c)
+    nxt, moved, key = self.compiled(params, tokens, kept, moved, key)
+    moved = iter(moved)
+    return nxt, self.treedef.unflatten(
+      [next(moved) if c else x for x, c in zip(leaves, self.changed)]), key
+
+
+def step_function(runner: Runner) -> StepFunction:
+  return StepFunction(runner)
 
 
 def memory_analysis(compiled: Any) -> dict[str, int] | None:
@@ -350,7 +396,9 @@ class Program:
     self.spec = spec
     t0 = time.perf_counter()
     tokens = jax.ShapeDtypeStruct((spec.batch, 1), jnp.int32)
-    self.step_lowered = step.lower(runner.params, tokens, spec.abstract(), jax.random.key(0))
+    # Compressed windows are flushed by `kvcache.FlushSchedule` between steps (no branch).
+    abstract = kvcache.with_auto_flush(spec.abstract(), False)
+    self.step_lowered = step.lower(runner.params, tokens, abstract, jax.random.key(0))
     self.builder_lowered: dict[Any, Any] = {}
     self.layer_group = []
     for layer in range(spec.model.num_layers):
@@ -383,8 +431,9 @@ class Program:
 
   def build(self, key, context: int) -> tuple[Any, ...]:
     """The caches (allocated) of `context` tokens, random contents."""
-    return tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
-                 for layer, group in enumerate(self.layer_group))
+    return kvcache.with_auto_flush(
+      tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
+            for layer, group in enumerate(self.layer_group)), False)
 
 
 def compile_all(make: Sequence[Callable[[], Program]], workers: int
@@ -574,7 +623,16 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
   are ready (seconds in "synced"), then `steps` dispatched back to back with one wait at the
   end (mean seconds in "pipelined": no host gap between steps, as in a generation loop
   that does not look at the tokens), then, with `profile_dir`, `profile_steps` under
-  `jax.profiler.trace`. Returns (timings, final caches, steps taken)."""
+  `jax.profiler.trace`. A compressed cache's window is flushed between steps as
+  `Runner.decode` does (`kvcache.FlushSchedule`; its program compiled before timing), inside
+  the timed span of the step that needs it. Returns (timings, final caches, steps taken)."""
+  schedule = kvcache.FlushSchedule(caches)
+  caches = schedule.warm(caches)
+  compiled_step = step
+
+  def step(params, tokens, caches, key):
+    return compiled_step(params, tokens, schedule.before_step(caches), key)
+
   synced = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -597,6 +655,7 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
         tokens = nxt[:, None]
       tokens.block_until_ready()
     taken += profile_steps
+  schedule.end(caches)  # checks the host's count of the windows against the caches
   host = np.asarray(tokens)
   if host.min() < 0 or host.max() >= vocab:
     raise RuntimeError(f"decoded tokens out of range [0, {vocab}): {host.ravel()[:8]}")
@@ -879,8 +938,9 @@ def check_step_matches_runner(runner: Runner, spec: CacheSpec, context: int, *, 
   results = []
   for run in (functools.partial(program.step, runner.params), runner.decode_step):
     caches, t, key, out = program.build(jax.random.key(3), context), tokens, jax.random.key(5), []
+    schedule = kvcache.FlushSchedule(caches)
     for _ in range(steps):
-      nxt, caches, key = run(t, caches, key)
+      nxt, caches, key = run(t, schedule.before_step(caches), key)
       out.append(np.asarray(nxt))
       t = nxt[:, None]
     results.append((np.stack(out, 1), caches))

@@ -176,10 +176,16 @@ def test_step_lowers_for_cuda_with_the_pallas_kernel():
   config = e2e.tiny_config()
   runner = e2e.random_runner(config)
   spec = e2e.CacheSpec(config, "k4v4", 8, 4096, jnp.bfloat16, "pallas")
-  lowered = e2e.step_function(runner).trace(
-    runner.params, jax.ShapeDtypeStruct((8, 1), jnp.int32), spec.abstract(),
-    jax.random.key(0)).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("__gpu$xla.gpu.triton") == config.num_layers
+  caches = kvcache.with_auto_flush(spec.abstract(), False)  # as the bench runs them
+  lowered = e2e.step_function(runner).lower(
+    runner.params, jax.ShapeDtypeStruct((8, 1), jnp.int32), caches, jax.random.key(0),
+    lowering_platforms=("cuda",))
+  text = lowered.lowered.as_text()
+  assert text.count("__gpu$xla.gpu.triton") == config.num_layers
+  assert "stablehlo.case" not in text  # no flush branch in the step
+  # Codes, scales, sinks and tables are read only: each layer donates and returns its
+  # window keys, values and lengths.
+  assert sum(lowered.changed) == 3 * config.num_layers
 
 
 def test_hf_config_matches_the_flax_shapes():

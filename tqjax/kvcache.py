@@ -597,7 +597,9 @@ def _is_compressed(x) -> bool:
   return isinstance(x, TurboQuantCache)
 
 
-def _set_auto_flush(caches, flag: bool):
+def with_auto_flush(caches, flag: bool):
+  """The caches (any pytree) with every `TurboQuantCache`'s ``auto_flush`` set (same arrays;
+  works on abstract caches too)."""
   return jax.tree.map(lambda c: dataclasses.replace(c, auto_flush=flag) if _is_compressed(c) else c,
                       caches, is_leaf=_is_compressed)
 
@@ -639,7 +641,7 @@ class FlushSchedule:
 
   def begin(self, caches):
     """The caches with ``auto_flush`` off (the same arrays)."""
-    return _set_auto_flush(caches, False)
+    return with_auto_flush(caches, False)
 
   def warm(self, caches, t: int = 1):
     """Runs the flush program now (compiling it outside a timed loop): it flushes the rows
@@ -675,7 +677,7 @@ class FlushSchedule:
         raise RuntimeError(f"FlushSchedule lost track of the window: the host counted "
                            f"{self._held[0].tolist()} tokens per row, the cache holds "
                            f"{held.tolist()} (were tokens appended between before_step calls?)")
-    return _set_auto_flush(caches, True)
+    return with_auto_flush(caches, True)
 
 
 def _to_rows(x):  # [B, T, K, G, ...] -> [B, K, T * G, ...]
