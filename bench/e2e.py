@@ -6,6 +6,8 @@
                                              #   k4v4 / k3v3, Flax and bridge paths
     python -m bench.e2e --models tiny --batches 2 --contexts 256,384 --budget-gib 0.02 \\
         --in-process --out DIR               # CPU: a tiny model (what tests/test_e2e.py runs)
+    python bench/e2e.py --quick --devices 1,2 --out DIR   # 2 GPUs: the quick rows on one GPU,
+                                             #   then tensor-parallel over two (kind "sharded")
 
 **Flax path.** `tqjax.models.Decoder` at Qwen2.5-7B shapes (28 layers, 28 q / 4 kv heads,
 head_dim 128) and Llama-3-8B shapes (32 layers, 32 / 8 heads), random bf16 weights. The
@@ -85,8 +87,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from tqjax import kvcache  # noqa: E402
+from tqjax import sharding as sharding_lib  # noqa: E402
 from tqjax.dense_cache import DenseCache  # noqa: E402
 from tqjax.models import Decoder, ModelConfig, Runner  # noqa: E402
 from tqjax.models.generate import _decode_changed, changed_leaves  # noqa: E402
@@ -116,6 +120,8 @@ def tiny_config() -> ModelConfig:
 
 MODELS: dict[str, Callable[[], ModelConfig]] = {
   "qwen2.5-7b": ModelConfig.qwen2_5_7b, "llama3-8b": ModelConfig.llama3_8b, "tiny": tiny_config,
+  # The tiny model with a vocabulary that splits over 2 devices (tensor-parallel CPU tests).
+  "tiny-tp": lambda: dataclasses.replace(tiny_config(), vocab_size=132),
 }
 
 
@@ -144,34 +150,77 @@ def hf_config(config: ModelConfig) -> Any:
   raise ValueError(f"no transformers config for model_type={config.model_type!r}")
 
 
-def random_runner(config: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Runner:
-  """A `Runner` of the decoder with random weights, made by one jitted program: kernels
-  uniform with variance 1/fan_in, embeddings of unit variance, norms 1, biases in ±0.1."""
-  abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-  names = [jax.tree_util.keystr(path) for path, _ in flat]
-  shapes = [leaf for _, leaf in flat]
+def random_runner(config: ModelConfig, dtype=jnp.bfloat16, seed: int = 0,
+                  mesh: Mesh | None = None) -> Runner:
+  """A `Runner` of the decoder with random weights: kernels uniform with variance 1/fan_in,
+  embeddings of unit variance, norms 1, biases in ±0.1, drawn on the device.
 
-  @jax.jit
-  def fill(key):
-    out = []
-    for i, (name, leaf) in enumerate(zip(names, shapes)):
-      k = jax.random.fold_in(key, i)
-      if "norm" in name:
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif "embedding" in name:
-        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -math.sqrt(3), math.sqrt(3)))
-      elif len(leaf.shape) == 2:  # kernels [in, out]
-        bound = math.sqrt(3 / leaf.shape[0])
-        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound))
-      else:  # biases
-        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -0.1, 0.1))
-    return out
+  The parameters of one layer are drawn by one jitted program, shared by every layer (and
+  one more for the embeddings and the final norm): one program drawing all ~340 parameters
+  of a 7B model took XLA 27 s to compile on 2 CPU cores and about 100 s on the H200 host.
+  With ``mesh`` the parameters are created directly in their tensor-parallel layout
+  (`tqjax.sharding.param_shardings`), each device drawing only its shard; threefry random
+  bits do not depend on the layout (``jax_threefry_partitionable``), so the values equal
+  those of the single-device runner of the same seed."""
+  if mesh is not None and not jax.config.jax_threefry_partitionable:
+    raise RuntimeError("sharded random weights equal the single-device ones only with "
+                       "jax_threefry_partitionable=True (the default since jax 0.5)")
+  abstract = Runner.from_model(nnx.eval_shape(
+    lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))))  # params: ShapeDtypeStructs
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(abstract.state)[0]]
+  shardings = ([None] * len(paths) if mesh is None else
+               sharding_lib.param_shardings(abstract, mesh))
+  groups: dict[Any, list[int]] = {}  # a layer's parameters (or the others) -> leaf indices
+  draws = []  # per leaf: (kind, shape, dtype, bound, sharding)
+  for i, (path, leaf, sharding) in enumerate(zip(paths, abstract.params, shardings)):
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      kind, bound = "ones", 0.0
+    elif "embedding" in name:
+      kind, bound = "uniform", math.sqrt(3)
+    elif len(leaf.shape) == 2:  # kernels [in, out]
+      kind, bound = "uniform", math.sqrt(3 / leaf.shape[0])
+    else:  # biases
+      kind, bound = "uniform", 0.1
+    draws.append((kind, leaf.shape, jnp.dtype(leaf.dtype), bound, sharding))
+    names = _path_keys(path)
+    group = ("layer", names[names.index("layers") + 1]) if "layers" in names else ("top",)
+    groups.setdefault(group, []).append(i)
 
-  leaves = fill(jax.random.key(seed))
-  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-  return Runner.from_model(model)
+  programs: dict[tuple, Callable[..., tuple[jax.Array, ...]]] = {}
+
+  def program(signature: tuple) -> Callable[..., tuple[jax.Array, ...]]:
+    if signature not in programs:
+      def fill(root, indices):  # leaf i from fold_in(root, i), whatever its group
+        out = []
+        for j, (kind, shape, dt, bound, _) in enumerate(signature):
+          key = jax.random.fold_in(root, indices[j])
+          out.append(jnp.ones(shape, dt) if kind == "ones" else
+                     jax.random.uniform(key, shape, dt, -bound, bound))
+        return tuple(out)
+      programs[signature] = jax.jit(fill, out_shardings=tuple(d[-1] for d in signature))
+    return programs[signature]
+
+  root = jax.random.key(seed)
+  leaves: list[Any] = [None] * len(paths)
+  for indices in groups.values():
+    drawn = program(tuple(draws[i] for i in indices))(root, jnp.asarray(indices, jnp.uint32))
+    for i, x in zip(indices, drawn):
+      leaves[i] = x
+  return dataclasses.replace(abstract, params=tuple(leaves))
+
+
+def _path_keys(path) -> list[Any]:
+  return [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
+
+
+def params_bytes_per_device(params: Sequence[jax.Array]) -> dict[int, int]:
+  """Bytes of the arrays' shards held by each device (device id -> bytes)."""
+  out: dict[int, int] = {}
+  for x in params:
+    for shard in x.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
 
 
 # ---- caches of a given context, random contents ----
@@ -491,7 +540,7 @@ def row_key(row: dict) -> tuple:
   if kind == "fit":
     return (kind, row["path"], row["model"], row["batch"], row["preset"])
   return (kind, row["path"], row["model"], row["batch"], row["context"],
-          row.get("variant", row.get("preset")))
+          row.get("variant", row.get("preset")), row.get("devices", 1))
 
 
 class Results:
@@ -755,7 +804,114 @@ class FlaxBench:
       print(self.line(self.results.rows[-1]), flush=True)
       del program
       free()
+    for devices in args.devices:
+      if devices > 1:
+        self.run_sharded(runner, cells, layouts, devices)
     self.fit(name, config, runner, step, base, layouts, measured, weights)
+
+  def run_sharded(self, runner: Runner, cells: list, layouts: dict, devices: int) -> None:
+    """The rows of `cells` again, tensor-parallel over `devices` devices (`tqjax.sharding`:
+    weights column/row-parallel, caches split over KV heads, attention per shard), from
+    the same random caches and tokens as the one-device rows; ``scaling`` = tokens/s
+    against the one-device row, ``tokens_match`` = share of greedy tokens of the first
+    steps equal to one device's."""
+    from tqjax import sharding
+
+    rows = [dict(row, kind="sharded", devices=devices) for row, _ in cells]
+    present = len(jax.devices())
+    try:
+      if present < devices:
+        raise ValueError(f"--devices {devices}: {present} devices present")
+      mesh = sharding.make_mesh(jax.devices()[:devices], model=devices)
+      sharded = sharding.shard_params(runner, mesh)
+    except ValueError as e:
+      for row in rows:
+        self.results.add(dict(row, status="skipped", reason=str(e)))
+      return
+    builders: dict[Any, Any] = {}
+    for row, (_, spec) in zip(rows, cells):
+      self.results.add(self.sharded_row(row, spec, runner, sharded, mesh, builders, layouts))
+      print(self.line(self.results.rows[-1]), flush=True)
+      free()
+    del sharded
+    free()
+
+  def sharded_row(self, row: dict, spec: CacheSpec, runner: Runner, sharded: Runner, mesh,
+                  builders: dict, layouts: dict, check_steps: int = 3) -> dict:
+    from tqjax import sharding
+
+    args = self.args
+    key = jax.random.key(spec.batch * 1_000_003 + row["context"])  # as the one-device row
+
+    def build(on_mesh: bool):
+      caches = []
+      for layer in range(spec.model.num_layers):
+        group = (spec, spec.builder_group(layer))
+        if group not in builders:
+          builders[group] = jax.jit(spec.builder(layer))
+        cache = builders[group](jax.random.fold_in(key, layer), jnp.int32(row["context"]))
+        caches.append(sharding.shard_caches([cache], mesh)[0] if on_mesh else cache)
+        del cache  # one layer at a time on the first device
+      return kvcache.with_auto_flush(tuple(caches), False)
+
+    tokens = jax.random.randint(jax.random.key(7), (spec.batch, 1), 0, spec.model.vocab_size,
+                                jnp.int32)
+    step = lambda params, t, caches, k: sharded.decode_step(t, caches, k)
+    caches = None
+    try:
+      # Correctness: the first greedy steps on one device and on the mesh, same inputs.
+      match = None
+      need = layouts[spec.preset, spec.batch].bytes(spec.capacity)
+      avail = self.available()
+      if avail is None or 2 * need < avail:
+        outs = []
+        for on_mesh, run in ((False, runner.decode_step), (True, sharded.decode_step)):
+          caches = build(on_mesh)
+          schedule = kvcache.FlushSchedule(caches)
+          t, k, out = (sharding.shard_tokens(tokens, mesh) if on_mesh else tokens), jax.random.key(5), []
+          for _ in range(check_steps):
+            nxt, caches, k = run(t, schedule.before_step(caches), k)
+            out.append(np.asarray(nxt))
+            t = nxt[:, None]
+          outs.append(np.stack(out, 1))
+          caches = None
+          free()
+        match = float((outs[0] == outs[1]).mean())
+      caches = build(True)
+      per_device = [d.memory_stats() or {} for d in mesh.devices.flat]
+      timings, caches, taken = time_steps(
+        step, sharded.params, sharding.shard_tokens(tokens, mesh), caches, jax.random.key(1),
+        warmup=args.warmup, steps=args.steps, vocab=spec.model.vocab_size)
+      lengths = np.asarray(caches[0].lengths)
+      if not (lengths == row["context"] + taken).all():
+        raise RuntimeError(f"cache lengths after decoding are {lengths}, expected "
+                           f"{row['context'] + taken}")
+      cache_bytes = cache_memory_bytes(caches)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+      caches = None
+      free()
+      status = "skipped" if is_oom(e) else "error"
+      if status == "error":
+        traceback.print_exc()
+      return dict(row, status=status, reason=f"run: {error_text(e)}")
+    finally:
+      del caches
+      free()
+    times = timings["synced"]
+    median = statistics.median(times)
+    out = dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * statistics.fmean(times),
+               step_ms_pipelined=1e3 * timings["pipelined"], tokens_per_s=spec.batch / median,
+               tokens_per_s_pipelined=spec.batch / timings["pipelined"], tokens_match=match,
+               check_steps=check_steps, cache_bytes=cache_bytes,
+               bytes_in_use_per_device=[m.get("bytes_in_use") for m in per_device])
+    single = next((r for r in self.results.rows if r["kind"] == "decode"
+                   and r.get("status") == "ok" and r["path"] == "flax"
+                   and r["model"] == row["model"] and r["batch"] == row["batch"]
+                   and r["context"] == row["context"] and r["preset"] == row["preset"]), None)
+    if single is not None:
+      out["scaling"] = out["tokens_per_s"] / single["tokens_per_s"]
+      out["scaling_pipelined"] = single["step_ms_pipelined"] / out["step_ms_pipelined"]
+    return out
 
   def decode_row(self, row: dict, spec: CacheSpec, program: Program, runner: Runner,
                  layouts: dict, weights: int, *, steps: int | None = None,
@@ -917,6 +1073,10 @@ class FlaxBench:
 
   @staticmethod
   def line(r: dict) -> str:
+    if r["kind"] == "sharded" and r.get("status") == "ok":
+      return (f"{r['model']} B={r['batch']} S={r['context']} {r['preset']} on {r['devices']} "
+              f"devices: {r['step_ms']:.2f} ms, {r['tokens_per_s']:.1f} tok/s, scaling "
+              f"{fmt(r.get('scaling'))}, tokens match {fmt(r.get('tokens_match'))}")
     if r["kind"] == "fit":
       return (f"fit {r['model']} B={r['batch']} {r['preset']}: max context {r['max_context']} "
               f"verified={r.get('verified')}")
@@ -1167,6 +1327,20 @@ def table(doc: dict) -> str:
         f"{r['tokens_per_s']:8.1f} "
         f"{fmt(r.get('speedup_vs_bf16')):>6s} {r['cache_bytes'] / GIB:9.2f} "
         f"{fmt(None if peak is None else peak / GIB):>8s} {fmt(r.get('compile_s'), '.1f'):>6s}")
+  sh = [r for r in rows if r["kind"] == "sharded"]
+  if sh:
+    lines.append(f"{'sharded':12s} {'B':>2s} {'S':>7s} {'preset':7s} {'dev':>3s} {'ms':>8s} "
+                 f"{'pipe':>8s} {'tok/s':>8s} {'x 1 dev':>7s} {'x pipe':>6s} {'match':>5s}")
+    for r in sorted(sh, key=lambda r: (r["model"], r["batch"], r["context"], r["preset"],
+                                       r["devices"])):
+      head = (f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} {r['preset'][:7]:7s} "
+              f"{r['devices']:3d}")
+      if r.get("status") != "ok":
+        lines.append(f"{head} {r['status']}: {str(r.get('reason'))[:60]}")
+        continue
+      lines.append(f"{head} {r['step_ms']:8.2f} {r['step_ms_pipelined']:8.2f} "
+                   f"{r['tokens_per_s']:8.1f} {fmt(r.get('scaling')):>7s} "
+                   f"{fmt(r.get('scaling_pipelined')):>6s} {fmt(r.get('tokens_match')):>5s}")
   fits = [r for r in rows if r["kind"] == "fit"]
   if fits:
     lines.append(f"{'fit':12s} {'B':>2s} {'preset':7s} {'max ctx':>9s} {'x bf16':>6s} "
@@ -1241,6 +1415,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--headroom-gib", type=float, default=4.0)
   ap.add_argument("--memory-limit-gib", type=float, default=None,
                   help="device memory to plan for (default: the allocator's limit; none on CPU)")
+  ap.add_argument("--devices", default="1",
+                  help="Flax path: device counts, e.g. 1,2: rows > 1 run tensor-parallel over "
+                       "that many devices (kind 'sharded', with scaling vs 1 device)")
   ap.add_argument("--implementation", default=None, choices=["xla", "pallas"],
                   help="of compressed caches (default: pallas on GPU, xla on CPU)")
   ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -1262,6 +1439,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
       setattr(args, name, base[name])
   args.models = parse_list(str, args.models)
   args.batches = parse_list(int, args.batches)
+  args.devices = parse_list(int, args.devices)
+  if any(d < 1 for d in args.devices):
+    raise SystemExit(f"--devices: counts must be >= 1, got {args.devices}")
   args.contexts = parse_list(parse_context, args.contexts)
   args.presets = parse_list(str, args.presets)
   args.paths = parse_list(str, args.paths)
@@ -1318,6 +1498,7 @@ def child_argv(args: argparse.Namespace, path: str, models: Sequence[str]) -> li
           "--batches", join(args.batches), "--contexts", join(args.contexts),
           "--presets", join(args.presets), "--verify", join(args.verify),
           "--steps", str(args.steps), "--warmup", str(args.warmup),
+          "--devices", join(args.devices),
           "--verify-steps", str(args.verify_steps), "--headroom-gib", str(args.headroom_gib),
           "--compile-workers", str(args.compile_workers),
           "--profile-steps", str(args.profile_steps), "--no-table"]

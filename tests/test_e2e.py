@@ -246,3 +246,30 @@ def test_merge_of_separate_runs(flax_run, tmp_path, capsys):
   assert sorted(map(e2e.row_key, merged["rows"])) == sorted(map(e2e.row_key, doc["rows"]))
   assert merged["meta"]["flax"] == doc["meta"]["flax"]
   assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {merged_dir / 'e2e.json'}"
+
+
+def test_sharded_rows_on_two_fake_devices(tmp_path):
+  """`--devices 1,2`: the same rows tensor-parallel over 2 (fake CPU) devices, from the same
+  caches and tokens: greedy tokens equal to one device's, scaling against the 1-device row."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  argv = [sys.executable, "bench/e2e.py", "--models", "tiny-tp", "--batches", "2",
+          "--presets", "bf16,k4v4", "--contexts", "256", "--steps", "3", "--warmup", "1",
+          "--headroom-gib", "0", "--in-process", "--paths", "flax", "--devices", "1,2",
+          "--budget-gib", str(20 / 1024), "--out", str(tmp_path)]
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "e2e.json") as f:
+    rows = json.load(f)["rows"]
+  sharded = {r["preset"]: r for r in rows if r["kind"] == "sharded"}
+  assert sorted(sharded) == ["bf16", "k4v4"]
+  for r in sharded.values():
+    assert r["status"] == "ok" and r["devices"] == 2, r
+    assert r["tokens_match"] == 1.0  # float32 CPU: the partitioned program agrees
+    assert r["scaling"] > 0 and len(r["bytes_in_use_per_device"]) == 2
+  assert "sharded" in proc.stdout and " 2 " in proc.stdout.split("sharded", 1)[1]
