@@ -259,7 +259,7 @@ def test_sharded_rows_on_two_fake_devices(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=root)
   argv = [sys.executable, "bench/e2e.py", "--models", "tiny-tp", "--batches", "2",
-          "--presets", "bf16,k4v4", "--contexts", "256", "--steps", "3", "--warmup", "1",
+          "--presets", "k4v4", "--contexts", "256", "--steps", "2", "--warmup", "1",
           "--headroom-gib", "0", "--in-process", "--paths", "flax", "--devices", "1,2",
           "--budget-gib", str(20 / 1024), "--out", str(tmp_path)]
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=root)
@@ -267,7 +267,7 @@ def test_sharded_rows_on_two_fake_devices(tmp_path):
   with open(tmp_path / "e2e.json") as f:
     rows = json.load(f)["rows"]
   sharded = {r["preset"]: r for r in rows if r["kind"] == "sharded"}
-  assert sorted(sharded) == ["bf16", "k4v4"]
+  assert sorted(sharded) == ["k4v4"]  # (the exact cache sharded: tests/test_sharding.py)
   for r in sharded.values():
     assert r["status"] == "ok" and r["devices"] == 2, r
     assert r["tokens_match"] == 1.0  # float32 CPU: the partitioned program agrees
