@@ -17,6 +17,7 @@ Jobs:
   e2e      bench/e2e.py --quick (the Flax model end to end; several minutes with its
            compiles: give it a call of its own, `--jobs e2e --budget 540`, for the full grid
            see bench/e2e.py)
+  e2e2     the same with --devices 1,2 on two GPUs (sharded rows, scaling vs one GPU)
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ import time
 
 JOBS = {
   "tests": (["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-             "tests/test_kvcache.py", "tests/test_bridge.py"], None),
+             "tests/test_kvcache.py", "tests/test_kernels.py", "tests/test_bridge.py"], None),
   "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
   "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
   "e2e": (["bench/e2e.py", "--quick", "--compile-cache", "out/jax-cache"], "e2e.json"),
+  # Two GPUs (nvidia-h200-x2): the quick rows on one, then tensor-parallel over both.
+  "e2e2": (["bench/e2e.py", "--quick", "--devices", "1,2", "--compile-cache", "out/jax-cache"],
+           "e2e.json"),
 }
 # Share of the budget each job may take (the rest of a finished job's share carries over).
-SHARE = {"tests": 0.1, "kernels": 0.25, "bridge": 0.2, "e2e": 0.45}
+# Measured on the H200 (session 3): the GPU tests 239 s, e2e --quick 206 s (103 s of it
+# drawing the random 7B weights).
+SHARE = {"tests": 0.3, "kernels": 0.25, "bridge": 0.2, "e2e": 0.45, "e2e2": 0.6}
 
 
 def headline(job: str, path: str | None, log: str) -> str:
@@ -55,7 +61,7 @@ def headline(job: str, path: str | None, log: str) -> str:
     rows = data.get("rows", [])
     return " ".join(f"{r.get('variant')}@{r.get('context')}:{r.get('step_ms', 0):.1f}ms"
                     for r in rows if "step_ms" in r)[:300]
-  if job == "e2e":
+  if job in ("e2e", "e2e2"):
     rows = data.get("rows", [])
     return f"{len(rows)} rows" + "".join(
       f" {r.get('preset')}@B{r.get('batch')}/S{r.get('context')}:"
