@@ -30,6 +30,20 @@ between steps) and, with ``--profile-dir``, a `jax.profiler` trace of a few more
 Programs are lowered in this thread and compiled by a thread pool (XLA compiles without
 the GIL); compile seconds are per program, measured while others compiled alongside.
 
+**Several devices** (``--devices 1,2``, Flax path): the 1-device rows run first (the
+reference), then for each count N > 1 every (batch, context, preset) again tensor-parallel
+over N devices (kind ``"sharded"``; `tqjax.sharding`: a (data 1, model N) mesh, weights
+column/row-parallel, each cache split over KV heads with attention per shard, the Pallas
+kernel on each GPU's shard): the same weights, the same random caches (built directly in
+their sharded layout: the same values, threefry bits do not depend on the layout), the same
+tokens, steps compiled ahead of time in the pool. Every row first decodes ``--check-steps``
+untimed steps and keeps their greedy tokens (``check_tokens``); a sharded row's check steps
+are fed the 1-device row's tokens, ``tokens_match`` is the share it reproduces (one means
+the same tokens; in bf16 an isolated miss is a near-tie rounded the other way, since the
+row-parallel sums add in another order). ``scaling`` = its tokens/s over the 1-device
+row's; memory per device: ``cache_bytes_per_device``, ``weights_bytes_per_device`` and
+each device's allocator statistics (``memory.per_device``). The fit rows are 1-device only.
+
 **Longest context in a budget** (``kind="fit"``), per model, batch and preset: bytes of the
 caches as a function of capacity (exact: the shapes of a cache at two capacities, the same
 numbers `memory_bytes()` gives), the weights, and the step's temporaries (the compiled
@@ -214,15 +228,6 @@ def _path_keys(path) -> list[Any]:
   return [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
 
 
-def params_bytes_per_device(params: Sequence[jax.Array]) -> dict[int, int]:
-  """Bytes of the arrays' shards held by each device (device id -> bytes)."""
-  out: dict[int, int] = {}
-  for x in params:
-    for shard in x.addressable_shards:
-      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
-  return out
-
-
 # ---- caches of a given context, random contents ----
 
 
@@ -283,13 +288,26 @@ def _random_turboquant(key, context, *, config: kvcache.CacheConfig, layer: int,
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-  """Which caches to build: preset, batch, capacity, for one model."""
+  """Which caches to build: preset, batch, capacity, for one model; with ``mesh``, laid out
+  over it (`tqjax.sharding`: every [B, K, ...] array split over KV heads on the ``model``
+  axis) and wrapped in `ShardedCache` (attention per shard)."""
   model: ModelConfig
   preset: str
   batch: int
   capacity: int
   dtype: Any
   implementation: str  # of compressed caches
+  mesh: Mesh | None = None
+
+  @property
+  def devices(self) -> list[jax.Device]:
+    return [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
+
+  def replicated(self) -> jax.sharding.Sharding:
+    """Where the step's tokens and key live."""
+    if self.mesh is None:
+      return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(self.mesh, PartitionSpec())
 
   def builder(self, layer: int) -> Callable[..., Any]:
     """fn(key, context) -> the cache of `layer` (not jitted)."""
@@ -307,8 +325,8 @@ class CacheSpec:
     config = cache_config(self.preset)
     return None if config is None else config.quantizers(layer, self.model.head_dim)
 
-  def abstract(self) -> tuple[Any, ...]:
-    """The caches as ShapeDtypeStructs (nothing allocated; traced once per group)."""
+  def unsharded(self) -> tuple[Any, ...]:
+    """The per-layer caches as ShapeDtypeStructs, without a layout (traced once per group)."""
     shapes: dict[Any, Any] = {}
     out = []
     for layer in range(self.model.num_layers):
@@ -317,6 +335,16 @@ class CacheSpec:
         shapes[group] = jax.eval_shape(self.builder(layer), jax.random.key(0), jnp.int32(0))
       out.append(shapes[group])
     return tuple(out)
+
+  def abstract(self) -> tuple[Any, ...]:
+    """The caches as the decode step takes them, as ShapeDtypeStructs (nothing allocated):
+    with a mesh, `ShardedCache`s whose leaves carry their shardings."""
+    shapes = self.unsharded()
+    if self.mesh is None:
+      return shapes
+    return tuple(sharding_lib.ShardedCache(jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), c,
+      c.shardings(self.mesh)), self.mesh) for c in shapes)
 
   def check_context(self, context: int, steps: int) -> None:
     config = cache_config(self.preset)
@@ -327,10 +355,23 @@ class CacheSpec:
       raise ValueError(f"{context=} + {steps} decoded tokens exceed capacity={self.capacity}")
 
 
-def tree_nbytes(tree: Any) -> int:
-  """Bytes of every array (or ShapeDtypeStruct) leaf: what `memory_bytes()` counts."""
-  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, "shape") and hasattr(x, "dtype")))
+def tree_nbytes(tree: Any, *, per_device: bool = False) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) leaf: what `memory_bytes()` counts; with
+  ``per_device``, of one device's shard of each (leaves with a sharding split evenly)."""
+  def shape(x):
+    sharding = getattr(x, "sharding", None)
+    return sharding.shard_shape(x.shape) if per_device and sharding is not None else x.shape
+  return int(sum(math.prod(shape(x)) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")))
+
+
+def bytes_per_device(tree: Any) -> dict[int, int]:
+  """Bytes of the arrays' shards held by each device (device id -> bytes)."""
+  out: dict[int, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in getattr(x, "addressable_shards", ()):
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
 
 
 def cache_memory_bytes(caches: Sequence[Any]) -> int:
@@ -339,14 +380,16 @@ def cache_memory_bytes(caches: Sequence[Any]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
-  """bytes(capacity) = fixed + per_token * capacity, all layers and batch rows."""
+  """bytes(capacity) = fixed + per_token * capacity, all layers and batch rows (with
+  ``per_device``: on each device of the spec's mesh)."""
   fixed: int
   per_token: int  # bytes per position of the capacity, all layers and rows
 
   @classmethod
-  def measure(cls, spec: CacheSpec, c1: int = 1024, c2: int = 2048) -> CacheLayout:
-    b1 = tree_nbytes(dataclasses.replace(spec, capacity=c1).abstract())
-    b2 = tree_nbytes(dataclasses.replace(spec, capacity=c2).abstract())
+  def measure(cls, spec: CacheSpec, c1: int = 1024, c2: int = 2048, *,
+              per_device: bool = False) -> CacheLayout:
+    b1 = tree_nbytes(dataclasses.replace(spec, capacity=c1).abstract(), per_device=per_device)
+    b2 = tree_nbytes(dataclasses.replace(spec, capacity=c2).abstract(), per_device=per_device)
     per_token, rest = divmod(b2 - b1, c2 - c1)
     if rest:
       raise ValueError(f"cache bytes are not linear in the capacity: {b1=} at {c1}, {b2=} at {c2}")
@@ -439,22 +482,29 @@ def memory_analysis(compiled: Any) -> dict[str, int] | None:
 
 
 class Program:
-  """The compiled decode step and cache builders of one (preset, batch, capacity)."""
+  """The compiled decode step and cache builders of one (preset, batch, capacity), on one
+  device or, with the spec's mesh, tensor-parallel (``runner`` sharded over the same mesh:
+  `tqjax.sharding.shard_params`); the builders then create each cache directly in its
+  sharded layout."""
 
   def __init__(self, spec: CacheSpec, runner: Runner, step: Callable[..., Any]):
     self.spec = spec
     t0 = time.perf_counter()
-    tokens = jax.ShapeDtypeStruct((spec.batch, 1), jnp.int32)
+    sharding = None if spec.mesh is None else spec.replicated()
+    tokens = jax.ShapeDtypeStruct((spec.batch, 1), jnp.int32, sharding=sharding)
     # Compressed windows are flushed by `kvcache.FlushSchedule` between steps (no branch).
     abstract = kvcache.with_auto_flush(spec.abstract(), False)
-    self.step_lowered = step.lower(runner.params, tokens, abstract, jax.random.key(0))
+    self.step_lowered = step.lower(runner.params, tokens, abstract,
+                                   self.place(jax.random.key(0)))
     self.builder_lowered: dict[Any, Any] = {}
     self.layer_group = []
+    unsharded = spec.unsharded()
     for layer in range(spec.model.num_layers):
       group = spec.builder_group(layer)
       self.layer_group.append(group)
       if group not in self.builder_lowered:
-        self.builder_lowered[group] = jax.jit(spec.builder(layer)).lower(
+        out = None if spec.mesh is None else unsharded[layer].shardings(spec.mesh)
+        self.builder_lowered[group] = jax.jit(spec.builder(layer), out_shardings=out).lower(
           jax.random.key(0), jnp.int32(0))
     self.lower_s = time.perf_counter() - t0
     self.compile_s: float | None = None
@@ -478,11 +528,19 @@ class Program:
     m = self.memory
     return m["temp_bytes"] + max(m["output_bytes"] - m["alias_bytes"], 0)
 
+  def place(self, x):
+    """``x`` (tokens or a key) where the step takes it: as is on one device, replicated
+    over the mesh."""
+    return x if self.spec.mesh is None else jax.device_put(x, self.spec.replicated())
+
   def build(self, key, context: int) -> tuple[Any, ...]:
-    """The caches (allocated) of `context` tokens, random contents."""
-    return kvcache.with_auto_flush(
-      tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
-            for layer, group in enumerate(self.layer_group)), False)
+    """The caches (allocated) of `context` tokens, random contents: the same values with
+    or without a mesh (threefry random bits do not depend on the layout)."""
+    caches = tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
+                   for layer, group in enumerate(self.layer_group))
+    if self.spec.mesh is not None:
+      caches = tuple(sharding_lib.ShardedCache(c, self.spec.mesh) for c in caches)
+    return kvcache.with_auto_flush(caches, False)
 
 
 def compile_all(make: Sequence[Callable[[], Program]], workers: int
@@ -512,8 +570,9 @@ def compile_all(make: Sequence[Callable[[], Program]], workers: int
 # ---- device memory ----
 
 
-def memory_stats() -> dict[str, int]:
-  stats = jax.devices()[0].memory_stats() or {}
+def memory_stats(device: jax.Device | None = None) -> dict[str, int]:
+  """The allocator's statistics of ``device`` (default: the first); empty on the CPU."""
+  stats = (device or jax.devices()[0]).memory_stats() or {}
   keep = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_alloc_size")
   return {k: int(stats[k]) for k in keep if k in stats}
 
@@ -606,6 +665,20 @@ NOTES = {
   "fit.max_context": "longest context (multiple of 256) with weights + caches(context + 256) + "
                      "step temporaries (linear fit over the contexts run) <= budget_bytes",
   "bridge.step_ms": "median seconds of one HF forward of one token (bench.bridge.Bench)",
+  "sharded": "kind of the rows of --devices N > 1: the decode rows' configurations run "
+             "tensor-parallel over N devices (tqjax.sharding: weights column/row-parallel, "
+             "caches split over KV heads, attention per shard), same weights, caches and tokens",
+  "check_tokens": "greedy tokens [B, check_steps] of the first steps (untimed, before warm-up)",
+  "tokens_match": "sharded rows: share of their first check_steps greedy tokens equal to the "
+                  "1-device row's check_tokens, each step fed the 1-device row's previous "
+                  "token (teacher-forced: a near-tie flipped by bf16 rounding in another order "
+                  "costs one token, not the rest of the row)",
+  "scaling": "sharded rows: tokens_per_s / tokens_per_s of the 1-device decode row of the "
+             "same model, batch, context and preset (scaling_pipelined: the same, pipelined)",
+  "cache_bytes_per_device": "bytes of the caches' shards on each device of the row, in mesh "
+                            "order",
+  "memory.per_device": "allocator statistics of each device of the row (before the build, "
+                       "after the build, after the steps)",
 }
 
 
@@ -636,6 +709,21 @@ def annotate(rows: list[dict]) -> None:
       b = fits.get((r["path"], r["model"], r["batch"]))
       if b is not None and r.get("max_context"):
         r["context_ratio_vs_bf16"] = r["max_context"] / b["max_context"]
+  single = {(r["path"], r["model"], r["batch"], r["context"], r["preset"]): r for r in rows
+            if r["kind"] == "decode" and r.get("status") == "ok" and "variant" not in r}
+  sharded_bf16 = {(r["path"], r["model"], r["batch"], r["context"], r["devices"]): r
+                  for r in rows if r["kind"] == "sharded" and r.get("status") == "ok"
+                  and r["preset"] == BF16}
+  for r in rows:
+    if r["kind"] != "sharded" or r.get("status") != "ok":
+      continue
+    one = single.get((r["path"], r["model"], r["batch"], r["context"], r["preset"]))
+    if one is not None:
+      r["scaling"] = r["tokens_per_s"] / one["tokens_per_s"]
+      r["scaling_pipelined"] = one["step_ms_pipelined"] / r["step_ms_pipelined"]
+    b = sharded_bf16.get((r["path"], r["model"], r["batch"], r["context"], r["devices"]))
+    if b is not None:
+      r["speedup_vs_bf16"] = r["tokens_per_s"] / b["tokens_per_s"]
 
 
 def targets(rows: list[dict]) -> dict[str, Any]:
@@ -666,15 +754,20 @@ def targets(rows: list[dict]) -> dict[str, Any]:
 
 
 def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vocab: int,
-               profile_dir: str | None = None, profile_steps: int = 3
+               profile_dir: str | None = None, profile_steps: int = 3, check_steps: int = 0,
+               reference: np.ndarray | None = None,
+               place: Callable[[jax.Array], jax.Array] = lambda x: x
                ) -> tuple[dict[str, Any], Any, int]:
-  """Greedy decode steps: `warmup`, then `steps` each timed from dispatch until its tokens
-  are ready (seconds in "synced"), then `steps` dispatched back to back with one wait at the
-  end (mean seconds in "pipelined": no host gap between steps, as in a generation loop
-  that does not look at the tokens), then, with `profile_dir`, `profile_steps` under
-  `jax.profiler.trace`. A compressed cache's window is flushed between steps as
-  `Runner.decode` does (`kvcache.FlushSchedule`; its program compiled before timing), inside
-  the timed span of the step that needs it. Returns (timings, final caches, steps taken)."""
+  """Greedy decode steps: `check_steps` whose tokens are kept ("check": [B, check_steps];
+  with `reference` [B, >= check_steps], step i + 1 is fed reference[:, i] instead of its
+  own last token, placed by `place`), `warmup`, then `steps` each timed from dispatch until
+  its tokens are ready (seconds in "synced"), then `steps` dispatched back to back with one
+  wait at the end (mean seconds in "pipelined": no host gap between steps, as in a
+  generation loop that does not look at the tokens), then, with `profile_dir`,
+  `profile_steps` under `jax.profiler.trace`. A compressed cache's window is flushed
+  between steps as `Runner.decode` does (`kvcache.FlushSchedule`; its program compiled
+  before timing), inside the timed span of the step that needs it. Returns (timings, final
+  caches, steps taken)."""
   schedule = kvcache.FlushSchedule(caches)
   caches = schedule.warm(caches)
   compiled_step = step
@@ -682,6 +775,12 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
   def step(params, tokens, caches, key):
     return compiled_step(params, tokens, schedule.before_step(caches), key)
 
+  checked = []
+  for i in range(check_steps):
+    nxt, caches, key = step(params, tokens, caches, key)
+    checked.append(nxt)
+    tokens = (nxt[:, None] if reference is None else
+              place(jnp.asarray(reference[:, i:i + 1], jnp.int32)))
   synced = []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -696,7 +795,7 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
     tokens = nxt[:, None]
   tokens.block_until_ready()
   pipelined = (time.perf_counter() - t0) / steps
-  taken = warmup + 2 * steps
+  taken = check_steps + warmup + 2 * steps
   if profile_dir:
     with jax.profiler.trace(profile_dir):
       for _ in range(profile_steps):
@@ -708,7 +807,8 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
   host = np.asarray(tokens)
   if host.min() < 0 or host.max() >= vocab:
     raise RuntimeError(f"decoded tokens out of range [0, {vocab}): {host.ravel()[:8]}")
-  return dict(synced=synced, pipelined=pipelined), caches, taken
+  check = np.stack([np.asarray(t) for t in checked], 1) if checked else None
+  return dict(synced=synced, pipelined=pipelined, check=check), caches, taken
 
 
 class FlaxBench:
@@ -719,6 +819,10 @@ class FlaxBench:
     self.implementation = args.implementation or (
       "pallas" if jax.default_backend() == "gpu" else "xla")
     self.dtype = jnp.bfloat16
+    self._device_layouts: dict[Any, CacheLayout] = {}
+    if max(args.devices) > jax.device_count():
+      raise SystemExit(f"--devices {','.join(map(str, args.devices))}: only "
+                       f"{jax.device_count()} devices present")
     stats = memory_stats()
     limit = args.memory_limit_gib * GIB if args.memory_limit_gib else stats.get("bytes_limit")
     self.limit = None if limit is None else int(limit)
@@ -732,18 +836,21 @@ class FlaxBench:
     results.set_meta("flax", dict(
       jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
       implementation=self.implementation, dtype="bfloat16", steps=args.steps,
-      warmup=args.warmup, margin=MARGIN, memory_limit_bytes=self.limit,
+      warmup=args.warmup, check_steps=args.check_steps, devices=args.devices,
+      device_count=jax.device_count(), margin=MARGIN, memory_limit_bytes=self.limit,
       headroom_bytes=self.headroom, budget_bytes=self.budget,
       compile_workers=args.compile_workers, memory_stats_at_start=stats,
       allocator=dict((k, os.environ.get(k)) for k in (
         "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
         "XLA_PYTHON_CLIENT_ALLOCATOR"))))
 
-  def available(self) -> int | None:
-    """Bytes that may still be allocated (None: unknown, e.g. on the CPU)."""
+  def available(self, devices: Sequence[jax.Device] | None = None) -> int | None:
+    """Bytes that may still be allocated on each of ``devices`` (default: the first
+    device; None: unknown, e.g. on the CPU)."""
     if self.limit is None:
       return None
-    return self.limit - self.headroom - memory_stats().get("bytes_in_use", 0)
+    return min(self.limit - self.headroom - memory_stats(d).get("bytes_in_use", 0)
+               for d in (devices or [jax.devices()[0]]))
 
   def run(self) -> None:
     for name in self.args.models:
@@ -806,158 +913,150 @@ class FlaxBench:
       free()
     for devices in args.devices:
       if devices > 1:
-        self.run_sharded(runner, cells, layouts, devices)
+        self.run_sharded(name, config, runner, base, layouts, weights, devices)
     self.fit(name, config, runner, step, base, layouts, measured, weights)
 
-  def run_sharded(self, runner: Runner, cells: list, layouts: dict, devices: int) -> None:
-    """The rows of `cells` again, tensor-parallel over `devices` devices (`tqjax.sharding`:
-    weights column/row-parallel, caches split over KV heads, attention per shard), from
-    the same random caches and tokens as the one-device rows; ``scaling`` = tokens/s
-    against the one-device row, ``tokens_match`` = share of greedy tokens of the first
-    steps equal to one device's."""
-    from tqjax import sharding
-
-    rows = [dict(row, kind="sharded", devices=devices) for row, _ in cells]
-    present = len(jax.devices())
+  def run_sharded(self, name: str, config: ModelConfig, runner: Runner, base: dict,
+                  layouts: dict, weights: int, devices: int) -> None:
+    """Every (batch, context, preset) again, tensor-parallel over `devices` devices
+    (`tqjax.sharding`: weights column/row-parallel, caches split over KV heads, attention
+    per shard; kind "sharded"): the same weights (``shard_params`` of the one-device
+    runner), the same random caches (built directly in their sharded layout) and tokens;
+    steps compiled ahead of time in the pool as the one-device rows'. Correctness: the
+    first ``--check-steps`` greedy tokens against the one-device row's (``tokens_match``);
+    ``scaling`` against its tokens/s (see `annotate`)."""
+    args = self.args
     try:
-      if present < devices:
-        raise ValueError(f"--devices {devices}: {present} devices present")
-      mesh = sharding.make_mesh(jax.devices()[:devices], model=devices)
-      sharded = sharding.shard_params(runner, mesh)
-    except ValueError as e:
-      for row in rows:
-        self.results.add(dict(row, status="skipped", reason=str(e)))
+      if jax.device_count() < devices:
+        raise ValueError(f"--devices {devices}: {jax.device_count()} devices present")
+      mesh = sharding_lib.make_mesh(jax.devices()[:devices], model=devices)
+      t0 = time.perf_counter()
+      sharded = sharding_lib.shard_params(runner, mesh)
+      jax.block_until_ready(sharded.params)
+      shard_s = time.perf_counter() - t0
+    except ValueError as e:  # too few devices, or a dimension the mesh does not divide
+      for batch in args.batches:
+        for context in args.contexts:
+          for preset in args.presets:
+            self.results.add(dict(base, kind="sharded", devices=devices, batch=batch,
+                                  context=context, preset=preset, status="skipped",
+                                  reason=str(e)))
       return
-    builders: dict[Any, Any] = {}
-    for row, (_, spec) in zip(rows, cells):
-      self.results.add(self.sharded_row(row, spec, runner, sharded, mesh, builders, layouts))
+    on_devices = bytes_per_device(sharded.params)
+    base = dict(base, kind="sharded", devices=devices,
+                weights_bytes_per_device=[on_devices.get(d.id, 0) for d in mesh.devices.flat])
+    step = step_function(sharded)
+    cells, makers = [], []
+    for batch in args.batches:
+      for context in args.contexts:
+        for preset in args.presets:
+          capacity = context + MARGIN
+          spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation,
+                           mesh)
+          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
+          need = self.device_layout(spec).bytes(capacity)
+          avail = self.available(spec.devices)
+          if avail is not None and need > avail:
+            self.results.add(dict(row, status="skipped", reason=(
+              f"out of memory (estimated before allocating): caches need {need / GIB:.1f} GiB "
+              f"per device, {avail / GIB:.1f} GiB free")))
+            continue
+          spec.check_context(context, decoded_tokens(args))
+          cells.append((row, spec))
+          makers.append(functools.partial(Program, spec, sharded, step))
+    programs, wave_s = compile_all(makers, args.compile_workers)
+    print(f"[flax {name}] sharded over {devices} devices in {shard_s:.1f} s; compiled "
+          f"{len(programs)} programs in {wave_s:.1f} s", flush=True)
+    for (row, spec), program in zip(cells, programs):
+      row["compile_wave_s"], row["compile_wave_programs"] = wave_s, len(programs)
+      if isinstance(program, BaseException):
+        status = "skipped" if is_oom(program) else "error"
+        self.results.add(dict(row, status=status, reason=f"compile: {error_text(program)}"))
+        continue
+      self.results.add(self.decode_row(row, spec, program, sharded, layouts, weights))
       print(self.line(self.results.rows[-1]), flush=True)
+      del program
       free()
-    del sharded
+    del sharded, step
     free()
 
-  def sharded_row(self, row: dict, spec: CacheSpec, runner: Runner, sharded: Runner, mesh,
-                  builders: dict, layouts: dict, check_steps: int = 3) -> dict:
-    from tqjax import sharding
+  def device_layout(self, spec: CacheSpec) -> CacheLayout:
+    """The caches' bytes on each device of the spec's mesh as a function of capacity."""
+    key = (spec.preset, spec.batch, spec.mesh)
+    if key not in self._device_layouts:
+      self._device_layouts[key] = CacheLayout.measure(spec, per_device=True)
+    return self._device_layouts[key]
 
-    args = self.args
-    key = jax.random.key(spec.batch * 1_000_003 + row["context"])  # as the one-device row
-
-    def build(on_mesh: bool):
-      caches = []
-      for layer in range(spec.model.num_layers):
-        group = (spec, spec.builder_group(layer))
-        if group not in builders:
-          builders[group] = jax.jit(spec.builder(layer))
-        cache = builders[group](jax.random.fold_in(key, layer), jnp.int32(row["context"]))
-        caches.append(sharding.shard_caches([cache], mesh)[0] if on_mesh else cache)
-        del cache  # one layer at a time on the first device
-      return kvcache.with_auto_flush(tuple(caches), False)
-
-    tokens = jax.random.randint(jax.random.key(7), (spec.batch, 1), 0, spec.model.vocab_size,
-                                jnp.int32)
-    step = lambda params, t, caches, k: sharded.decode_step(t, caches, k)
-    caches = None
-    try:
-      # Correctness: the first greedy steps on one device and on the mesh, same inputs.
-      match = None
-      need = layouts[spec.preset, spec.batch].bytes(spec.capacity)
-      avail = self.available()
-      if avail is None or 2 * need < avail:
-        outs = []
-        for on_mesh, run in ((False, runner.decode_step), (True, sharded.decode_step)):
-          caches = build(on_mesh)
-          schedule = kvcache.FlushSchedule(caches)
-          t, k, out = (sharding.shard_tokens(tokens, mesh) if on_mesh else tokens), jax.random.key(5), []
-          for _ in range(check_steps):
-            nxt, caches, k = run(t, schedule.before_step(caches), k)
-            out.append(np.asarray(nxt))
-            t = nxt[:, None]
-          outs.append(np.stack(out, 1))
-          caches = None
-          free()
-        match = float((outs[0] == outs[1]).mean())
-      caches = build(True)
-      per_device = [d.memory_stats() or {} for d in mesh.devices.flat]
-      timings, caches, taken = time_steps(
-        step, sharded.params, sharding.shard_tokens(tokens, mesh), caches, jax.random.key(1),
-        warmup=args.warmup, steps=args.steps, vocab=spec.model.vocab_size)
-      lengths = np.asarray(caches[0].lengths)
-      if not (lengths == row["context"] + taken).all():
-        raise RuntimeError(f"cache lengths after decoding are {lengths}, expected "
-                           f"{row['context'] + taken}")
-      cache_bytes = cache_memory_bytes(caches)
-    except Exception as e:  # noqa: BLE001 - every failure becomes a row
-      caches = None
-      free()
-      status = "skipped" if is_oom(e) else "error"
-      if status == "error":
-        traceback.print_exc()
-      return dict(row, status=status, reason=f"run: {error_text(e)}")
-    finally:
-      del caches
-      free()
-    times = timings["synced"]
-    median = statistics.median(times)
-    out = dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * statistics.fmean(times),
-               step_ms_pipelined=1e3 * timings["pipelined"], tokens_per_s=spec.batch / median,
-               tokens_per_s_pipelined=spec.batch / timings["pipelined"], tokens_match=match,
-               check_steps=check_steps, cache_bytes=cache_bytes,
-               bytes_in_use_per_device=[m.get("bytes_in_use") for m in per_device])
-    single = next((r for r in self.results.rows if r["kind"] == "decode"
-                   and r.get("status") == "ok" and r["path"] == "flax"
-                   and r["model"] == row["model"] and r["batch"] == row["batch"]
-                   and r["context"] == row["context"] and r["preset"] == row["preset"]), None)
-    if single is not None:
-      out["scaling"] = out["tokens_per_s"] / single["tokens_per_s"]
-      out["scaling_pipelined"] = single["step_ms_pipelined"] / out["step_ms_pipelined"]
-    return out
+  def reference_tokens(self, row: dict) -> np.ndarray | None:
+    """The check tokens of the one-device decode row of the same configuration, if it ran
+    (it runs first in the same call and replaces any earlier run's row)."""
+    for r in self.results.rows:
+      if (r["kind"] == "decode" and r.get("status") == "ok" and "variant" not in r
+          and r.get("check_tokens") is not None
+          and all(r.get(k) == row[k] for k in ("path", "model", "batch", "context", "preset"))):
+        tokens = np.asarray(r["check_tokens"], np.int32)
+        if tokens.shape[1] >= self.args.check_steps:
+          return tokens
+    return None
 
   def decode_row(self, row: dict, spec: CacheSpec, program: Program, runner: Runner,
                  layouts: dict, weights: int, *, steps: int | None = None,
                  verify: bool = False) -> dict:
+    """Builds the caches, decodes, returns the row. With the spec's mesh (`runner` sharded
+    over it) the first steps are fed the one-device row's tokens and compared."""
     args = self.args
     steps = args.steps if steps is None else steps
     layout = layouts[spec.preset, spec.batch]
+    device_layout = layout if spec.mesh is None else self.device_layout(spec)
+    devices = spec.devices
     config = cache_config(spec.preset)
     bits = (8.0 * jnp.dtype(spec.dtype).itemsize if config is None else
             config.bits_per_coordinate(spec.model.num_layers, spec.model.head_dim))
     row = dict(row, lower_s=program.lower_s, compile_s=program.compile_s,
                bits_per_coordinate=bits, cache_bytes_per_token=layout.per_token / spec.batch)
-    extra = program.step_extra_bytes()
-    need = layout.bytes(spec.capacity) + (extra or 0)
-    avail = self.available()
+    extra = program.step_extra_bytes()  # per device
+    need = device_layout.bytes(spec.capacity) + (extra or 0)
+    avail = self.available(devices)
     if avail is not None and need > avail:
       return dict(row, status="skipped", reason=(
         f"out of memory (estimated before allocating): caches + step temporaries need "
-        f"{need / GIB:.1f} GiB, {avail / GIB:.1f} GiB free"))
+        f"{need / GIB:.1f} GiB{'' if spec.mesh is None else ' per device'}, "
+        f"{avail / GIB:.1f} GiB free"))
+    reference = None if spec.mesh is None else self.reference_tokens(row)
     caches = None
     try:
-      before = memory_stats()
+      before = [memory_stats(d) for d in devices]
       key = jax.random.key(spec.batch * 1_000_003 + row["context"])
       caches = program.build(key, row["context"])
       jax.block_until_ready(caches)
-      built = memory_stats()
+      built = [memory_stats(d) for d in devices]
       cache_bytes = cache_memory_bytes(caches)
       if cache_bytes != layout.bytes(spec.capacity):
         raise RuntimeError(f"memory_bytes()={cache_bytes} differs from the layout's "
                            f"{layout.bytes(spec.capacity)} at capacity {spec.capacity}")
-      tokens = jax.random.randint(jax.random.key(7), (spec.batch, 1), 0,
-                                  spec.model.vocab_size, jnp.int32)
+      on_devices = bytes_per_device(caches)
+      cache_per_device = [on_devices.get(d.id, 0) for d in devices]
+      if max(cache_per_device) != device_layout.bytes(spec.capacity):
+        raise RuntimeError(f"cache bytes per device {cache_per_device} differ from the "
+                           f"layout's {device_layout.bytes(spec.capacity)}")
+      tokens = program.place(jax.random.randint(jax.random.key(7), (spec.batch, 1), 0,
+                                                spec.model.vocab_size, jnp.int32))
       profile = None
       if args.profile_dir and not verify:
         profile = os.path.join(args.profile_dir, f"{row['model']}-b{spec.batch}-"
-                               f"s{row['context']}-{spec.preset}")
+                               f"s{row['context']}-{spec.preset}"
+                               f"{'' if spec.mesh is None else f'-d{len(devices)}'}")
       timings, caches, taken = time_steps(
-        program.step, runner.params, tokens, caches, jax.random.key(1), warmup=args.warmup,
-        steps=steps, vocab=spec.model.vocab_size, profile_dir=profile,
-        profile_steps=args.profile_steps)
+        program.step, runner.params, tokens, caches, program.place(jax.random.key(1)),
+        warmup=args.warmup, steps=steps, vocab=spec.model.vocab_size, profile_dir=profile,
+        profile_steps=args.profile_steps, check_steps=args.check_steps, reference=reference,
+        place=program.place)
       times = timings["synced"]
       lengths = np.asarray(caches[0].lengths)
       want = row["context"] + taken
       if not (lengths == want).all():
         raise RuntimeError(f"cache lengths after decoding are {lengths}, expected {want}")
-      after = memory_stats()
+      after = [memory_stats(d) for d in devices]
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
       caches = None
       free()
@@ -970,23 +1069,41 @@ class FlaxBench:
       free()
     median, mean = statistics.median(times), statistics.fmean(times)
     read = weights + layout.per_token * row["context"]
-    memory = dict(memory_stats_before=before, bytes_in_use_after_build=built.get("bytes_in_use"),
-                  peak_bytes_in_use=after.get("peak_bytes_in_use"),
-                  peak_grew_in_row=(after.get("peak_bytes_in_use", 0)
-                                    > before.get("peak_bytes_in_use", 0)) if after else None,
+    # One device: its statistics. Several: the most loaded device's.
+    most = lambda stats, name: max((s.get(name) for s in stats if name in s), default=None)
+    memory = dict(memory_stats_before=before[0] if spec.mesh is None else before,
+                  bytes_in_use_after_build=most(built, "bytes_in_use"),
+                  peak_bytes_in_use=most(after, "peak_bytes_in_use"),
+                  peak_grew_in_row=any(a.get("peak_bytes_in_use", 0) > b.get("peak_bytes_in_use", 0)
+                                       for a, b in zip(after, before)) if after[0] else None,
                   **{f"step_{k}": v for k, v in (program.memory or {}).items()})
+    if spec.mesh is not None:
+      memory["per_device"] = [
+        dict(device=d.id, cache_bytes=c, before=b, after_build=u, after_steps=a)
+        for d, c, b, u, a in zip(devices, cache_per_device, before, built, after)]
     if extra is not None:  # without allocator statistics (CPU): weights + caches + step
-      held = built.get("bytes_in_use")
+      held = memory["bytes_in_use_after_build"]
+      on_one = (weights + cache_bytes if spec.mesh is None else
+                max(row.get("weights_bytes_per_device") or [weights]) + max(cache_per_device))
       memory["estimated_peak_basis"] = ("bytes_in_use_after_build" if held is not None
-                                        else "weights_bytes + cache_bytes")
-      memory["estimated_peak_bytes"] = (weights + cache_bytes if held is None else held) + extra
-    return dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * mean,
-                step_ms_min=1e3 * min(times), step_ms_all=[1e3 * t for t in times],
-                tokens_per_s=spec.batch / median, tokens_per_s_mean=spec.batch / mean,
-                step_ms_pipelined=1e3 * timings["pipelined"],
-                tokens_per_s_pipelined=spec.batch / timings["pipelined"], profile=profile,
-                cache_bytes=cache_bytes, bytes_read_per_step_estimate=read,
-                read_tb_per_s=read / median / 1e12, memory=memory)
+                                        else "weights_bytes + cache_bytes (per device)")
+      memory["estimated_peak_bytes"] = (on_one if held is None else held) + extra
+    out = dict(row, status="ok", step_ms=1e3 * median, step_ms_mean=1e3 * mean,
+               step_ms_min=1e3 * min(times), step_ms_all=[1e3 * t for t in times],
+               tokens_per_s=spec.batch / median, tokens_per_s_mean=spec.batch / mean,
+               step_ms_pipelined=1e3 * timings["pipelined"],
+               tokens_per_s_pipelined=spec.batch / timings["pipelined"], profile=profile,
+               cache_bytes=cache_bytes, bytes_read_per_step_estimate=read,
+               read_tb_per_s=read / median / 1e12, memory=memory,
+               check_steps=args.check_steps, check_tokens=(
+                 None if timings["check"] is None else timings["check"].tolist()))
+    if spec.mesh is not None:
+      out["cache_bytes_per_device"] = cache_per_device
+      out["tokens_match"] = None if reference is None or timings["check"] is None else float(
+        (timings["check"] == reference[:, :args.check_steps]).mean())
+      if reference is None:
+        out["tokens_match_note"] = "no one-device decode row of this configuration to compare"
+    return out
 
   # -- the longest context in the budget --
 
@@ -1043,7 +1160,7 @@ class FlaxBench:
         row["verify_note"] = ("verified at a shorter context: at max_context a cache buffer "
                               "would hold 2**31 elements or more (int32 indexing)")
       row["verify_context"] = context
-      spec.check_context(context, args.warmup + 2 * args.verify_steps)
+      spec.check_context(context, args.check_steps + args.warmup + 2 * args.verify_steps)
       specs.append(spec)
       makers.append(functools.partial(Program, spec, runner, step))
     if not makers:
@@ -1073,10 +1190,14 @@ class FlaxBench:
 
   @staticmethod
   def line(r: dict) -> str:
-    if r["kind"] == "sharded" and r.get("status") == "ok":
-      return (f"{r['model']} B={r['batch']} S={r['context']} {r['preset']} on {r['devices']} "
-              f"devices: {r['step_ms']:.2f} ms, {r['tokens_per_s']:.1f} tok/s, scaling "
-              f"{fmt(r.get('scaling'))}, tokens match {fmt(r.get('tokens_match'))}")
+    if r["kind"] == "sharded":
+      head = f"{r['model']} B={r['batch']} S={r['context']} {r['preset']} on {r['devices']} devices"
+      if r.get("status") != "ok":
+        return f"{head}: {r['status']} ({r.get('reason')})"
+      return (f"{head}: {r['step_ms']:.2f} ms, {r['tokens_per_s']:.1f} tok/s, scaling "
+              f"{fmt(r.get('scaling'))}, tokens match {fmt(r.get('tokens_match'))}, cache "
+              f"{max(r['cache_bytes_per_device']) / GIB:.2f} GiB per device, compile "
+              f"{r['compile_s']:.1f} s")
     if r["kind"] == "fit":
       return (f"fit {r['model']} B={r['batch']} {r['preset']}: max context {r['max_context']} "
               f"verified={r.get('verified')}")
@@ -1330,7 +1451,8 @@ def table(doc: dict) -> str:
   sh = [r for r in rows if r["kind"] == "sharded"]
   if sh:
     lines.append(f"{'sharded':12s} {'B':>2s} {'S':>7s} {'preset':7s} {'dev':>3s} {'ms':>8s} "
-                 f"{'pipe':>8s} {'tok/s':>8s} {'x 1 dev':>7s} {'x pipe':>6s} {'match':>5s}")
+                 f"{'pipe':>8s} {'tok/s':>8s} {'x 1 dev':>7s} {'x pipe':>6s} {'match':>5s} "
+                 f"{'x bf16':>6s} {'GiB/dev':>7s}")
     for r in sorted(sh, key=lambda r: (r["model"], r["batch"], r["context"], r["preset"],
                                        r["devices"])):
       head = (f"{r['model'][:12]:12s} {r['batch']:2d} {r['context']:7d} {r['preset'][:7]:7s} "
@@ -1338,9 +1460,12 @@ def table(doc: dict) -> str:
       if r.get("status") != "ok":
         lines.append(f"{head} {r['status']}: {str(r.get('reason'))[:60]}")
         continue
+      per_device = r.get("cache_bytes_per_device")
       lines.append(f"{head} {r['step_ms']:8.2f} {r['step_ms_pipelined']:8.2f} "
                    f"{r['tokens_per_s']:8.1f} {fmt(r.get('scaling')):>7s} "
-                   f"{fmt(r.get('scaling_pipelined')):>6s} {fmt(r.get('tokens_match')):>5s}")
+                   f"{fmt(r.get('scaling_pipelined')):>6s} {fmt(r.get('tokens_match')):>5s} "
+                   f"{fmt(r.get('speedup_vs_bf16')):>6s} "
+                   f"{fmt(max(per_device) / GIB if per_device else None):>7s}")
   fits = [r for r in rows if r["kind"] == "fit"]
   if fits:
     lines.append(f"{'fit':12s} {'B':>2s} {'preset':7s} {'max ctx':>9s} {'x bf16':>6s} "
@@ -1415,9 +1540,14 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--headroom-gib", type=float, default=4.0)
   ap.add_argument("--memory-limit-gib", type=float, default=None,
                   help="device memory to plan for (default: the allocator's limit; none on CPU)")
+  ap.add_argument("--check-steps", type=int, default=3,
+                  help="untimed first steps whose greedy tokens are kept; sharded rows compare "
+                       "theirs with the 1-device row's (tokens_match)")
   ap.add_argument("--devices", default="1",
-                  help="Flax path: device counts, e.g. 1,2: rows > 1 run tensor-parallel over "
-                       "that many devices (kind 'sharded', with scaling vs 1 device)")
+                  help="Flax path: device counts, e.g. 1,2: the 1-device rows always run "
+                       "(the reference), then for each count N > 1 the same rows "
+                       "tensor-parallel over N devices (kind 'sharded', scaling and "
+                       "tokens_match vs 1 device)")
   ap.add_argument("--implementation", default=None, choices=["xla", "pallas"],
                   help="of compressed caches (default: pallas on GPU, xla on CPU)")
   ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -1439,7 +1569,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
       setattr(args, name, base[name])
   args.models = parse_list(str, args.models)
   args.batches = parse_list(int, args.batches)
-  args.devices = parse_list(int, args.devices)
+  args.devices = sorted(set(parse_list(int, args.devices)))
   if any(d < 1 for d in args.devices):
     raise SystemExit(f"--devices: counts must be >= 1, got {args.devices}")
   args.contexts = parse_list(parse_context, args.contexts)
@@ -1456,9 +1586,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
   bad = sorted(set(args.verify) - set(args.presets))
   if bad:
     raise SystemExit(f"--verify: {bad} not in --presets {args.presets}")
-  if args.steps < 1 or args.warmup < 0 or args.verify_steps < 1:
-    raise SystemExit(f"need --steps >= 1, --warmup >= 0, --verify-steps >= 1, got "
-                     f"{args.steps}, {args.warmup}, {args.verify_steps}")
+  if args.steps < 1 or args.warmup < 0 or args.verify_steps < 1 or args.check_steps < 0:
+    raise SystemExit(f"need --steps >= 1, --warmup >= 0, --verify-steps >= 1, "
+                     f"--check-steps >= 0, got {args.steps}, {args.warmup}, "
+                     f"{args.verify_steps}, {args.check_steps}")
   if decoded_tokens(args) > MARGIN:
     raise SystemExit(f"a row decodes {decoded_tokens(args)} tokens (--warmup, --steps, "
                      f"--profile-steps), more than the {MARGIN} of room beyond each context")
@@ -1466,9 +1597,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def decoded_tokens(args: argparse.Namespace) -> int:
-  """Tokens a row appends to its caches: Flax (synced + pipelined + profiled steps) or
-  bridge (timed steps + the breakdown's attention-only steps)."""
-  flax = args.warmup + 2 * args.steps + (args.profile_steps if args.profile_dir else 0)
+  """Tokens a row appends to its caches: Flax (check + warm-up + synced + pipelined +
+  profiled steps) or bridge (timed steps + the breakdown's attention-only steps)."""
+  flax = (args.check_steps + args.warmup + 2 * args.steps +
+          (args.profile_steps if args.profile_dir else 0))
   return max(flax, 2 * (args.warmup + args.steps))
 
 
@@ -1498,7 +1630,7 @@ def child_argv(args: argparse.Namespace, path: str, models: Sequence[str]) -> li
           "--batches", join(args.batches), "--contexts", join(args.contexts),
           "--presets", join(args.presets), "--verify", join(args.verify),
           "--steps", str(args.steps), "--warmup", str(args.warmup),
-          "--devices", join(args.devices),
+          "--devices", join(args.devices), "--check-steps", str(args.check_steps),
           "--verify-steps", str(args.verify_steps), "--headroom-gib", str(args.headroom_gib),
           "--compile-workers", str(args.compile_workers),
           "--profile-steps", str(args.profile_steps), "--no-table"]
