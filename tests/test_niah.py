@@ -128,6 +128,11 @@ def test_needle_survives_tokenization(which, request):
     assert p.code in tok.decode(needle_ids)
     assert p.code in tok.decode(p.doc_ids)
     assert p.code not in tok.decode(p.question_ids)
+    # The answer's ids: the code as the model would write it after the answer prefix.
+    assert tok.decode(p.answer_ids) == " " + p.code
+    whole = tok.decode(p.doc_ids + p.question_ids + p.answer_ids)
+    assert tok(whole, add_special_tokens=False)["input_ids"] == list(
+        p.doc_ids + p.question_ids + p.answer_ids)
 
 
 def test_prompt_ids_are_the_whole_texts_tokenization(tokenizer):
@@ -215,7 +220,87 @@ def test_chunked_prefill_matches_one_shot_generation(tiny_model, tokenizer):
   expected = [int(t) for t in np.asarray(expected)[0]]
   eos = tokenizer.eos_token_id
   expected = expected[:expected.index(eos)] if eos in expected else expected
-  assert answers[BASELINE] == expected
+  assert answers[BASELINE].ids == expected and answers[BASELINE].margin is None
+
+
+def _teacher_forced_margins(model, p, target):
+  """Margins of `target` after the whole prompt, from one exact forward pass (float64)."""
+  from tqjax.models import Runner
+
+  ids = np.asarray([p.doc_ids + p.question_ids + tuple(target[:-1])], np.int32)
+  logits, _ = Runner.from_model(model).prefill(ids, ids.shape[1])
+  logits = np.asarray(logits[0, -len(target):], np.float64)  # [len(target), V]
+  out = []
+  for row, want in zip(logits, target):
+    out.append(row[want] - np.max(np.delete(row, want)))
+  return np.array(out)
+
+
+def test_margin_is_the_teacher_forced_margin_along_the_greedy_answer(tiny_model, tokenizer):
+  """Along its own greedy answer every step's margin is > 0 and the answer's margin is the
+  smallest; on the code (which a random model does not know) it stops at the first step
+  that leaves it, whose margin is <= 0."""
+  p = PromptBuilder(tokenizer).build(283, 0.5, 0, 0)
+  backend = FlaxBackend(tiny_model, tokenizer, capacity=320, chunk=67)
+  greedy = backend.answer(p.doc_ids, p.question_ids, [BASELINE], 6)[BASELINE].ids
+  assert len(greedy) == 6
+  own = backend.answer(p.doc_ids, p.question_ids, [BASELINE], 6, target=greedy)[BASELINE]
+  assert own.ids == greedy
+  reference = _teacher_forced_margins(tiny_model, p, greedy)
+  assert np.all(reference > 0)
+  np.testing.assert_allclose(own.margin, reference.min(), rtol=1e-4, atol=1e-5)
+
+  code = backend.answer(p.doc_ids, p.question_ids, [BASELINE], 6, target=p.answer_ids)[BASELINE]
+  reference = _teacher_forced_margins(tiny_model, p, p.answer_ids)
+  first_out = int(np.argmax(reference <= 0))  # the step the greedy answer leaves the code
+  assert reference[first_out] <= 0 and np.all(reference[:first_out] > 0)
+  np.testing.assert_allclose(code.margin, reference[:first_out + 1].min(), rtol=1e-4, atol=1e-5)
+  assert code.ids == greedy  # the target does not steer the answer
+
+
+def test_margin_tracker():
+  from tqjax.niah import MarginTracker
+
+  tracker = MarginTracker([2, 0, 1])
+  tracker.feed([0.0, 1.0, 3.5])  # 3.5 - 1.0
+  tracker.feed([2.0, 1.75, -1.0])  # 2.0 - 1.75
+  assert tracker.margin == pytest.approx(0.25) and tracker.wants_logits
+  tracker.feed([0.0, -1.0, 0.5])  # leaves the target: -1.5, and stops
+  assert tracker.margin == pytest.approx(-1.5) and not tracker.wants_logits
+  tracker.feed([9.0, 0.0, 0.0])  # ignored
+  assert tracker.margin == pytest.approx(-1.5)
+  none = MarginTracker(None)
+  none.feed([1.0, 2.0])
+  assert none.margin is None and not none.wants_logits
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    MarginTracker([5]).feed([0.0, 1.0])
+
+
+def test_preset_options():
+  from tqjax import kvcache
+  from tqjax.niah import backends
+
+  assert backends.parse_preset("k4v4") == ("k4v4", {})
+  assert backends.parse_preset("k3v3:window=128:sink_tokens=0:norm_correction=false") == (
+      "k3v3", {"window": 128, "sink_tokens": 0, "norm_correction": False})
+  config = backends.cache_config("k4v2:window=16:sink_tokens=8", window=100)
+  assert (config.window, config.flush_block, config.sink_tokens) == (16, 16, 8)  # option wins
+  assert config.keys == kvcache.preset("k4v2").keys
+  config = backends.cache_config("k4v2:sink_tokens=8", window=24)  # the run's window
+  assert (config.window, config.flush_block) == (24, 24)
+  assert backends.describe(BASELINE, 16) is None
+  assert backends.describe("k4v4:seed=3", None)["seed"] == 3
+  for bad, match in [("k4v4:window", "name=value"), ("k4v4:bits=3", "name=value"),
+                     ("k4v4:window=x", "window must be int"), ("baseline:window=8", "no options"),
+                     ("k4v4:window=8:window=9", "given twice"), ("k9v9", "unknown preset"),
+                     ("k4v4:window=0", "window must be >= 1"),
+                     ("k4v4:key_transform=magic", "key_transform must be one of"),
+                     ("k4v4:norm_correction=maybe", "true or false")]:
+    with pytest.raises(ValueError, match=match):
+      backends.cache_config(bad, None)
+  with pytest.raises(ValueError, match="presets repeat"):
+    backends.check_presets(["k4v4:window=8", "k4v4:window=8"])
+  assert report_lib.heatmap_name("k4v4:window=128") == "heatmap-k4v4_window_128.png"
 
 
 def test_compressed_presets_share_the_prefill(backend, tokenizer):
@@ -224,13 +309,13 @@ def test_compressed_presets_share_the_prefill(backend, tokenizer):
   p = PromptBuilder(tokenizer).build(211, 0.25, 0, 0)
   answers = backend.answer(p.doc_ids, p.question_ids, [BASELINE, "k4v4"], 5)
   assert list(answers) == [BASELINE, "k4v4"]
-  assert all(len(a) <= 5 for a in answers.values())
+  assert all(len(a.ids) <= 5 for a in answers.values())
   # The compressed answer starts with the question read over the converted prefill.
   dense = backend.prefill(p.doc_ids)
   caches = kvcache.convert_caches(dense, kvcache.preset("k4v4", window=16, flush_block=16))
   logits, _ = backend.runner.forward(np.asarray([p.question_ids], np.int32), caches)
   first = int(np.argmax(np.asarray(logits[0, -1])))
-  assert answers["k4v4"][:1] == ([] if first == tokenizer.eos_token_id else [first])
+  assert answers["k4v4"].ids[:1] == ([] if first == tokenizer.eos_token_id else [first])
 
 
 def test_backend_errors(tiny_model, tokenizer):
@@ -245,7 +330,7 @@ def test_backend_errors(tiny_model, tokenizer):
     make_backend("tpu", "smollm2-135m", capacity=128)
 
 
-def test_hf_backend_through_the_bridge(tiny_torch, tokenizer):
+def test_hf_backend_through_the_bridge(tiny_torch, tiny_model, tokenizer):
   """Baseline: exactly transformers' greedy answer; compressed: one exact prefill, converted."""
   import torch
 
@@ -253,14 +338,21 @@ def test_hf_backend_through_the_bridge(tiny_torch, tokenizer):
 
   p = PromptBuilder(tokenizer).build(211, 0.5, 0, 0)
   backend = HFBackend(tiny_torch, tokenizer, capacity=256, window=16)
-  answers = backend.answer(p.doc_ids, p.question_ids, ["k4v4", BASELINE], 5)
-  assert list(answers) == ["k4v4", BASELINE] and len(answers["k4v4"]) <= 5
+  greedy = FlaxBackend(tiny_model, tokenizer, capacity=256, chunk=64).answer(
+      p.doc_ids, p.question_ids, [BASELINE], 5)[BASELINE].ids
+  answers = backend.answer(p.doc_ids, p.question_ids, ["k4v4", BASELINE], 5, target=greedy)
+  assert list(answers) == ["k4v4", BASELINE] and len(answers["k4v4"].ids) <= 5
   full = torch.tensor([p.doc_ids + p.question_ids])
   with torch.no_grad():
     ref = tiny_torch.generate(full, max_new_tokens=5, do_sample=False, pad_token_id=0)
   ref = [int(t) for t in ref[0, full.shape[1]:]]
   eos = tokenizer.eos_token_id
-  assert answers[BASELINE] == (ref[:ref.index(eos)] if eos in ref else ref)
+  assert answers[BASELINE].ids == (ref[:ref.index(eos)] if eos in ref else ref)
+  # The margin of the exact cache's answer: the Flax model's, on the same tokens.
+  reference = _teacher_forced_margins(tiny_model, p, greedy)
+  if answers[BASELINE].ids == greedy:
+    np.testing.assert_allclose(answers[BASELINE].margin, reference.min(), rtol=1e-3, atol=1e-4)
+  assert answers["k4v4"].margin is not None
   assert backend.info.num_layers == 3 and backend.info.dtype == "float32"
 
 
@@ -356,28 +448,66 @@ def test_report_files(full_run):
     assert key in cell
   assert data["metadata"]["model"]["num_layers"] == 3
   k4 = data["presets"]["k4v4"]
-  # 4-bit codes, a float16 norm per 64 coordinates, 4 exact float32 sink tokens in 211
-  assert k4["bits_per_coordinate"] == pytest.approx(4 + 16 / 64 + 4 * 32 / 211)
+  # 4-bit codes, a float16 norm per 64 coordinates; at 211 tokens, 4 exact float32 sink
+  # tokens and the window buffer (window 16 + flush block 16) too
+  assert k4["code_bits_per_coordinate"] == 4 + 16 / 64
+  assert k4["bits_per_coordinate"] == pytest.approx(4 + 16 / 64 + (4 + 16 + 16) * 32 / 211)
   assert k4["compression_vs_fp16"] == pytest.approx(16 / k4["bits_per_coordinate"])
+  assert cell["cache"] is None or cell["cache"]["window"] == 16
+  margins = [c["margin"] for c in data["cells"]]
+  assert all(isinstance(m, float) for m in margins)
+  # The margin decides the greedy answer: > 0 exactly when it spells the code.
+  assert all((c["margin"] > 0) == c["answer"].startswith(c["code"]) for c in data["cells"])
+  assert data["presets"][BASELINE]["margin_delta_median"] == 0.0
   assert k4["memory_bytes"] < data["presets"][BASELINE]["memory_bytes"]
   md = (tmp_path / "niah.md").read_text()
-  assert "| k4v4 |" in md and "Δ vs baseline (pp)" in md
+  assert "| k4v4 |" in md and "Δ vs baseline (pp)" in md and "Margin:" in md
   for preset in config.presets:
     png = (tmp_path / f"heatmap-{preset}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_changed_preset_defaults_rerun_their_cells(backend, tmp_path, monkeypatch):
+  """Cells record their resolved cache config: after a preset's defaults change, a rerun
+  computes its cells again (the baseline's are reused) and the report shows the new ones."""
+  from tqjax import kvcache
+
+  config = NiahConfig(model="tiny", **{**SMALL, "lengths": (149,), "depths": (0.5,),
+                                       "presets": (BASELINE, "k4v4", "k4v4:sink_tokens=0")})
+  first = run(config, tmp_path, backend=backend, progress=False)
+  assert first["metadata"]["cells_done"] == 3
+  assert {c["preset"]: c["cache"]["sink_tokens"] for c in first["cells"] if c["cache"]} == {
+      "k4v4": 4, "k4v4:sink_tokens=0": 0}
+  assert (tmp_path / "heatmap-k4v4_sink_tokens_0.png").is_file()
+  monkeypatch.setitem(kvcache.PRESETS, "k4v4",
+                      lambda **kw: kvcache.CacheConfig.k4v4(**{"sink_tokens": 2, **kw}))
+  counting = Interrupting(backend, after=10**9)
+  again = run(config, tmp_path, backend=counting, progress=False)
+  assert counting.calls == 1 and len(_cells(tmp_path)) == 4  # k4v4 again, not its variant
+  assert {c["preset"]: c["cache"]["sink_tokens"] for c in again["cells"] if c["cache"]} == {
+      "k4v4": 2, "k4v4:sink_tokens=0": 0}
+  assert again["metadata"]["cells_done"] == 3
+
+
 def test_summary_accuracy_and_delta():
   config = NiahConfig(presets=(BASELINE, "k4v4"), lengths=(1024, 2048), depths=(0.0, 1.0))
   cells = []
-  for n in config.lengths:
-    for d in config.depths:
-      cells.append({"preset": BASELINE, "length": n, "depth": d, "correct": True})
-      cells.append({"preset": "k4v4", "length": n, "depth": d, "correct": (n, d) != (2048, 1.0)})
+  for i, n in enumerate(config.lengths):
+    for j, d in enumerate(config.depths):
+      base, k4 = 1.0 + i + 2 * j, 0.5 + i - 2 * j * i  # (1K, 2K) x (0, 1): 1 3 2 4; .5 .5 1.5 -.5
+      cells.append({"preset": BASELINE, "length": n, "depth": d, "trial": 0, "correct": True,
+                    "margin": base})
+      cells.append({"preset": "k4v4", "length": n, "depth": d, "trial": 0,
+                    "correct": (n, d) != (2048, 1.0), "margin": k4})
   summary = report_lib.summarize(config, cells, None)
   assert summary[BASELINE]["accuracy"] == 1.0 and summary[BASELINE]["delta_pp"] == 0.0
   assert summary["k4v4"]["accuracy"] == 0.75 and summary["k4v4"]["delta_pp"] == -25.0
   assert summary["k4v4"]["grid"] == [[1.0, 1.0], [1.0, 0.0]]  # rows: depths, cols: lengths
+  assert summary["k4v4"]["margin_grid"] == [[0.5, 1.5], [0.5, -0.5]]
+  assert summary["k4v4"]["margin_min"] == -0.5 and summary["k4v4"]["margin_median"] == 0.5
+  # Paired: -0.5, -2.5, -0.5, -4.5 -> median -1.5
+  assert summary["k4v4"]["margin_delta_median"] == -1.5
+  assert summary[BASELINE]["margin_delta_median"] == 0.0
 
 
 def test_prefill_padding_stays_out_of_the_query_statistics(tiny_model, tokenizer):

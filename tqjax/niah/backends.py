@@ -8,7 +8,15 @@ max_new_tokens)` runs the strict protocol of DESIGN §6 once per prompt:
    `tqjax.kvcache.convert_caches` (`TurboQuantCache.from_dense` per layer);
 3. feed the question ids as one chunk through that preset's caches, then decode greedily.
 
-Preset names are ``"baseline"`` and the names of `tqjax.kvcache.PRESETS`.
+Preset names are ``"baseline"`` and the names of `tqjax.kvcache.PRESETS`, each optionally
+followed by ``:option=value`` overrides of its `CacheConfig` (``"k4v4:window=128:sink_tokens=8"``;
+options: `PRESET_OPTIONS`). An override beats the run's ``window``.
+
+Each answer also carries the **margin** of the needle's code: along the greedy answer, the
+logit of the code's next token minus the largest other logit, the smallest over the
+code's tokens (stopping at the first token where the answer leaves the code, whose margin
+is then <= 0). Positive: the greedy answer spells the code; its size says how close the
+cell is to flipping, a continuous measure where pass/fail is not.
 
 Backends: ``"flax"`` (the Flax decoder of `tqjax.models`) and ``"hf"`` (the transformers
 model, attending through `bridge`: torch SDPA prefill, JAX caches for the question and
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -35,29 +44,81 @@ BACKENDS = ("flax", "hf")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# Scalar `CacheConfig` fields a preset name may override ("k4v4:window=128:sink_tokens=8").
+PRESET_OPTIONS: dict[str, type] = {
+  "window": int, "flush_block": int, "sink_tokens": int, "key_transform": str,
+  "scale_power": float, "norm_correction": bool, "rotation": str, "seed": int,
+}
+
+
 def preset_names() -> tuple[str, ...]:
   """Every preset a NIAH run accepts: the exact baseline and the compressed presets."""
   return (BASELINE, *kvcache.PRESETS)
 
 
+def _option_value(name: str, text: str, preset: str) -> Any:
+  kind = PRESET_OPTIONS[name]
+  if kind is bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"preset {preset!r}: {name} must be true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+  try:
+    return kind(text)
+  except ValueError:
+    raise ValueError(f"preset {preset!r}: {name} must be {kind.__name__}, got {text!r}") from None
+
+
+def parse_preset(preset: str) -> tuple[str, dict[str, Any]]:
+  """``"k4v4:window=128:sink_tokens=8"`` -> ``("k4v4", {"window": 128, "sink_tokens": 8})``."""
+  name, *options = preset.split(":")
+  if name not in preset_names():
+    raise ValueError(f"unknown preset {name!r} (in {preset!r}); choose from "
+                     f"{', '.join(preset_names())}")
+  if name == BASELINE and options:
+    raise ValueError(f"{BASELINE!r} keeps the exact cache and takes no options, got {preset!r}")
+  overrides: dict[str, Any] = {}
+  for option in options:
+    key, sep, value = option.partition("=")
+    if not sep or key not in PRESET_OPTIONS:
+      raise ValueError(f"preset {preset!r}: expected options name=value with a name from "
+                       f"{', '.join(PRESET_OPTIONS)}, got {option!r}")
+    if key in overrides:
+      raise ValueError(f"preset {preset!r}: {key} given twice")
+    overrides[key] = _option_value(key, value, preset)
+  return name, overrides
+
+
 def cache_config(preset: str, window: int | None) -> kvcache.CacheConfig:
-  """The compressed cache config of a preset; `window` overrides its exact window (the
-  flush block shrinks to the window when the window is smaller)."""
-  if preset == BASELINE:
+  """The compressed cache config of a preset (with its ``:option=value`` overrides);
+  `window` overrides the exact window unless the preset sets its own (the flush block
+  shrinks to the window when the window is smaller, unless set too)."""
+  name, overrides = parse_preset(preset)
+  if name == BASELINE:
     raise ValueError(f"{BASELINE!r} keeps the exact cache and has no compressed config")
-  if window is None:
-    return kvcache.preset(preset)
-  if window < 1:
-    raise ValueError(f"window must be >= 1 token, got {window}")
-  default = kvcache.preset(preset)
-  return kvcache.preset(preset, window=window, flush_block=min(default.flush_block, window))
+  if window is not None and "window" not in overrides:
+    overrides["window"] = window
+  if "window" in overrides:
+    if overrides["window"] < 1:
+      raise ValueError(f"window must be >= 1 token, got {overrides['window']} (preset {preset!r})")
+    if "flush_block" not in overrides:
+      overrides["flush_block"] = min(kvcache.preset(name).flush_block, overrides["window"])
+  try:
+    return kvcache.preset(name, **overrides)
+  except ValueError as e:
+    raise ValueError(f"preset {preset!r}: {e}") from e
+
+
+def describe(preset: str, window: int | None) -> dict[str, Any] | None:
+  """The preset's resolved cache config as JSON data (None for the baseline): recorded
+  with every cell, so a rerun after a preset's defaults changed does not reuse its cells."""
+  if parse_preset(preset)[0] == BASELINE:
+    return None
+  return json.loads(json.dumps(dataclasses.asdict(cache_config(preset, window))))
 
 
 def check_presets(presets: Sequence[str]) -> tuple[str, ...]:
-  known = preset_names()
-  unknown = [p for p in presets if p not in known]
-  if unknown:
-    raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(known)}")
+  for preset in presets:
+    parse_preset(preset)
   if len(set(presets)) != len(presets):
     raise ValueError(f"presets repeat: {list(presets)}")
   if not presets:
@@ -77,38 +138,87 @@ class ModelInfo:
   dtype: str  # parameter and dense-cache dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """A greedy answer: its token ids (without the eos token) and the code's margin (None
+  without a target)."""
+  ids: list[int]
+  margin: float | None = None
+
+
 class Backend(Protocol):
   name: str
   tokenizer: Any
   info: ModelInfo
 
   def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
-             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
-    """Greedy answer token ids per preset (without the eos token), one shared prefill."""
+             presets: Sequence[str], max_new_tokens: int,
+             target: Sequence[int] | None = None) -> dict[str, Answer]:
+    """Greedy answer per preset, one shared prefill; with `target` (the code's token
+    ids), each answer's margin on it."""
     ...
+
+
+class MarginTracker:
+  """The margin of `target` along a greedy answer, fed one step's logits [V] at a time:
+  min over steps of logit[target[i]] - max_{j != target[i]} logit[j], up to the first
+  step whose greedy token leaves the target (margin <= 0) or the target's end."""
+
+  def __init__(self, target: Sequence[int] | None):
+    self.target = None if target is None else [int(t) for t in target]
+    if self.target is not None and not self.target:
+      raise ValueError("the margin's target has no tokens")
+    self.margin: float | None = None
+    self._step = 0
+    self._done = self.target is None
+
+  @property
+  def wants_logits(self) -> bool:
+    return not self._done
+
+  def feed(self, logits: Any) -> None:
+    if self._done:
+      return
+    logits = np.asarray(logits, np.float64).reshape(-1)
+    want = self.target[self._step]
+    if not 0 <= want < logits.shape[0]:
+      raise ValueError(f"target token {want} is outside the vocabulary of {logits.shape[0]}")
+    best_other = np.max(np.delete(logits, want))
+    m = float(logits[want] - best_other)
+    self.margin = m if self.margin is None else min(self.margin, m)
+    self._step += 1
+    self._done = m <= 0 or self._step == len(self.target)
 
 
 def cache_accounting(preset: str, info: ModelInfo, window: int | None, tokens: int
                      ) -> dict[str, float | int]:
   """Bits per coordinate, compression against an fp16 cache, and the bytes held by all
-  layers' caches sized for `tokens` tokens (shapes only: nothing is allocated)."""
+  layers' caches sized for `tokens` tokens (shapes only: nothing is allocated).
+
+  ``code_bits_per_coordinate``: codes and norms (the rate of long contexts);
+  ``bits_per_coordinate``: that plus every exact token a compressed cache holds — the
+  sink tokens and the window buffer (window + flush block slots) — at the cache dtype's
+  width, spread over `tokens`; the compression ratio is against the latter."""
   b, kh, d = 1, info.num_kv_heads, info.head_dim
   dtype = DTYPES[info.dtype]
+  exact_bits = 8 * jnp.dtype(dtype).itemsize
   if preset == BASELINE:
     caches = [jax.eval_shape(lambda: DenseCache.init(b, kh, d, tokens, dtype))] * info.num_layers
-    bits = 8.0 * jnp.dtype(dtype).itemsize
+    code_bits = bits = float(exact_bits)
   else:
     config = cache_config(preset, window)
     caches = [jax.eval_shape(functools.partial(
         kvcache.TurboQuantCache.init, config, layer=layer, batch=b, num_kv_heads=kh,
         head_dim=d, capacity=tokens, dtype=dtype)) for layer in range(info.num_layers)]
-    # The exact sink tokens count too, spread over the context.
-    bits = config.bits_per_coordinate(info.num_layers, d, tokens=tokens,
-                                      exact_bits=8 * jnp.dtype(dtype).itemsize)
+    code_bits = config.bits_per_coordinate(info.num_layers, d)
+    # The exact sink tokens (counted by the config) and the exact window buffer.
+    bits = (config.bits_per_coordinate(info.num_layers, d, tokens=tokens, exact_bits=exact_bits)
+            + (config.window + config.flush_block) * exact_bits / tokens)
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                for c in caches for x in jax.tree.leaves(c))
-  return {"bits_per_coordinate": float(bits), "compression_vs_fp16": 16.0 / float(bits),
-          "memory_bytes": int(nbytes), "memory_tokens": int(tokens)}
+  return {"code_bits_per_coordinate": float(code_bits), "bits_per_coordinate": float(bits),
+          "compression_vs_fp16": 16.0 / float(bits), "memory_bytes": int(nbytes),
+          "memory_tokens": int(tokens)}
 
 
 class FlaxBackend:
@@ -198,7 +308,8 @@ class FlaxBackend:
     return min(size, self.capacity)
 
   def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
-             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+             presets: Sequence[str], max_new_tokens: int,
+             target: Sequence[int] | None = None) -> dict[str, Answer]:
     check_presets(presets)
     if max_new_tokens < 1:
       raise ValueError(f"{max_new_tokens=} must be >= 1")
@@ -212,23 +323,29 @@ class FlaxBackend:
     # The baseline goes last: its steps donate (consume) the shared dense caches.
     for preset in sorted(presets, key=lambda p: p == BASELINE):
       caches = dense if preset == BASELINE else self._converter(preset)(dense)
-      answers[preset] = self._decode(question, caches, max_new_tokens)
+      answers[preset] = self._decode(question, caches, max_new_tokens, target)
     return {p: answers[p] for p in presets}
 
-  def _decode(self, question: np.ndarray, caches: Any, max_new_tokens: int) -> list[int]:
+  def _decode(self, question: np.ndarray, caches: Any, max_new_tokens: int,
+              target: Sequence[int] | None) -> Answer:
+    # Every step is the model's chunk step (logits of the last position), so the margin
+    # reads the very logits the greedy token comes from.
     logits, caches = self.runner.forward(question, caches, logits_to_keep=1)
-    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [1]
-    key = jax.random.key(0)  # unused at temperature 0
+    margin = MarginTracker(target)
     out: list[int] = []
     while True:
-      t = int(token[0])
+      last = logits[0, -1]  # [V]
+      if margin.wants_logits:
+        margin.feed(last)
+      t = int(jnp.argmax(last))
       if t in self.eos_ids:
         break
       out.append(t)
       if len(out) == max_new_tokens:
         break
-      token, caches, key = self.runner.decode_step(token[:, None], caches, key)
-    return out
+      logits, caches = self.runner.forward(np.asarray([[t]], np.int32), caches,
+                                           logits_to_keep=1)
+    return Answer(out, margin.margin)
 
 
 @jax.tree_util.register_dataclass
@@ -326,7 +443,8 @@ class HFBackend:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
   def answer(self, doc_ids: Sequence[int], question_ids: Sequence[int],
-             presets: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+             presets: Sequence[str], max_new_tokens: int,
+             target: Sequence[int] | None = None) -> dict[str, Answer]:
     import warnings
 
     import bridge
@@ -348,10 +466,14 @@ class HFBackend:
       for preset in sorted(presets, key=lambda p: p == BASELINE):
         cache = exact if preset == BASELINE else exact.convert(cache_config(preset, self.window))
         out = self.model.generate(full, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=pad, **self._cache_kw(cache))
-        ids = [int(t) for t in out[0, full.shape[1]:]]
+                                  pad_token_id=pad, output_logits=True,
+                                  return_dict_in_generate=True, **self._cache_kw(cache))
+        ids = [int(t) for t in out.sequences[0, full.shape[1]:]]
         stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
-        answers[preset] = ids[:stop]
+        margin = MarginTracker(target)
+        for step in out.logits:  # the raw logits of each step, [1, V]
+          margin.feed(step[0].float().numpy())
+        answers[preset] = Answer(ids[:stop], margin.margin)
     return {p: answers[p] for p in presets}
 
 

@@ -113,6 +113,10 @@ class Prompt:
   actual_depth: float  # needle position / document tokens after the template head
   trial: int
   seed: int
+  # The code as the model would write it after the answer prefix: the ids that " <code>"
+  # adds to the whole prompt's tokenization (None when appending it retokenizes the
+  # prompt's end: then no margin is measured).
+  answer_ids: tuple[int, ...] | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -231,11 +235,15 @@ class PromptBuilder:
     needle_end = next(t for t, (_, b) in enumerate(offsets) if b >= needle_char + len(needle))
     if code not in self.tokenizer.decode(ids[needle_pos:needle_end + 1]):
       raise ValueError(f"the needle code {code} does not decode back from the prompt's ids")
+    answered = self._encode(self.head + document + self.tail + " " + code)[0]
+    answer_ids = None
+    if answered[:len(ids)] == ids and len(answered) > len(ids):
+      answer_ids = tuple(answered[len(ids):])
     return Prompt(
       doc_ids=tuple(ids[:split]), question_ids=tuple(ids[split:]), code=code, needle=needle,
       needle_position=needle_pos, length=length, depth=depth,
       actual_depth=(needle_pos - head_tokens) / max(split - head_tokens, 1), trial=trial,
-      seed=seed)
+      seed=seed, answer_ids=answer_ids)
 
 
 def score(answer: str, code: str) -> bool:

@@ -2,8 +2,12 @@
 
 Accuracy is the share of cells whose answer contains the needle's code; the delta of a
 preset is its accuracy minus the baseline's, in percentage points (negative: retrieval
-lost to compression). Bits per coordinate and memory come from the cache configs
-(`tqjax.niah.backends.cache_accounting`), memory for the longest context of the matrix.
+lost to compression). The **margin** of a cell (`tqjax.niah.backends.MarginTracker`, in
+logits; > 0: the greedy answer spells the code) is the continuous measure behind
+pass/fail: per preset its median and minimum over cells, and the median over prompts of
+the preset's margin minus the baseline's on the same prompt. Bits per coordinate and
+memory come from the cache configs (`tqjax.niah.backends.cache_accounting`), for the
+longest context of the matrix.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import platform
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,26 +47,41 @@ def summarize(config: NiahConfig, cells: Sequence[dict[str, Any]],
   cache accounting (when the model is known)."""
   lengths, depths = sorted(config.lengths), list(config.depths)
   summary: dict[str, dict[str, Any]] = {}
+  as_list = lambda grid: [[None if np.isnan(x) else round(float(x), 4) for x in row]
+                          for row in grid]
   for preset in config.presets:
     mine = [c for c in cells if c["preset"] == preset]
     grid = np.full((len(depths), len(lengths)), np.nan)
+    margin_grid = np.full((len(depths), len(lengths)), np.nan)
     for i, d in enumerate(depths):
       for j, n in enumerate(lengths):
-        hits = [c["correct"] for c in mine if c["length"] == n and c["depth"] == d]
-        if hits:
-          grid[i, j] = float(np.mean(hits))
+        here = [c for c in mine if c["length"] == n and c["depth"] == d]
+        if here:
+          grid[i, j] = float(np.mean([c["correct"] for c in here]))
+        margins = [c["margin"] for c in here if c.get("margin") is not None]
+        if margins:
+          margin_grid[i, j] = float(np.mean(margins))
+    margins = [c["margin"] for c in mine if c.get("margin") is not None]
     entry: dict[str, Any] = {
       "cells": len(mine), "correct": sum(c["correct"] for c in mine),
       "accuracy": float(np.mean([c["correct"] for c in mine])) if mine else None,
-      "grid_depths": depths, "grid_lengths": lengths,
-      "grid": [[None if np.isnan(x) else x for x in row] for row in grid]}
+      "margin_median": round(float(np.median(margins)), 4) if margins else None,
+      "margin_min": round(float(np.min(margins)), 4) if margins else None,
+      "grid_depths": depths, "grid_lengths": lengths, "grid": as_list(grid),
+      "margin_grid": as_list(margin_grid)}
     if info is not None:
       entry.update(backends.cache_accounting(preset, info, config.window, max(lengths)))
     summary[preset] = entry
   base = summary.get(backends.BASELINE, {}).get("accuracy")
-  for entry in summary.values():
+  base_margins = {(c["length"], c["depth"], c["trial"]): c.get("margin") for c in cells
+                  if c["preset"] == backends.BASELINE}
+  for preset, entry in summary.items():
     acc = entry["accuracy"]
     entry["delta_pp"] = None if base is None or acc is None else round(100 * (acc - base), 2)
+    paired = [c["margin"] - base_margins[key] for c in cells if c["preset"] == preset
+              for key in [(c["length"], c["depth"], c["trial"])]
+              if c.get("margin") is not None and base_margins.get(key) is not None]
+    entry["margin_delta_median"] = round(float(np.median(paired)), 4) if paired else None
   return summary
 
 
@@ -71,10 +91,11 @@ def write(config: NiahConfig, ckpt: Checkpoint, out: pathlib.Path, haystack: Hay
   from tqjax.niah.run import cell_key
 
   wanted = {cell_key(p, n, d, t) for n, d, t in config.prompts() for p in config.presets}
+  caches = {p: backends.describe(p, config.window) for p in config.presets}
   cells = {}
-  for r in ckpt.of_kind("cell"):
+  for r in ckpt.of_kind("cell"):  # the newest record of a cell wins
     key = cell_key(r["preset"], r["length"], r["depth"], r["trial"])
-    if key in wanted:
+    if key in wanted and r.get("cache", False) == caches[r["preset"]]:
       cells[key] = {k: v for k, v in r.items() if k != "kind"}
   cells = [cells[k] for k in sorted(cells)]
   models = ckpt.of_kind("model")
@@ -97,8 +118,18 @@ def write(config: NiahConfig, ckpt: Checkpoint, out: pathlib.Path, haystack: Hay
   (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
   (out / "niah.md").write_text(markdown(result), encoding="utf-8")
   for preset, entry in summary.items():
-    heatmap(entry, preset, out / f"heatmap-{preset}.png")
+    heatmap(entry, preset, out / heatmap_name(preset))
   return result
+
+
+def heatmap_name(preset: str) -> str:
+  """``heatmap-<preset>.png``, with the characters of preset options (``:`` ``=``) that
+  some file systems refuse replaced."""
+  return "heatmap-" + re.sub(r"[^A-Za-z0-9._+-]", "_", preset) + ".png"
+
+
+def _fmt_margin(x: float | None) -> str:
+  return "–" if x is None else f"{x:+.2f}"
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -122,23 +153,38 @@ def markdown(result: dict[str, Any]) -> str:
             f"Cells done: {meta['cells_done']} / {meta['cells_expected']}; compute "
             f"{meta['compute_seconds']:.0f} s.", ""]
   longest = max(cfg["lengths"])
-  lines += ["| preset | accuracy | Δ vs baseline (pp) | bits/coord | compression vs fp16 | "
-            f"cache memory at {longest} tokens |",
-            "|---|---|---|---|---|---|"]
+  lines += ["| preset | accuracy | Δ vs baseline (pp) | margin: median / min | "
+            "Δ margin vs baseline | code bits/coord | bits/coord at "
+            f"{longest} tokens | compression vs fp16 | cache memory at {longest} tokens |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for preset, e in summary.items():
     delta = "–" if e["delta_pp"] is None else f"{e['delta_pp']:+.1f}"
+    code_bits = f"{e['code_bits_per_coordinate']:.3g}" if "code_bits_per_coordinate" in e else "–"
     bits = f"{e['bits_per_coordinate']:.3g}" if "bits_per_coordinate" in e else "–"
     ratio = f"{e['compression_vs_fp16']:.2f}×" if "compression_vs_fp16" in e else "–"
     mem = f"{e['memory_bytes'] / 2**20:.1f} MiB" if "memory_bytes" in e else "–"
+    margin = f"{_fmt_margin(e.get('margin_median'))} / {_fmt_margin(e.get('margin_min'))}"
     lines.append(f"| {preset} | {_fmt_pct(e['accuracy'])} ({e['correct']}/{e['cells']}) | "
-                 f"{delta} | {bits} | {ratio} | {mem} |")
-  lines += ["", "Accuracy per context length (columns, tokens) and needle depth (rows).", ""]
+                 f"{delta} | {margin} | {_fmt_margin(e.get('margin_delta_median'))} | "
+                 f"{code_bits} | {bits} | {ratio} | {mem} |")
+  lines += ["", "Margin: logit of the code's token minus the best other token, the smallest "
+            "along the greedy answer (> 0: the code is spelled out); Δ margin: median over "
+            "prompts of preset − baseline. Code bits: codes and norms only (the rate of long "
+            f"contexts); bits at {longest} tokens add the exact sink tokens and the exact "
+            "window buffer spread over that context, in the cache dtype.", "",
+            "Accuracy per context length (columns, tokens) and needle depth (rows), then "
+            "the mean margin of each cell.", ""]
   for preset, e in summary.items():
-    lines += [f"## {preset}", "", "| depth | " + " | ".join(map(str, e["grid_lengths"])) + " |",
+    header = ["| depth | " + " | ".join(map(str, e["grid_lengths"])) + " |",
               "|---|" + "---|" * len(e["grid_lengths"])]
+    lines += [f"## {preset}", ""] + header
     for d, row in zip(e["grid_depths"], e["grid"]):
       lines.append(f"| {100 * d:g}% | " + " | ".join(_fmt_pct(x) for x in row) + " |")
-    lines += ["", f"![{preset}](heatmap-{preset}.png)", ""]
+    if any(x is not None for row in e.get("margin_grid", []) for x in row):
+      lines += ["", "Margin:", ""] + header
+      for d, row in zip(e["grid_depths"], e["margin_grid"]):
+        lines.append(f"| {100 * d:g}% | " + " | ".join(_fmt_margin(x) for x in row) + " |")
+    lines += ["", f"![{preset}]({heatmap_name(preset)})", ""]
   return "\n".join(lines)
 
 

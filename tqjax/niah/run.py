@@ -1,7 +1,9 @@
 """The NIAH run: the matrix of cells, a JSONL checkpoint, resume, and the report.
 
 A **cell** is (preset, length, depth, trial). Cells of one (length, depth, trial) share a
-prompt and its prefill. After every prompt its cells are appended to
+prompt and its prefill. Each cell records the greedy answer, whether it holds the code,
+the code's margin (`tqjax.niah.backends.MarginTracker`) and the preset's resolved cache
+config. After every prompt its cells are appended to
 ``<out>/cells.jsonl`` (flushed and fsynced), so an interrupted run loses at most the
 prompt in flight; a rerun with the same ``--out`` skips every finished cell.
 
@@ -10,6 +12,8 @@ decides a cell's answer (model, backend, dtype, seed, window, max_new_tokens, ha
 prompt format). A rerun with another identity refuses to mix results (``force=True``
 discards the old checkpoint). The *matrix* (presets, lengths, depths, trials) may change
 between reruns: cells already done are reused, the report covers the matrix asked for.
+A cell is done only if its recorded cache config is the preset's current one: after a
+preset's defaults change, its cells are run again (the newest record of a cell wins).
 """
 
 from __future__ import annotations
@@ -60,10 +64,8 @@ class NiahConfig:
       raise ValueError(f"trials must be >= 1, got {self.trials}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.window is not None:
-      for p in self.presets:
-        if p != backends.BASELINE:
-          backends.cache_config(p, self.window)  # validates the window
+    for p in self.presets:
+      backends.describe(p, self.window)  # validates the window and the presets' options
 
   def identity(self, haystack: Haystack) -> dict[str, Any]:
     """Everything that decides a cell's answer: runs with equal identities share cells."""
@@ -164,7 +166,9 @@ def run(config: NiahConfig, out: str | os.PathLike, *, force: bool = False,
   out = pathlib.Path(out)
   haystack = haystack if haystack is not None else Haystack.default()
   ckpt = open_checkpoint(out, config.identity(haystack), force)
-  done = {cell_key(r["preset"], r["length"], r["depth"], r["trial"]) for r in ckpt.of_kind("cell")}
+  caches = {p: backends.describe(p, config.window) for p in config.presets}
+  done = {cell_key(r["preset"], r["length"], r["depth"], r["trial"]) for r in ckpt.of_kind("cell")
+          if r["preset"] in caches and r.get("cache", False) == caches[r["preset"]]}
   todo = []
   for length, depth, trial in config.prompts():
     missing = [p for p in config.presets if cell_key(p, length, depth, trial) not in done]
@@ -192,18 +196,21 @@ def run(config: NiahConfig, out: str | os.PathLike, *, force: bool = False,
         prompt = builder.build(length, depth, trial, config.seed)
         start = time.perf_counter()
         answers = backend.answer(prompt.doc_ids, prompt.question_ids, missing,
-                                 config.max_new_tokens)
+                                 config.max_new_tokens, target=prompt.answer_ids)
         seconds = time.perf_counter() - start
         records = []
         for preset in missing:
-          text = backend.tokenizer.decode(answers[preset], skip_special_tokens=True).strip()
+          answer = answers[preset]
+          text = backend.tokenizer.decode(answer.ids, skip_special_tokens=True).strip()
           ok = score(text, prompt.code)
           correct[preset].append(ok)
           records.append({
             "kind": "cell", "preset": preset, "length": length, "depth": depth,
             "trial": trial, "seed": config.seed, "needle": prompt.needle,
-            "code": prompt.code, "answer": text, "answer_ids": list(answers[preset]),
-            "correct": ok, "prompt_tokens": prompt.num_tokens,
+            "code": prompt.code, "answer": text, "answer_ids": list(answer.ids),
+            "correct": ok,
+            "margin": None if answer.margin is None else round(answer.margin, 4),
+            "cache": caches[preset], "prompt_tokens": prompt.num_tokens,
             "doc_tokens": len(prompt.doc_ids), "question_tokens": len(prompt.question_ids),
             "needle_position": prompt.needle_position,
             "actual_depth": round(prompt.actual_depth, 4),
