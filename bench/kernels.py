@@ -3,6 +3,8 @@
     PYTHONPATH=. python bench/kernels.py --out DIR            # full grid
     PYTHONPATH=. python bench/kernels.py --quick --out DIR    # B=8/1, S=64K, D=128
     PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
+    PYTHONPATH=. python bench/kernels.py --quick --presets k3v3,k2v2 --lookups select,lut \
+        --out DIR                                              # lookups side by side
 
 Checks correctness first (kernel vs the jnp reference on identical random codes), then
 times, for B in {1, 8}, Hq = 32, Hkv = 8, D in {128, 64}, S in {4K, 16K, 64K, 128K}, our
@@ -45,13 +47,14 @@ G = HQ // HKV
 
 def presets(head_dim: int) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
   """name -> (key segments, value segments), each a list of (dim, bits)."""
-  q = head_dim // 4
+  q, h = head_dim // 4, head_dim // 2
   return {
       "k4v4": ([(head_dim, 4)], [(head_dim, 4)]),
       "k3v3": ([(head_dim, 3)], [(head_dim, 3)]),
       "k2v2": ([(head_dim, 2)], [(head_dim, 2)]),
       "prod4": ([(head_dim, 3), (head_dim, 1)], [(head_dim, 4)]),
       "split2.5": ([(q, 3), (head_dim - q, 2)], [(q, 3), (head_dim - q, 2)]),
+      "k3.5v3.5": ([(h, 4), (h, 3)], [(h, 4), (h, 3)]),  # the outlier-split preset
   }
 
 
@@ -91,6 +94,21 @@ def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None):
 def compressed_bytes(B, S, keys, values, scale_bytes=2) -> int:
   per_token = sum(packing.packed_size(d, b) + scale_bytes for d, b in keys + values)
   return B * HKV * S * per_token
+
+
+def lut_bits(B, S, keys, values, **kw) -> list[int]:
+  """Bit widths of the segments that take the byte-permute lookup under `kw`'s tiling."""
+  from pallas_kernels import tuned_block_sizes
+  if kw.get("lookup", "lut") not in ("lut", "lut-parts"):
+    return []
+  cfg = tuned_block_sizes.decode_config(
+      batch=B, kv_heads=HKV, seq_len=S, head_dim=sum(d for d, _ in keys),
+      key_bits=tuple(b for _, b in keys), value_bits=tuple(b for _, b in values))
+  block_s, num_warps = kw.get("block_s") or cfg.block_s, kw.get("num_warps") or cfg.num_warps
+  return [b for d, b in keys + values
+          if dk.lut_eligible(dk.SegmentLayout(d, b), tuple(float(x) for x in centroids(d, b)),
+                             parts=kw.get("lookup") == "lut-parts" and b == 4,
+                             block_s=block_s, num_warps=num_warps)]
 
 
 def finalize(p: dk.Partial):
@@ -262,9 +280,11 @@ def check_decode(key, results, impl_kwargs) -> bool:
                 for a, b in zip(finalize(out), finalize(ref)))
       empty_ok = bool(jnp.all(out.l[2] == 0)) and all(bool(jnp.all(a[2] == 0)) for a in out.acc)
       good = err < 3e-3 and empty_ok and all(bool(jnp.all(jnp.isfinite(a))) for a in out.acc)
+      lut = lut_bits(B, S, keys, values, **impl_kwargs)
       results.setdefault("checks", []).append(
-          {"D": D, "preset": name, "rel_err": err, "empty_row_ok": empty_ok, "ok": good})
-      print(f"check D={D} {name:9s} rel_err={err:.2e} empty_ok={empty_ok} "
+          {"D": D, "preset": name, "rel_err": err, "empty_row_ok": empty_ok, "ok": good,
+           "lut_bits": lut})
+      print(f"check D={D} {name:9s} rel_err={err:.2e} empty_ok={empty_ok} lut_bits={lut} "
             f"{'OK' if good else 'FAIL'}", flush=True)
       ok &= good
   return ok
@@ -298,7 +318,11 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--no-check", action="store_true")
+  ap.add_argument("--no-encode", action="store_true", help="skip the encode throughput")
   ap.add_argument("--presets", default="")
+  ap.add_argument("--lookups", default="",
+                  help='comma list of decode lookups to time per preset, e.g. "select,lut" '
+                       '(default: the kernel\'s default)')
   args = ap.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -323,11 +347,18 @@ def main(argv=None):
                                       orient=o))
                for lk, o, ns in (("lut", "rows", 2), ("lut", "rows", 3), ("lut", "tokens", 2),
                                  ("lut-parts", "tokens", 3), ("select", "rows", 2))]
+    # Session 3: 2- and 3-bit codes by byte permutes, at the 4-bit tiling and its neighbours.
+    configs += [(8, 65536, p, dict(block_s=bs, num_warps=4, num_stages=ns, lookup="lut",
+                                   orient=o))
+                for p in ("k3v3", "k2v2")
+                for bs, o, ns in ((64, "rows", 2), (64, "rows", 3), (64, "tokens", 3),
+                                  (128, "rows", 2))]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None
         t, nbytes = bench_decode(B, S, 128, preset, key, **kw)
-        row = dict(B=B, S=S, preset=preset, us=t, tbps=nbytes / t * 1e-6, err=err, **kw)
+        row = dict(B=B, S=S, preset=preset, us=t, tbps=nbytes / t * 1e-6, err=err,
+                   lut_bits=lut_bits(B, S, *presets(128)[preset], **kw), **kw)
       except Exception as e:
         row = dict(B=B, S=S, preset=preset, error=repr(e)[:300], **kw)
       results["sweep"].append(row)
@@ -338,6 +369,7 @@ def main(argv=None):
             [(B, D, S) for D in (128, 64) for B in (8, 1)
              for S in (4096, 16384, 65536, 131072)])
   names = args.presets.split(",") if args.presets else list(presets(128))
+  lookups = args.lookups.split(",") if args.lookups else [None]
   for B, D, S in shapes:
     base = baselines(B, S, D, key)
     fp16_bytes = 2 * B * HKV * S * D * 2
@@ -351,24 +383,29 @@ def main(argv=None):
       else:
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
-      try:
-        t, nbytes = bench_decode(B, S, D, name, key)
-        results["rows"].append(dict(kind="tq_decode", name=name, B=B, D=D, S=S, us=t,
-                                    bytes=nbytes, frac_copy_bw=nbytes / (t * 1e-6) / bw,
-                                    speedup=fastest / t))
-      except Exception as e:
-        traceback.print_exc()
-        results["rows"].append(dict(kind="tq_decode", name=name, B=B, D=D, S=S,
-                                    error=repr(e)[:300]))
-      print(results["rows"][-1], flush=True)
-      dump()
+      for lookup in lookups:
+        kw = {"lookup": lookup} if lookup else {}
+        label = f"{name}/{lookup}" if lookup else name
+        lut = lut_bits(B, S, *presets(D)[name], **kw)
+        try:
+          t, nbytes = bench_decode(B, S, D, name, key, **kw)
+          results["rows"].append(dict(kind="tq_decode", name=label, B=B, D=D, S=S, us=t,
+                                      bytes=nbytes, frac_copy_bw=nbytes / (t * 1e-6) / bw,
+                                      speedup=fastest / t, lut_bits=lut))
+        except Exception as e:
+          traceback.print_exc()
+          results["rows"].append(dict(kind="tq_decode", name=label, B=B, D=D, S=S,
+                                      error=repr(e)[:300], lut_bits=lut))
+        print(results["rows"][-1], flush=True)
+        dump()
 
-  try:
-    results["encode"] = bench_encode(key)
-  except Exception as e:
-    traceback.print_exc()
-    results["encode"] = {"error": repr(e)[:300]}
-  dump()
+  if not args.no_encode:
+    try:
+      results["encode"] = bench_encode(key)
+    except Exception as e:
+      traceback.print_exc()
+      results["encode"] = {"error": repr(e)[:300]}
+    dump()
 
   print(f"\ndevice {results['device']}  copy bw {bw / 1e12:.2f} TB/s  "
         f"check_ok={results.get('check_ok')}")

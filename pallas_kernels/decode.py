@@ -31,14 +31,18 @@ Design:
   coordinate order with ``join`` + ``reshape``, so each segment is one dot of depth d_i.
   A segment whose dim is not a power of two (96 in the 32 + 96 outlier split) is padded
   in-kernel to the next power of two with masked loads and zero query columns.
-* The lookup: 4-bit segments of >= 128 coordinates (``lookup="lut"``, the default for
-  concrete centroids) are looked up 4 codes at a time by PTX byte permutes (``prmt``)
-  on float16 tables held in registers, through a multi-output inline asm block
-  (:mod:`pallas_kernels.inline_asm`); see ``_LUT_WORD``. The 8 resulting float16 parts
-  of a word are interleaved back into coordinate order (one dot per segment; letting
-  them meet a permuted query instead, 8 dots of depth d / 8, was 1.8x slower). Other
-  segments use a select tree on centroids baked in as constants
-  (``"select"``) or a gather from the table in memory (``"gather"``, traced centroids).
+* The lookup: 2-, 3- and 4-bit segments whose rows are a power-of-two number of 32-bit
+  words (``lookup="lut"``, the default for concrete centroids; see `lut_eligible`: 64 and
+  128 coordinates) are looked up 4 codes at a time by PTX byte permutes (``prmt``) on
+  float16 tables held in registers, through multi-output inline asm blocks
+  (:mod:`pallas_kernels.inline_asm`); see ``_LUT_WORD`` (4 bits, sign trick on a
+  symmetric codebook) and ``_lut_low_asm`` (2 and 3 bits, whole codebook, the 3-bit code's
+  high bit moved into the selectors from the 1-bit plane read as 16-bit halves). The
+  cache's packing layout is read as it is. The float16 parts of a word (8 or 16) are
+  interleaved back into coordinate order (one dot per segment; letting them meet a
+  permuted query instead, 8 dots of depth d / 8, was 1.8x slower at 4 bits). Other
+  segments use a select tree on centroids baked in as constants (``"select"``) or a
+  gather from the table in memory (``"gather"``, traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
 
@@ -49,6 +53,9 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
 * session 2, byte-permute lookup, parts interleaved back: 4-bit 510 us (0.94x of fp16,
   1.09 TB/s of compressed bytes) at 64 tokens per tile, 4 warps, 2 stages, query rows as
   the dot's M; the parts meeting a permuted query instead: 913 us at the best tiling.
+* session 3: 2- and 3-bit segments moved from the select tree to the byte-permute lookup
+  (1.4 and 1.7 PTX integer instructions per coordinate, against ~10 and ~17); not yet
+  timed on the H200 (``bench/kernels.py --lookups select,lut`` compares them).
 * The floor of this Triton structure is the limit now, not the lookup: with the lookup
   skipped entirely (codes cast to float16, wrong values, a timing diagnostic) the same
   structure takes 459 us, as long as fp16 attention (1.2 TB/s of compressed bytes). Unpacking, the dot operands' layout conversions (through shared
@@ -204,17 +211,24 @@ def _select_tree(codes: Array, centroids: tuple[float, ...], dtype) -> Array:
   return jnp.broadcast_to(values[0], codes.shape)
 
 
-# The "lut" lookup of 4-bit segments. A packed row of 4-bit codes is read as 32-bit words
-# of 8 codes (word w holds coordinates 8w .. 8w + 7, code t in bits 4t .. 4t + 3). The
-# codebook is symmetric (c[15 - k] = -c[k]), so a code is a sign (bit 3 clear: negative)
-# and a 3-bit index into the 8 positive centroids M. Their float16 bit patterns sit in four
-# registers (low bytes of M[0..3], M[4..7]; high bytes of the same), and one PRMT byte
-# permute looks up 4 codes at once; the sign goes into the high bytes, and two more
-# permutes interleave low and high bytes into float16 pairs. That is ~3.3 integer
-# instructions per coordinate and no int -> float conversion, against ~30 for a select
-# tree. The result is 8 float16 tensors of the shape of the words, part t holding code t of
-# every word; the kernel interleaves them back into coordinate order (or, in the slower
-# "lut-parts" layout, lets them meet a query permuted to coordinate 8w + t -> part t).
+# The "lut" lookup: codes are looked up several at a time by PTX byte permutes (PRMT) on
+# float16 tables held in registers. `prmt.b32 d, a, b, s` builds each byte i of d from the
+# byte of the 8-byte pool {b, a} that nibble i of s names (bit 3 of the nibble must be clear),
+# so a pool of the low bytes of 8 (or 4) float16 centroids and one of their high bytes turn 4
+# nibble-sized codes into their float16 bytes; two more permutes pair low and high bytes up.
+# The asm blocks take two 32-bit words of codes at a time (`pack = 2`) and return float16
+# pairs (that code of the first word, the same code of the second word): part t of a word
+# is its code t, and the kernel interleaves the parts back into coordinate order.
+#
+# 4 bits: a packed row is read as 32-bit words of 8 codes (word w holds coordinates
+# 8w .. 8w + 7, code t in bits 4t .. 4t + 3). The codebook is symmetric (c[15 - k] = -c[k]),
+# so a code is a sign (bit 3 clear: negative) and a 3-bit index into the 8 positive centroids
+# M. Their float16 bit patterns sit in four registers (low bytes of M[0..3], M[4..7]; high
+# bytes of the same), and one PRMT looks up 4 codes at once; the sign goes into the high
+# bytes, two more permutes interleave low and high bytes into float16 pairs and a last one
+# pairs the two words up. 52 PTX integer instructions per 16 codes (3.25 per coordinate), no
+# int -> float conversion, against ~30 per coordinate for a select tree (unpacking, 4 levels
+# of bit tests and 15 selects).
 _LUT_CODES = 8  # 4-bit codes per 32-bit word
 
 _LUT_WORD = """
@@ -258,37 +272,172 @@ def _lut_asm(tables: tuple[int, int, int, int]) -> str:
   return "{\n" + "\n".join(body) + "\n}"
 
 
-def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None) -> bool:
-  """Whether a segment can take the "lut" lookup: 4 bits, a row of W = dim / 8 >= 16 words
-  (a power of two, the depth of one dot), a concrete symmetric codebook."""
-  if seg.bits != 4 or centroids is None or seg.dim % _LUT_CODES:
+# 2 and 3 bits: 16 codes per 32-bit word of the low (2-bit) plane (word w holds coordinates
+# 16w .. 16w + 15, code t in bits 2t, 2t + 1); at 3 bits the 1-bit plane read as 16-bit
+# halves has the same shape (half w: bit t = bit 2 of code t of word w), and `pack = 2`
+# hands the two words' halves over as one register H (the first word's in bits 0 .. 15).
+# No sign trick: the pools hold the whole codebook, so any codebook works (3 bits: low bytes
+# of c[0..7] in two registers, high bytes in two more; 2 bits: 4 bytes each, as the
+# immediate b operand, picked by selector nibbles 4 .. 7, so no register holds a table).
+# Per pair of words (a, b):
+#   P = prmt(a, b, 0x5140): bytes (a.0, b.0, a.1, b.1); Q = prmt(a, b, 0x7362): bytes 2, 3.
+#   Byte k of P holds 4 codes of one word in 2-bit fields f0..f3, so P & 0x33333333 has
+#   nibbles (f0, f2) in every byte: the selector of codes 0, 2 of both words (low 16 bits:
+#   a0 a2 b0 b2) and of codes 4, 6 (high 16 bits); (P >> 2) & 0x33333333 those of codes 1,
+#   3, 5, 7 (2 bits: | 0x44444444 in the same lop3). Per selector: a low-byte and a
+#   high-byte lookup, then prmt 0x6240 / 0x7351 pair them up into (code i of a, code i of
+#   b) and (code i + 2 of a, of b); shift by 16 and repeat.
+#   3 bits: bit 2 of every selector nibble is the code's high bit. With G = H >> 4,
+#   HP = prmt(H, G, 0x6420) has the high bits of P's byte k in the low nibble of its byte k
+#   (bit f for field f; Q: 0x7531). (HP & 0x05050505) * 20 moves bits 0 and 2 of every byte
+#   to bits 2 and 6 (the carry of the two terms at bit 4 stops in bit 5: never bits 3 or 7,
+#   nor the next byte), and one lop3 "(P & 0x33333333) | (t & ~0x33333333)" merges them;
+#   odd fields: (HP & 0x0a0a0a0a) * 10 and P >> 2.
+# Per 32 codes: 44 PTX integer instructions at 2 bits (1.375 per coordinate; 34 of them
+# PRMT), 55 at 3 bits (1.72; 36 PRMT, 4 IMAD), against ~10 and ~17 per coordinate for the
+# select tree (unpacking each plane, bit tests, 3 or 7 selects). ptxas 12.9 for sm_90 keeps
+# these counts (SASS), plus ~13 register copies of the 3-bit tables per block (IMAD.MOV,
+# on the FMA pipe); the 4-bit block: 52 PTX, 40 ALU + 12 IMAD in SASS per 16 codes.
+_LUT_LOW_CODES = 16  # 2- and 3-bit codes per 32-bit word of the low plane
+
+
+def _lut_low_asm(bits: int, tables: tuple[int, ...]) -> str:
+  """PTX for two words of the low plane ($16, $17; at 3 bits also their high bits as two
+  16-bit halves of $18) -> 16 float16 pairs ($0 .. $15): $t = (code t of word $16, code t
+  of word $17). `tables`: `_lut_full_tables` of the 2**bits centroids."""
+  if bits not in (2, 3):
+    raise ValueError(f"the low-bit lut takes 2 or 3 bits, got {bits=}")
+  if bits == 2:  # 4 entries: the table is the immediate b operand, picked by nibbles 4 .. 7
+    pool_l, pool_h = ("0", f"{tables[0]:#010x}"), ("0", f"{tables[1]:#010x}")
+    names = ()
+  else:
+    pool_l, pool_h = ("tl0", "tl1"), ("th0", "th1")
+    names = pool_l + pool_h
+  body = [f".reg .b32 {''.join(n + ', ' for n in names)}p, q, g, hp, hq, t, s, l, h;"]
+  body += [f"mov.b32 {n}, {v:#010x};" for n, v in zip(names, tables)]
+  body += ["prmt.b32 p, $16, $17, 0x5140;", "prmt.b32 q, $16, $17, 0x7362;"]
+  if bits == 3:
+    body += ["shr.u32 g, $18, 4;", "prmt.b32 hp, $18, g, 0x6420;",
+             "prmt.b32 hq, $18, g, 0x7531;"]
+  for base, x, hx in ((0, "p", "hp"), (8, "q", "hq")):
+    for odd in (0, 1):
+      if odd:
+        body.append(f"shr.u32 s, {x}, 2;")
+      src = "s" if odd else x
+      if bits == 2:  # (codes & 3) | 4: lop3 "(a & b) | c"
+        body.append(f"lop3.b32 s, {src}, 0x33333333, 0x44444444, 0xea;")
+      else:
+        mask, factor = ("0x0a0a0a0a", 10) if odd else ("0x05050505", 20)
+        body += [f"and.b32 t, {hx}, {mask};", f"mul.lo.u32 t, t, {factor};",
+                 f"lop3.b32 s, {src}, t, 0x33333333, 0xe4;"]
+      for half in (0, 1):
+        if half:
+          body.append("shr.u32 s, s, 16;")
+        first = base + odd + 4 * half
+        body += [f"prmt.b32 l, {pool_l[0]}, {pool_l[1]}, s;",
+                 f"prmt.b32 h, {pool_h[0]}, {pool_h[1]}, s;",
+                 f"prmt.b32 ${first}, l, h, 0x6240;",
+                 f"prmt.b32 ${first + 2}, l, h, 0x7351;"]
+  return "{\n" + "\n".join(body) + "\n}"
+
+
+def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
+                 parts: bool = False, block_s: int | None = None,
+                 num_warps: int | None = None) -> bool:
+  """Whether a segment can take the "lut" lookup.
+
+  Needs concrete centroids and 2, 3 or 4 bits with a row of W words, W a power of two:
+  4 bits: W = dim / 8, a symmetric codebook (the sign trick); 2 and 3 bits: W = dim / 16
+  (3 bits: dim a multiple of 32, so the row is whole 32-bit words), any codebook. The
+  "parts" layout (4 bits only) needs W >= 16 (one dot per part). With the tile given:
+  `pack = 2` needs two words per thread, block_s * W >= 64 * num_warps (Triton refuses
+  an asm block with fewer elements per thread than it packs).
+  """
+  if centroids is None or seg.bits not in (2, 3, 4) or seg.dim < _MIN_DEPTH:
     return False
-  words = seg.dim // _LUT_CODES
-  if words < _MIN_DEPTH or words & (words - 1):
+  per_word = _LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES
+  if seg.dim % per_word or (seg.bits == 3 and seg.dim % 32):
     return False
+  words = seg.dim // per_word
+  if words & (words - 1) or (parts and (seg.bits != 4 or words < _MIN_DEPTH)):
+    return False
+  if block_s is not None and num_warps is not None and block_s * words < 64 * num_warps:
+    return False
+  if seg.bits != 4:
+    return True
   c = np.asarray(centroids, np.float64)
   return bool(np.all(np.abs(c + c[::-1]) <= 1e-6 * np.abs(c).max()))
 
 
 def _lut_tables(centroids: tuple[float, ...]) -> tuple[int, int, int, int]:
   """The float16 bytes of the 8 positive centroids, packed 4 to a 32-bit word."""
-  bits = np.asarray(centroids[8:], np.float16).view(np.uint16).astype(np.uint32)
+  return _lut_full_tables(centroids[8:])
+
+
+def _lut_full_tables(centroids: Sequence[float]) -> tuple[int, ...]:
+  """The float16 bytes of `centroids` (4 or 8), packed 4 to a 32-bit word: the low bytes'
+  words, then the high bytes'."""
+  bits = np.asarray(centroids, np.float16).view(np.uint16).astype(np.uint32)
   word = lambda b: int(b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24)
   lo, hi = bits & 0xFF, bits >> 8
-  return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+  return tuple(word(x[i:i + 4]) for x in (lo, hi) for i in range(0, len(bits), 4))
 
 
-def _lut_parts(words: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
-  """[block_s, W] uint32 words -> 8 x [block_s, W] float16, part t = c[code t] of every
-  word (coordinates 8w + t)."""
-  if interpret:  # the same function in plain jnp (no PTX off the GPU)
-    return [_select_tree(((words >> (4 * t)) & 15).astype(jnp.int32), centroids, jnp.float16)
-            for t in range(_LUT_CODES)]
+def _lut_parts(bits: int, words: Array, high: Array | None, centroids: tuple[float, ...],
+               interpret: bool) -> list[Array]:
+  """Codes -> their centroids as float16, part t = code t of every word.
+
+  Args:
+    bits: 2, 3 or 4.
+    words: [block_s, W] uint32, the (low-plane) words of the codes.
+    high: 3 bits: [block_s, W] uint16, the high bits (half w: bit t = code t of word w);
+      else None.
+    centroids: the codebook (2**bits values).
+    interpret: the same function in plain jnp (no PTX off the GPU).
+
+  Returns:
+    per_word x [block_s, W] float16 (per_word = 8 at 4 bits, else 16).
+  """
+  per_word = _LUT_CODES if bits == 4 else _LUT_LOW_CODES
+  width = 4 if bits == 4 else 2
+  if interpret:
+    parts = []
+    for t in range(per_word):
+      codes = (words >> (width * t)) & ((1 << width) - 1)
+      if bits == 3:
+        codes = codes | (((high.astype(jnp.uint32) >> t) & 1) << 2)
+      parts.append(_select_tree(codes.astype(jnp.int32), centroids, jnp.float16))
+    return parts
   shape = jax.ShapeDtypeStruct(words.shape, jnp.float16)
+  if bits == 4:
+    asm, args = _lut_asm(_lut_tables(centroids)), [words]
+  else:
+    asm = _lut_low_asm(bits, _lut_full_tables(centroids))
+    args = [words] if bits == 2 else [words, high]
+  # pack = 2: two registers per uint32 argument, one for the two halves of a uint16 one.
+  inputs = ["r", "r"] + (["r"] if bits == 3 else [])
   return inline_asm.multi_output_asm(
-      _lut_asm(_lut_tables(centroids)), args=[words],
-      constraints=",".join(["=r"] * _LUT_CODES + ["r", "r"]), pack=2,
-      result_shape_dtypes=[shape] * _LUT_CODES)
+      asm, args=args, constraints=",".join(["=r"] * per_word + inputs), pack=2,
+      result_shape_dtypes=[shape] * per_word)
+
+
+def _code_views(seg: SegmentLayout, lut: str | None) -> int:
+  """How many views of a segment's packed codes the kernel reads (see `_views`)."""
+  return 2 if lut and seg.bits == 3 else 1
+
+
+def _views(codes: Array, seg: SegmentLayout, lut: str | None) -> list[Array]:
+  """The kernel's views of [B, K, S, P] uint8 codes: the bytes themselves, or for a "lut"
+  segment the same bytes as uint32 words (and at 3 bits also as uint16 halves, the high
+  plane's)."""
+  if not lut:
+    return [codes]
+  as_type = lambda width, dtype: lax.bitcast_convert_type(
+      codes.reshape(*codes.shape[:-1], codes.shape[-1] // width, width), dtype)
+  views = [as_type(4, jnp.uint32)]
+  if seg.bits == 3:
+    views.append(as_type(2, jnp.uint16))
+  return views
 
 
 def _decode_kernel(
@@ -313,10 +462,14 @@ def _decode_kernel(
   # Per key segment: [Gp, padded_dim] float16 ([padded_dim, Gp] "tokens"); a "lut" segment
   # [8, Gp, W] ([8, W, Gp]), part t holding the query coordinates 8w + t.
   q_refs = [next(it) for _ in range(nk)]
-  kc_refs = [next(it) for _ in range(nk)]  # [S, P_i] uint8 ("lut": [S, W] uint32)
+  # Codes per segment: ([S, P_i] uint8,); "lut": ([S, P_i / 4] uint32,), at 3 bits also the
+  # same bytes as [S, P_i / 2] uint16 (the high bit plane as halves).
+  code_refs = lambda segs, luts: [tuple(next(it) for _ in range(_code_views(s, lut)))
+                                   for s, lut in zip(segs, luts)]
+  kc_refs = code_refs(key_segs, key_lut)
   kn_refs = [next(it) for _ in range(nk)]  # [S] float16 | float32
   kcb_refs = [next(it) for _ in range(nk)]  # [2**b_i] float32
-  vc_refs = [next(it) for _ in range(nv)]  # [S, P_j] uint8 ("lut": [S, W] uint32)
+  vc_refs = code_refs(value_segs, value_lut)
   vn_refs = [next(it) for _ in range(nv)]  # [S]
   vcb_refs = [next(it) for _ in range(nv)]  # [2**b_j] float32
   m_ref = next(it)  # [Gp] float32
@@ -371,12 +524,24 @@ def _decode_kernel(
     mask = jnp.broadcast_to(mask, (block_s, *ref.shape[1:]))
     return plgpu.load(ref.at[tile], mask=mask, other=0)
 
-  def segment_values(codes_ref, seg, centroids, cb_ref, lut, tile, row_mask):
-    """The tile's centroid values: [block_s, padded_dim] float16, or 8 "lut" parts."""
+  def load_columns(ref, tile, start, width, row_mask):  # ref [S, P] -> [block_s, width]
+    view = ref.at[tile, pl.ds(start, width)]
+    if row_mask is None:
+      return view[...]
+    mask = jnp.broadcast_to(row_mask[:, None], (block_s, width))
+    return plgpu.load(view, mask=mask, other=0)
+
+  def segment_values(codes_refs, seg, centroids, cb_ref, lut, tile, row_mask):
+    """The tile's centroid values: [block_s, padded_dim] float16, or the "lut" parts."""
     if lut:
-      parts = _lut_parts(load_tokens(codes_ref, tile, row_mask), centroids, interpret)
-      return parts if lut == "parts" else _interleave(parts)  # coordinate 8w + t
-    codes = _load_codes(codes_ref, tile, seg, row_mask)
+      words = seg.dim // (_LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES)
+      lo = load_columns(codes_refs[0], tile, 0, words, row_mask)
+      hi = None
+      if seg.bits == 3:  # the 1-bit plane follows the 2-bit one: halves 2W .. 3W - 1
+        hi = load_columns(codes_refs[1], tile, 2 * words, words, row_mask)
+      parts = _lut_parts(seg.bits, lo, hi, centroids, interpret)
+      return parts if lut == "parts" else _interleave(parts)  # coordinate per_word * w + t
+    codes = _load_codes(codes_refs[0], tile, seg, row_mask)
     return _lookup(codes, centroids, cb_ref, seg.bits, jnp.float16)
 
   def body(i, carry):
@@ -543,9 +708,9 @@ def decode(
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes`.
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
-    lookup: "lut" (4-bit segments of >= 128 coordinates with a symmetric codebook look
-      codes up 4 at a time with byte permutes, see `lut_eligible`; the other segments as
-      "select"), "select" (a select tree on the centroids baked into the kernel as
+    lookup: "lut" (2-, 3- and 4-bit segments of 64 or 128 coordinates, 4 bits with a
+      symmetric codebook, look codes up 4 at a time with byte permutes, see
+      `lut_eligible`; the other segments as "select"), "select" (a select tree on the centroids baked into the kernel as
       constants) or "gather" (centroids read from memory). "lut" and "select" need
       concrete centroids; the default is "lut" for concrete centroids, else "gather".
       ("lut-parts" is a slower layout of "lut" kept for the benchmark's sweep.)
@@ -591,14 +756,6 @@ def decode(
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
                      'lookup="gather"')
-  # "lut": the parts are interleaved back into coordinate order in registers (one dot per
-  # segment); "lut-parts" (a variant for the benchmark's sweep, 1.8x slower on the H200):
-  # the parts meet a permuted query, 8 dots of depth d / 8.
-  lut_mode = {"lut": "joined", "lut-parts": "parts"}.get(lookup)
-  key_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None
-                  for seg, c in zip(key_segs, static_ck))
-  value_lut = tuple(lut_mode if lut_mode and lut_eligible(seg, c) else None
-                    for seg, c in zip(value_segs, static_cv))
   if G > 128:
     raise ValueError(f"pallas decode supports at most 128 query rows per KV head, got {G=}")
   cfg = tuned_block_sizes.decode_config(
@@ -618,6 +775,20 @@ def decode(
   num_splits = max(1, min(num_splits, blocks_total))
   split_len = pl.cdiv(blocks_total, num_splits) * block_s
   num_splits = pl.cdiv(max(S, 1), split_len)
+
+  # "lut": the parts are interleaved back into coordinate order in registers (one dot per
+  # segment); "lut-parts" (a variant for the benchmark's sweep, 1.8x slower on the H200 at
+  # 4 bits; 2- and 3-bit segments take the "lut" layout under it): the parts meet a
+  # permuted query, 8 dots of depth d / 8.
+  def lut_mode(seg, c):
+    if lookup not in ("lut", "lut-parts"):
+      return None
+    parts = lookup == "lut-parts" and seg.bits == 4
+    ok = lut_eligible(seg, c, parts=parts, block_s=block_s, num_warps=num_warps)
+    return ("parts" if parts else "joined") if ok else None
+
+  key_lut = tuple(lut_mode(seg, c) for seg, c in zip(key_segs, static_ck))
+  value_lut = tuple(lut_mode(seg, c) for seg, c in zip(value_segs, static_cv))
   return _decode_pallas(
       qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
       lengths.astype(jnp.int32), key_segs=tuple(key_segs), value_segs=tuple(value_segs),
@@ -643,10 +814,9 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
     if lut == "parts":  # [B, K, Gp, W * 8] -> [B, K, 8, Gp, W]: part t: coordinates 8w + t
       q = jnp.moveaxis(q.reshape(B, K, rows, seg.dim // _LUT_CODES, _LUT_CODES), -1, 2)
     qs.append(jnp.swapaxes(q, -1, -2) if tok else q)
-  as_words = lambda c: lax.bitcast_convert_type(  # [B, K, S, P] uint8 -> [B, K, S, P / 4] uint32
-      c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4), jnp.uint32)
-  k_codes = [as_words(c) if lut else c for c, lut in zip(k_codes, key_lut)]
-  v_codes = [as_words(c) if lut else c for c, lut in zip(v_codes, value_lut)]
+  k_codes = [v for c, seg, lut in zip(k_codes, key_segs, key_lut) for v in _views(c, seg, lut)]
+  v_codes = [v for c, seg, lut in zip(v_codes, value_segs, value_lut)
+             for v in _views(c, seg, lut)]
   kcb = [jnp.asarray(c, jnp.float32) for c in k_centroids]
   vcb = [jnp.asarray(c, jnp.float32) for c in v_centroids]
 

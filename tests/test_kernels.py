@@ -21,8 +21,10 @@ from tqjax import quantizer as qz
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
-# name -> (key segments, value segments), each a tuple of (dim, bits). 4-bit segments of
-# 128 coordinates take the byte-permute ("lut") lookup, the others the select tree.
+# name -> (key segments, value segments), each a tuple of (dim, bits). Segments of 2-4 bits
+# whose rows are a power-of-two number of words take the byte-permute ("lut") lookup when
+# the tile holds two words per thread (64-coordinate 2- and 3-bit segments: 64+ tokens per
+# tile at 4 warps), the others the select tree (see `dk.lut_eligible`).
 PRESETS = {
     "mse4": (((64, 4),), ((64, 4),)),
     "mse3": (((64, 3),), ((64, 3),)),
@@ -31,6 +33,9 @@ PRESETS = {
     "split": (((16, 3), (48, 2)), ((16, 3), (48, 2))),
     "lut4": (((128, 4),), ((128, 4),)),
     "lut_k5v4": (((128, 5),), ((128, 4),)),
+    "k3v3": (((128, 3),), ((128, 3),)),
+    "k2v2": (((128, 2),), ((128, 2),)),
+    "k3.5v3.5": (((64, 4), (64, 3)), ((64, 4), (64, 3))),  # the outlier split at D = 128
 }
 
 
@@ -156,17 +161,18 @@ def test_decode_interpret_lut_path_and_start(orient, lookup):
   assert_partials_close(got, ref, S)
 
 
-def _run_ptx(asm: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-  """Runs the straight-line PTX of the lut lookup on uint32 numpy arrays (the handful of
-  instructions it uses), so its bit logic is checked without a GPU."""
-  regs = {f"${len(_LUT_OUTPUTS) + i}": x.astype(np.uint32) for i, x in enumerate(inputs)}
+def _run_ptx(asm: str, inputs: list[np.ndarray], outputs: int) -> list[np.ndarray]:
+  """Runs the straight-line PTX of a lut lookup on uint32 numpy arrays (the handful of
+  instructions it uses), so its bit logic is checked without a GPU. Registers $0 ..
+  $outputs - 1 are the results, the next ones the inputs."""
+  regs = {f"${outputs + i}": x.astype(np.uint32) for i, x in enumerate(inputs)}
 
   def val(tok):
     tok = tok.strip()
     return np.uint32(int(tok, 0)) if tok[0].isdigit() else regs[tok]
 
   def prmt(a, b, c):
-    data = a.astype(np.uint64) | (b.astype(np.uint64) << np.uint64(32))
+    data = np.asarray(a, np.uint64) | (np.asarray(b, np.uint64) << np.uint64(32))
     out = np.zeros(np.broadcast(a, b, c).shape, np.uint32)
     for byte in range(4):
       sel = (np.asarray(c, np.uint32) >> np.uint32(4 * byte)) & np.uint32(15)
@@ -175,39 +181,110 @@ def _run_ptx(asm: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
       out |= picked.astype(np.uint32) << np.uint32(8 * byte)
     return out
 
+  def lop3(a, b, c, lut):  # bit i of lut: the result for (a, b, c) = (i >> 2, i >> 1, i) & 1
+    out = np.zeros(np.broadcast(a, b, c).shape, np.uint32)
+    for i in range(8):
+      if int(lut) >> i & 1:
+        out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+    return out
+
   ops = {
       "not.b32": lambda a: ~a, "and.b32": np.bitwise_and, "or.b32": np.bitwise_or,
       "xor.b32": np.bitwise_xor, "shr.u32": lambda a, b: a >> b,
       "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
-      "mov.b32": lambda a: np.uint32(a), "prmt.b32": prmt,
+      "mov.b32": lambda a: np.uint32(a), "prmt.b32": prmt, "lop3.b32": lop3,
   }
-  for line in asm.replace("{", "").replace("}", "").split(";"):
-    line = line.strip()
-    if not line or line.startswith(".reg"):
-      continue
+  for line in _ptx_instructions(asm):
     op, rest = line.split(None, 1)
     dst, *srcs = [t.strip() for t in rest.split(",")]
     with np.errstate(over="ignore"):
       regs[dst] = np.asarray(ops[op](*[val(t) for t in srcs]), np.uint32)
-  return [regs[name] for name in _LUT_OUTPUTS]
+  return [regs[f"${t}"] for t in range(outputs)]
 
 
-_LUT_OUTPUTS = [f"${t}" for t in range(8)]
+def _ptx_instructions(asm: str) -> list[str]:
+  lines = [line.strip() for line in asm.replace("{", "").replace("}", "").split(";")]
+  return [line for line in lines if line and not line.startswith(".reg")]
 
 
-def test_lut_ptx_looks_up_every_code():
-  # Every 4-bit code in every position of a word: the PTX's float16 pairs must equal the
-  # codebook's values (code t of word a in the low half, of word b in the high half).
-  rng = np.random.default_rng(13)
-  centroids = tuple(float(x) for x in _centroids(rng, 128, 4))
-  words = rng.integers(0, 2**32, (2, 4096), dtype=np.uint64).astype(np.uint32)
-  words[0, :16] = np.uint32(0x11111111) * np.arange(16, dtype=np.uint32)  # all codes, all places
-  outs = _run_ptx(dk._lut_asm(dk._lut_tables(centroids)), [words[0], words[1]])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_ptx_looks_up_every_code(bits):
+  # Every code in every position of a word, from the cache's packing through the kernel's
+  # views of it (`dk._views`, the columns the kernel loads): the PTX's float16 pairs must
+  # equal the codebook's values (code t of the first word in the low half, of the second
+  # word in the high half; at 3 bits the words' high-bit halves share one register).
+  rng = np.random.default_rng(13 + bits)
+  per_word = 8 if bits == 4 else 16
+  if bits == 4:  # the sign trick needs a symmetric codebook; 2 and 3 bits take any
+    centroids = _centroids(rng, 128, bits)
+    asm = dk._lut_asm(dk._lut_tables(tuple(float(x) for x in centroids)))
+  else:
+    centroids = np.sort(rng.normal(size=2**bits) * 0.1).astype(np.float16)
+    asm = dk._lut_low_asm(bits, dk._lut_full_tables(tuple(float(x) for x in centroids)))
+  codes = rng.integers(0, 2**bits, (4096, 2 * per_word))  # two words per row
+  codes[:2**bits] = np.arange(2**bits)[:, None]  # every code in every place
+  packed = packing.pack(jnp.asarray(codes), bits)[None, None]  # [1, 1, n, P]
+  views = [np.asarray(v)[0, 0] for v in dk._views(packed, dk.SegmentLayout(2 * per_word, bits),
+                                                   "joined")]
+  inputs = [views[0][:, 0], views[0][:, 1]]  # the (low plane's) words 0 and 1
+  if bits == 3:  # the 1-bit plane as halves 2W .. 3W - 1 (W = 2), packed two to a register
+    halves = views[1][:, 4:6].astype(np.uint32)
+    inputs.append(halves[:, 0] | halves[:, 1] << 16)
+  outs = _run_ptx(asm, inputs, per_word)
   table = np.asarray(centroids, np.float16)
   for t, out in enumerate(outs):
-    halves = np.stack([out & 0xFFFF, out >> 16]).astype(np.uint16).view(np.float16)
-    want = table[(words >> np.uint32(4 * t)) & np.uint32(15)]
-    np.testing.assert_array_equal(halves, want)
+    pair = np.stack([out & 0xFFFF, out >> 16], -1).astype(np.uint16).view(np.float16)
+    np.testing.assert_array_equal(pair[:, 0], table[codes[:, t]])
+    np.testing.assert_array_equal(pair[:, 1], table[codes[:, per_word + t]])
+  # The integer instructions per 32-bit word pair that the module's comments count (the
+  # table moves aside): 52 per 16 codes at 4 bits, 44 and 55 per 32 codes at 2 and 3.
+  work = [i for i in _ptx_instructions(asm) if not i.startswith("mov.b32")]
+  assert len(work) == {2: 44, 3: 55, 4: 52}[bits]
+
+
+def test_lut_eligibility():
+  sym = lambda b: tuple(float(x) for x in _centroids(np.random.default_rng(b), 64, b))
+  asym = lambda b: tuple(float(x) for x in np.sort(np.random.default_rng(b).normal(size=2**b)))
+  ok = lambda d, b, c=None, **kw: dk.lut_eligible(dk.SegmentLayout(d, b), c or sym(b), **kw)
+  for d, b in [(128, 2), (64, 2), (128, 3), (64, 3), (32, 3), (128, 4), (64, 4)]:
+    assert ok(d, b), (d, b)
+  assert ok(128, 2, asym(2)) and ok(64, 3, asym(3))  # the tables hold the whole codebook
+  assert not ok(128, 4, asym(4))  # 4 bits: the sign trick needs a symmetric codebook
+  # Rows that are no power-of-two number of words (48@2, 96@3), a 3-bit row of 6 bytes
+  # (16@3), other widths, traced centroids:
+  for d, b in [(48, 2), (96, 3), (16, 3), (128, 5), (128, 1), (96, 4)]:
+    assert not ok(d, b), (d, b)
+  assert not dk.lut_eligible(dk.SegmentLayout(128, 3), None)
+  # The "parts" layout: 4 bits and >= 16 words only.
+  assert ok(128, 4, parts=True) and not ok(64, 4, parts=True) and not ok(128, 3, parts=True)
+  # pack = 2 takes two words per thread: block_s * W >= 64 * num_warps.
+  assert ok(64, 3, block_s=64, num_warps=4) and not ok(64, 3, block_s=32, num_warps=4)
+  assert ok(128, 2, block_s=32, num_warps=4) and not ok(128, 2, block_s=32, num_warps=8)
+  assert ok(128, 4, block_s=16, num_warps=4)
+
+
+@pytest.mark.parametrize("preset,orient", [("k2v2", "rows"), ("k3v3", "tokens"),
+                                           ("k3.5v3.5", "rows")])
+def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
+  # 2- and 3-bit codes (and the 64@4 + 64@3 outlier split) through the byte-permute path
+  # against the reference: asymmetric 2- and 3-bit codebooks, a ragged last tile, an empty
+  # split, tokens before `start` ignored; every segment must take the lut.
+  seen = []
+  lut_parts = dk._lut_parts
+  monkeypatch.setattr(dk, "_lut_parts", lambda bits, *a: seen.append(bits) or lut_parts(bits, *a))
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(21, preset, B=2, K=1, G=6, S=233,
+                                                    lengths=[233, 150])
+  rng = np.random.default_rng(22)
+  asym = lambda cb: [c if c.shape[0] == 16 else
+                     np.sort(rng.normal(size=c.shape) * 0.1).astype(np.float16).astype(np.float32)
+                     for c in cb]
+  args = (qk, kc, kn, asym(kcb), vc, vn, asym(vcb), lengths)
+  ref = dk.decode(*args, start=5)
+  got = dk.decode(*args, implementation="pallas", interpret=True, block_s=64, num_splits=3,
+                  orient=orient, start=5)
+  assert_partials_close(got, ref, 233)
+  keys, values = PRESETS[preset]
+  assert sorted(seen) == sorted(b for _, b in keys + values)
 
 
 def test_merge_partials_splits_tokens():
@@ -242,13 +319,24 @@ def _lowered(f, *args) -> str:
   return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+# A line of each lut asm block, to find it in the lowered kernel.
+_LUT_MARKS = {2: "0x44444444, 0xea", 3: "prmt.b32 hp, $18, g, 0x6420", 4: "not.b32 na, $8"}
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_lowers_to_triton_for_cuda(preset):
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, preset, S=128)
   text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
-                                       implementation="pallas"),
+                                       implementation="pallas", block_s=64, num_warps=4),
                   qk, kc, kn, vc, vn, lengths)
   assert "__gpu$xla.gpu.triton" in text and "tq_decode" in text
+  keys, values = PRESETS[preset]
+  for d, b in keys + values:  # the lut segments' asm blocks are in the Triton module
+    if b in _LUT_MARKS:
+      eligible = dk.lut_eligible(dk.SegmentLayout(d, b), (0.0,) * 2**b, block_s=64,
+                                 num_warps=4)
+      assert eligible == (d in (64, 128)), (d, b)
+      assert (_LUT_MARKS[b] in text) == eligible, (d, b)
 
 
 ENCODE_CONFIGS = {
