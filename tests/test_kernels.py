@@ -331,10 +331,10 @@ def test_decode_lowers_to_triton_for_cuda(preset):
                   qk, kc, kn, vc, vn, lengths)
   assert "__gpu$xla.gpu.triton" in text and "tq_decode" in text
   keys, values = PRESETS[preset]
-  for d, b in keys + values:  # the lut segments' asm blocks are in the Triton module
+  for (d, b), c in zip(keys + values, kcb + vcb):  # the lut segments' asm is in the module
     if b in _LUT_MARKS:
-      eligible = dk.lut_eligible(dk.SegmentLayout(d, b), (0.0,) * 2**b, block_s=64,
-                                 num_warps=4)
+      eligible = dk.lut_eligible(dk.SegmentLayout(d, b), tuple(float(x) for x in c),
+                                 block_s=64, num_warps=4)
       assert eligible == (d in (64, 128)), (d, b)
       assert (_LUT_MARKS[b] in text) == eligible, (d, b)
 
