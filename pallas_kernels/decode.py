@@ -710,8 +710,9 @@ def decode(
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
     lookup: "lut" (2-, 3- and 4-bit segments of 64 or 128 coordinates, 4 bits with a
       symmetric codebook, look codes up 4 at a time with byte permutes, see
-      `lut_eligible`; the other segments as "select"), "select" (a select tree on the centroids baked into the kernel as
-      constants) or "gather" (centroids read from memory). "lut" and "select" need
+      `lut_eligible`; the other segments as "select"), "select" (a select tree on the
+      centroids baked into the kernel as constants) or "gather" (centroids read from
+      memory). "lut" and "select" need
       concrete centroids; the default is "lut" for concrete centroids, else "gather".
       ("lut-parts" is a slower layout of "lut" kept for the benchmark's sweep.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for

@@ -224,8 +224,8 @@ def test_lut_ptx_looks_up_every_code(bits):
   codes = rng.integers(0, 2**bits, (4096, 2 * per_word))  # two words per row
   codes[:2**bits] = np.arange(2**bits)[:, None]  # every code in every place
   packed = packing.pack(jnp.asarray(codes), bits)[None, None]  # [1, 1, n, P]
-  views = [np.asarray(v)[0, 0] for v in dk._views(packed, dk.SegmentLayout(2 * per_word, bits),
-                                                   "joined")]
+  seg = dk.SegmentLayout(2 * per_word, bits)
+  views = [np.asarray(v)[0, 0] for v in dk._views(packed, seg, "joined")]
   inputs = [views[0][:, 0], views[0][:, 1]]  # the (low plane's) words 0 and 1
   if bits == 3:  # the 1-bit plane as halves 2W .. 3W - 1 (W = 2), packed two to a register
     halves = views[1][:, 4:6].astype(np.uint32)
@@ -244,7 +244,7 @@ def test_lut_ptx_looks_up_every_code(bits):
 
 def test_lut_eligibility():
   sym = lambda b: tuple(float(x) for x in _centroids(np.random.default_rng(b), 64, b))
-  asym = lambda b: tuple(float(x) for x in np.sort(np.random.default_rng(b).normal(size=2**b)))
+  asym = lambda b: tuple(np.sort(np.random.default_rng(b).normal(size=2**b)).tolist())
   ok = lambda d, b, c=None, **kw: dk.lut_eligible(dk.SegmentLayout(d, b), c or sym(b), **kw)
   for d, b in [(128, 2), (64, 2), (128, 3), (64, 3), (32, 3), (128, 4), (64, 4)]:
     assert ok(d, b), (d, b)
@@ -268,16 +268,17 @@ def test_lut_eligibility():
 def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
   # 2- and 3-bit codes (and the 64@4 + 64@3 outlier split) through the byte-permute path
   # against the reference: asymmetric 2- and 3-bit codebooks, a ragged last tile, an empty
-  # split, tokens before `start` ignored; every segment must take the lut.
+  # split (row 1: 100 tokens, splits of 128), tokens before `start` ignored; every segment
+  # must take the lut.
   seen = []
   lut_parts = dk._lut_parts
-  monkeypatch.setattr(dk, "_lut_parts", lambda bits, *a: seen.append(bits) or lut_parts(bits, *a))
+  monkeypatch.setattr(dk, "_lut_parts",
+                      lambda bits, *a: seen.append(bits) or lut_parts(bits, *a))
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(21, preset, B=2, K=1, G=6, S=233,
-                                                    lengths=[233, 150])
+                                                    lengths=[233, 100])
   rng = np.random.default_rng(22)
-  asym = lambda cb: [c if c.shape[0] == 16 else
-                     np.sort(rng.normal(size=c.shape) * 0.1).astype(np.float16).astype(np.float32)
-                     for c in cb]
+  draw = lambda n: np.sort(rng.normal(size=n) * 0.1).astype(np.float16).astype(np.float32)
+  asym = lambda cb: [c if c.shape[0] == 16 else draw(c.shape[0]) for c in cb]
   args = (qk, kc, kn, asym(kcb), vc, vn, asym(vcb), lengths)
   ref = dk.decode(*args, start=5)
   got = dk.decode(*args, implementation="pallas", interpret=True, block_s=64, num_splits=3,
