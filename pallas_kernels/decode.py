@@ -341,6 +341,13 @@ def _lut_low_asm(bits: int, tables: tuple[int, ...]) -> str:
   return "{\n" + "\n".join(body) + "\n}"
 
 
+# (bits, dim >= 128) of the "lut" segments whose PTX has run correctly on the H200 (4 bits,
+# 128 coordinates: session 2). The 2-, 3- and 64-coordinate 4-bit lookups are checked by the
+# PTX emulator and in interpret mode only: the default lookup takes them once
+# `pytest -m gpu tests/test_kernels.py` has passed on the GPU with `lookup="lut"`.
+GPU_CHECKED_LUT = frozenset({(4, True)})
+
+
 def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
                  parts: bool = False, block_s: int | None = None,
                  num_warps: int | None = None) -> bool:
@@ -713,7 +720,8 @@ def decode(
       `lut_eligible`; the other segments as "select"), "select" (a select tree on the
       centroids baked into the kernel as constants) or "gather" (centroids read from
       memory). "lut" and "select" need
-      concrete centroids; the default is "lut" for concrete centroids, else "gather".
+      concrete centroids; the default is "lut" for concrete centroids, restricted to the
+      segments in `GPU_CHECKED_LUT` (the rest "select"), else "gather".
       ("lut-parts" is a slower layout of "lut" kept for the benchmark's sweep.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
       bench/kernels.py only.)
@@ -749,6 +757,7 @@ def decode(
 
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
+  default_lookup = lookup is None
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
   if lookup not in ("lut", "lut-parts", "select", "gather", "none"):
@@ -786,6 +795,8 @@ def decode(
       return None
     parts = lookup == "lut-parts" and seg.bits == 4
     ok = lut_eligible(seg, c, parts=parts, block_s=block_s, num_warps=num_warps)
+    if default_lookup:  # by default only what has run correctly on the H200 (see GPU_CHECKED_LUT)
+      ok = ok and (seg.bits, seg.dim >= 128) in GPU_CHECKED_LUT
     return ("parts" if parts else "joined") if ok else None
 
   key_lut = tuple(lut_mode(seg, c) for seg, c in zip(key_segs, static_ck))

@@ -282,7 +282,7 @@ def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
   args = (qk, kc, kn, asym(kcb), vc, vn, asym(vcb), lengths)
   ref = dk.decode(*args, start=5)
   got = dk.decode(*args, implementation="pallas", interpret=True, block_s=64, num_splits=3,
-                  orient=orient, start=5)
+                  orient=orient, start=5, lookup="lut")
   assert_partials_close(got, ref, 233)
   keys, values = PRESETS[preset]
   assert sorted(seen) == sorted(b for _, b in keys + values)
@@ -327,9 +327,11 @@ _LUT_MARKS = {2: "0x44444444, 0xea", 3: "prmt.b32 hp, $18, g, 0x6420", 4: "not.b
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_lowers_to_triton_for_cuda(preset):
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, preset, S=128)
-  text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
-                                       implementation="pallas", block_s=64, num_warps=4),
-                  qk, kc, kn, vc, vn, lengths)
+  lower = lambda lookup: _lowered(
+      lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="pallas",
+                           block_s=64, num_warps=4, lookup=lookup),
+      qk, kc, kn, vc, vn, lengths)
+  text, default = lower("lut"), lower(None)
   assert "__gpu$xla.gpu.triton" in text and "tq_decode" in text
   keys, values = PRESETS[preset]
   for (d, b), c in zip(keys + values, kcb + vcb):  # the lut segments' asm is in the module
@@ -338,6 +340,9 @@ def test_decode_lowers_to_triton_for_cuda(preset):
                                  block_s=64, num_warps=4)
       assert eligible == (d in (64, 128)), (d, b)
       assert (_LUT_MARKS[b] in text) == eligible, (d, b)
+      # The default takes only the lookups already run on the H200.
+      checked = eligible and (b, d >= 128) in dk.GPU_CHECKED_LUT
+      assert (_LUT_MARKS[b] in default) == checked, (d, b)
 
 
 ENCODE_CONFIGS = {
@@ -375,12 +380,13 @@ def test_encode_lowers_to_triton_for_cuda(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("lookup", [None, "lut"])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_decode_gpu_matches_reference(preset):
+def test_decode_gpu_matches_reference(preset, lookup):
   args = make_case(8, preset, B=3, K=2, G=4, S=4099, lengths=[4099, 1000, 0])
   ref = dk.decode(*args, implementation="xla")
   got = jax.jit(lambda *a: dk.decode(*a[:3], args[3], *a[3:5], args[6], a[5],
-                                     implementation="pallas"))(
+                                     implementation="pallas", lookup=lookup))(
                                          *args[:3], args[4], args[5], args[7])
   assert_partials_close(got, ref, 4099)
 
