@@ -107,7 +107,9 @@ def lut_bits(B, S, keys, values, **kw) -> list[int]:
   block_s, num_warps = kw.get("block_s") or cfg.block_s, kw.get("num_warps") or cfg.num_warps
   return [b for d, b in keys + values
           if dk.lut_eligible(dk.SegmentLayout(d, b), tuple(float(x) for x in centroids(d, b)),
-                             parts=kw.get("lookup") == "lut-parts" and b == 4,
+                             layout=(kw["lookup"].removeprefix("lut-")
+                                     if kw.get("lookup", "lut") != "lut" and b == 4
+                                     else "joined"),
                              block_s=block_s, num_warps=num_warps)]
 
 

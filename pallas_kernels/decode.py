@@ -272,6 +272,20 @@ def _lut_asm(tables: tuple[int, int, int, int]) -> str:
   return "{\n" + "\n".join(body) + "\n}"
 
 
+def _lut_half_asm(tables: tuple[int, int, int, int]) -> str:
+  """PTX for one word ($4, the row's bytes 4w .. 4w + 3 with `pack = 4`) -> its 8 codes as
+  float16 in coordinate order: $0, $1 (coordinates 8w .. 8w + 3) are 4 elements of the
+  first result, $2, $3 (8w + 4 .. 8w + 7) of the second (the "halves" layout)."""
+  regs = ", ".join(f"{r}a" for r in ("n", "f", "j", "l0", "h0", "l1", "h1"))
+  body = [f".reg .b32 tl0, tl1, th0, th1, {regs};"]
+  body += [f"mov.b32 {name}, {value:#010x};"
+           for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)]
+  word = _LUT_WORD.format(w="a", x="$4")
+  for t in range(4):  # the pairs are the results: no register copies
+    word = word.replace(f"p{t}a,", f"${t},")
+  return "{\n" + "\n".join(body) + word + "}"
+
+
 # 2 and 3 bits: 16 codes per 32-bit word of the low (2-bit) plane (word w holds coordinates
 # 16w .. 16w + 15, code t in bits 2t, 2t + 1); at 3 bits the 1-bit plane read as 16-bit
 # halves has the same shape (half w: bit t = bit 2 of code t of word w), and `pack = 2`
@@ -349,27 +363,36 @@ GPU_CHECKED_LUT = frozenset({(4, True)})
 
 
 def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
-                 parts: bool = False, block_s: int | None = None,
+                 layout: str = "joined", block_s: int | None = None,
                  num_warps: int | None = None) -> bool:
-  """Whether a segment can take the "lut" lookup.
+  """Whether a segment can take the "lut" lookup in `layout` (see `_LAYOUT_PARTS`).
 
   Needs concrete centroids and 2, 3 or 4 bits with a row of W words, W a power of two:
   4 bits: W = dim / 8, a symmetric codebook (the sign trick); 2 and 3 bits: W = dim / 16
   (3 bits: dim a multiple of 32, so the row is whole 32-bit words), any codebook. The
-  "parts" layout (4 bits only) needs W >= 16 (one dot per part). With the tile given:
-  `pack = 2` needs two words per thread, block_s * W >= 64 * num_warps (Triton refuses
-  an asm block with fewer elements per thread than it packs).
+  "parts" and "halves" layouts take 4 bits only, and need W >= 16 ("parts": one dot of
+  depth W per part) or 4 W >= 16 ("halves": two dots of depth 4 W). With the tile given:
+  every thread needs the whole words its asm block packs (Triton refuses an asm block
+  with fewer elements per thread than it packs): two words ("joined", "parts": pack = 2,
+  block_s * W >= 64 * num_warps) or the 4 bytes of one ("halves": pack = 4 on uint8,
+  block_s * 4 W >= 128 * num_warps).
   """
+  if layout not in _LAYOUT_PARTS:
+    raise ValueError(f"layout must be one of {sorted(_LAYOUT_PARTS)}, got {layout!r}")
   if centroids is None or seg.bits not in (2, 3, 4) or seg.dim < _MIN_DEPTH:
     return False
   per_word = _LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES
   if seg.dim % per_word or (seg.bits == 3 and seg.dim % 32):
     return False
   words = seg.dim // per_word
-  if words & (words - 1) or (parts and (seg.bits != 4 or words < _MIN_DEPTH)):
+  if words & (words - 1):
     return False
-  if block_s is not None and num_warps is not None and block_s * words < 64 * num_warps:
+  if layout != "joined" and (seg.bits != 4 or seg.dim // _LAYOUT_PARTS[layout] < _MIN_DEPTH):
     return False
+  if block_s is not None and num_warps is not None:
+    elements, per_thread = (4 * words, 4) if layout == "halves" else (words, 2)
+    if block_s * elements < per_thread * 32 * num_warps:
+      return False
   if seg.bits != 4:
     return True
   c = np.asarray(centroids, np.float64)
@@ -428,16 +451,57 @@ def _lut_parts(bits: int, words: Array, high: Array | None, centroids: tuple[flo
       result_shape_dtypes=[shape] * per_word)
 
 
+def _lut_halves(codes: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
+  """4-bit codes -> their centroids as float16 in the "halves" layout.
+
+  Args:
+    codes: [block_s, 4 W] uint8, the packed row (word w = bytes 4w .. 4w + 3).
+    centroids: the codebook (16 values, symmetric).
+    interpret: the same function in plain jnp (no PTX off the GPU).
+
+  Returns:
+    2 x [block_s, 4 W] float16: half h, element 4w + i = coordinate 8w + 4h + i.
+  """
+  if interpret:
+    rows, width = codes.shape
+    nibbles = jnp.stack([codes & 15, codes >> 4], axis=-1).astype(jnp.int32)
+    coords = nibbles.reshape(rows, width // 4, 8)  # word w: coordinates 8w .. 8w + 7
+    return [_select_tree(coords[:, :, 4 * h:4 * h + 4].reshape(rows, width), centroids,
+                         jnp.float16) for h in range(2)]
+  shape = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
+  return inline_asm.multi_output_asm(
+      _lut_half_asm(_lut_tables(centroids)), args=[codes], constraints="=r,=r,=r,=r,r",
+      pack=4, result_shape_dtypes=[shape] * 2)
+
+
+# How many dots a "lut" segment's tile meets the query in: "joined": the float16 parts of a
+# word interleaved back into coordinate order, one dot of depth d; "parts": part t holds
+# coordinates 8w + t, 8 dots of depth d / 8; "halves" (4 bits): half h holds 8w + 4h + i at
+# element 4w + i, two dots of depth d / 2. The query (and the value accumulators) take the
+# same permutation outside the kernel (`_parts_perm`).
+_LAYOUT_PARTS = {"joined": 1, "parts": _LUT_CODES, "halves": 2}
+
+
+def _parts_perm(layout: str, dim: int) -> np.ndarray:
+  """[parts, dim / parts] int: the coordinate at each element of each part of `layout`."""
+  coords = np.arange(dim)
+  if layout == "parts":
+    return coords.reshape(dim // _LUT_CODES, _LUT_CODES).T
+  if layout == "halves":
+    return coords.reshape(dim // 8, 2, 4).transpose(1, 0, 2).reshape(2, dim // 2)
+  raise ValueError(f"layout {layout!r} has no parts")
+
+
 def _code_views(seg: SegmentLayout, lut: str | None) -> int:
   """How many views of a segment's packed codes the kernel reads (see `_views`)."""
   return 2 if lut and seg.bits == 3 else 1
 
 
 def _views(codes: Array, seg: SegmentLayout, lut: str | None) -> list[Array]:
-  """The kernel's views of [B, K, S, P] uint8 codes: the bytes themselves, or for a "lut"
-  segment the same bytes as uint32 words (and at 3 bits also as uint16 halves, the high
-  plane's)."""
-  if not lut:
+  """The kernel's views of [B, K, S, P] uint8 codes: the bytes themselves (also for the
+  "halves" layout), or for a "lut" segment the same bytes as uint32 words (and at 3 bits
+  also as uint16 halves, the high plane's)."""
+  if not lut or lut == "halves":
     return [codes]
   as_type = lambda width, dtype: lax.bitcast_convert_type(
       codes.reshape(*codes.shape[:-1], codes.shape[-1] // width, width), dtype)
@@ -454,7 +518,7 @@ def _decode_kernel(
     value_segs: tuple[SegmentLayout, ...],
     key_centroids: tuple[tuple[float, ...] | None, ...],
     value_centroids: tuple[tuple[float, ...] | None, ...],
-    key_lut: tuple[str | None, ...],  # per segment: None, "parts" or "joined"
+    key_lut: tuple[str | None, ...],  # per segment: None or a layout of _LAYOUT_PARTS
     value_lut: tuple[str | None, ...],
     seq_len: int,
     split_len: int,
@@ -466,8 +530,8 @@ def _decode_kernel(
 ):
   nk, nv = len(key_segs), len(value_segs)
   it = iter(refs)
-  # Per key segment: [Gp, padded_dim] float16 ([padded_dim, Gp] "tokens"); a "lut" segment
-  # [8, Gp, W] ([8, W, Gp]), part t holding the query coordinates 8w + t.
+  # Per key segment: [Gp, padded_dim] float16 ([padded_dim, Gp] "tokens"); a segment in
+  # parts (`_LAYOUT_PARTS`): [P, Gp, d / P] ([P, d / P, Gp]), permuted as `_parts_perm`.
   q_refs = [next(it) for _ in range(nk)]
   # Codes per segment: ([S, P_i] uint8,); "lut": ([S, P_i / 4] uint32,), at 3 bits also the
   # same bytes as [S, P_i / 2] uint16 (the high bit plane as halves).
@@ -494,8 +558,10 @@ def _decode_kernel(
   tok = orient == "tokens"
   rows = q_refs[0].shape[-1 if tok else -2]
 
+  split = lambda lut: lut is not None and _LAYOUT_PARTS[lut] > 1  # several dots per tile
+
   def load_q(ref, lut):
-    return [ref[u] for u in range(_LUT_CODES)] if lut == "parts" else ref[...]
+    return [ref[u] for u in range(_LAYOUT_PARTS[lut])] if split(lut) else ref[...]
 
   qs = [load_q(r, lut) for r, lut in zip(q_refs, key_lut)]
   ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
@@ -540,6 +606,9 @@ def _decode_kernel(
 
   def segment_values(codes_refs, seg, centroids, cb_ref, lut, tile, row_mask):
     """The tile's centroid values: [block_s, padded_dim] float16, or the "lut" parts."""
+    if lut == "halves":
+      return _lut_halves(load_columns(codes_refs[0], tile, 0, seg.packed, row_mask),
+                         centroids, interpret)
     if lut:
       words = seg.dim // (_LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES)
       lo = load_columns(codes_refs[0], tile, 0, words, row_mask)
@@ -563,7 +632,7 @@ def _decode_kernel(
     for t in range(nk):
       keys = segment_values(kc_refs[t], key_segs[t], ck[t], kcb_refs[t], key_lut[t], tile,
                             row_mask)
-      if key_lut[t] == "parts":
+      if split(key_lut[t]):
         dots = sum(key_dot(part, q) for part, q in zip(keys, qs[t]))
       else:
         dots = key_dot(keys, qs[t])
@@ -584,7 +653,7 @@ def _decode_kernel(
       n = load_tokens(vn_refs[t], tile, row_mask).astype(jnp.float32)
       n = jnp.where(valid, n, 0.0)  # garbage scales past the length may be inf/nan
       pn = (p * bcast(n)).astype(jnp.float16)
-      if value_lut[t] == "parts":
+      if split(value_lut[t]):
         new_accs.append(tuple(a * rowb(corr) + value_dot(part, pn)
                               for a, part in zip(accs[t], vals)))
       else:
@@ -592,8 +661,8 @@ def _decode_kernel(
     return m_next, l_next, tuple(new_accs)
 
   def zero_acc(ref, lut):
-    if lut == "parts":
-      return (jnp.zeros(ref.shape[1:], jnp.float32),) * _LUT_CODES
+    if split(lut):
+      return (jnp.zeros(ref.shape[1:], jnp.float32),) * _LAYOUT_PARTS[lut]
     return jnp.zeros(ref.shape, jnp.float32)
 
   m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
@@ -603,9 +672,9 @@ def _decode_kernel(
   m_ref[...] = m
   l_ref[...] = l
   for ref, acc, lut in zip(acc_refs, accs, value_lut):
-    if lut == "parts":
-      for u in range(_LUT_CODES):
-        ref[u] = acc[u]
+    if split(lut):
+      for u, part in enumerate(acc):
+        ref[u] = part
     else:
       ref[...] = acc
 
@@ -760,8 +829,9 @@ def decode(
   default_lookup = lookup is None
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
-  if lookup not in ("lut", "lut-parts", "select", "gather", "none"):
-    raise ValueError(f'lookup must be "lut", "select" or "gather", got {lookup!r}')
+  if lookup not in ("lut", "lut-parts", "lut-halves", "select", "gather", "none"):
+    raise ValueError(f'lookup must be "lut", "lut-halves", "select" or "gather", got '
+                     f'{lookup!r}')
   if lookup != "gather" and any(c is None for c in static_ck + static_cv):
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
@@ -786,18 +856,19 @@ def decode(
   split_len = pl.cdiv(blocks_total, num_splits) * block_s
   num_splits = pl.cdiv(max(S, 1), split_len)
 
-  # "lut": the parts are interleaved back into coordinate order in registers (one dot per
-  # segment); "lut-parts" (a variant for the benchmark's sweep, 1.8x slower on the H200 at
-  # 4 bits; 2- and 3-bit segments take the "lut" layout under it): the parts meet a
-  # permuted query, 8 dots of depth d / 8.
+  # The layout of a lut segment's values (`_LAYOUT_PARTS`): "lut" interleaves a word's
+  # parts back into coordinate order (one dot per segment); "lut-halves" looks 4-bit
+  # segments up in two halves that meet a permuted query; "lut-parts" (1.8x slower on the
+  # H200 at 4 bits, kept for the benchmark's sweep) in 8 parts. 2- and 3-bit segments take
+  # "joined" under every lut lookup.
   def lut_mode(seg, c):
-    if lookup not in ("lut", "lut-parts"):
+    if lookup not in ("lut", "lut-parts", "lut-halves"):
       return None
-    parts = lookup == "lut-parts" and seg.bits == 4
-    ok = lut_eligible(seg, c, parts=parts, block_s=block_s, num_warps=num_warps)
+    layout = lookup.removeprefix("lut-") if lookup != "lut" and seg.bits == 4 else "joined"
+    ok = lut_eligible(seg, c, layout=layout, block_s=block_s, num_warps=num_warps)
     if default_lookup:  # by default only what has run correctly on the H200 (see GPU_CHECKED_LUT)
       ok = ok and (seg.bits, seg.dim >= 128) in GPU_CHECKED_LUT
-    return ("parts" if parts else "joined") if ok else None
+    return layout if ok else None
 
   key_lut = tuple(lut_mode(seg, c) for seg, c in zip(key_segs, static_ck))
   value_lut = tuple(lut_mode(seg, c) for seg, c in zip(value_segs, static_cv))
@@ -823,8 +894,8 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
     q = jnp.pad(q.astype(jnp.float32),
                 ((0, 0), (0, 0), (0, rows - G), (0, seg.padded_dim - seg.dim)))
     q = q.astype(jnp.float16)
-    if lut == "parts":  # [B, K, Gp, W * 8] -> [B, K, 8, Gp, W]: part t: coordinates 8w + t
-      q = jnp.moveaxis(q.reshape(B, K, rows, seg.dim // _LUT_CODES, _LUT_CODES), -1, 2)
+    if lut and _LAYOUT_PARTS[lut] > 1:  # [B, K, Gp, d] -> [B, K, P, Gp, d / P]
+      q = jnp.moveaxis(q[..., _parts_perm(lut, seg.dim)], -2, 2)
     qs.append(jnp.swapaxes(q, -1, -2) if tok else q)
   k_codes = [v for c, seg, lut in zip(k_codes, key_segs, key_lut) for v in _views(c, seg, lut)]
   v_codes = [v for c, seg, lut in zip(v_codes, value_segs, value_lut)
@@ -850,10 +921,10 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
       (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))
 
   def acc_tail(seg, lut):
-    if lut != "parts":
+    if not lut or _LAYOUT_PARTS[lut] == 1:
       return (seg.padded_dim, rows) if tok else (rows, seg.padded_dim)
-    words = seg.dim // _LUT_CODES
-    return (_LUT_CODES, words, rows) if tok else (_LUT_CODES, rows, words)
+    n = _LAYOUT_PARTS[lut]
+    return (n, seg.dim // n, rows) if tok else (n, rows, seg.dim // n)
 
   acc_tail = [acc_tail(seg, lut) for seg, lut in zip(value_segs, value_lut)]
   out_specs = ([out_block((rows,)), out_block((rows,))]
@@ -878,11 +949,19 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
   if tok:
     accs = [jnp.swapaxes(a, -1, -2) for a in accs]
-  accs = [jnp.moveaxis(a, 3, -1).reshape(*a.shape[:3], rows, -1) if lut == "parts" else a
-          for a, lut in zip(accs, value_lut)]  # [.., 8, Gp, W] -> [.., Gp, W * 8]
-  parts = Partial(m[..., :G], l[..., :G],
-                  tuple(a[..., :G, :seg.dim] for a, seg in zip(accs, value_segs)))
-  return merge_partials(parts, axis=2)
+  # In parts: [B, K, splits, P, Gp, d / P] -> [B, K, splits, Gp, d] (permuted); merged,
+  # then put back into coordinate order.
+  accs = [jnp.moveaxis(a, 3, 4).reshape(*a.shape[:3], rows, seg.dim)
+          if lut and _LAYOUT_PARTS[lut] > 1 else a
+          for a, seg, lut in zip(accs, value_segs, value_lut)]
+  merged = merge_partials(Partial(m[..., :G], l[..., :G], tuple(a[..., :G, :] for a in accs)),
+                          axis=2)
+  out = []
+  for a, seg, lut in zip(merged.acc, value_segs, value_lut):
+    if lut and _LAYOUT_PARTS[lut] > 1:
+      a = a[..., np.argsort(_parts_perm(lut, seg.dim).ravel())]
+    out.append(a[..., :seg.dim])
+  return merged._replace(acc=tuple(out))
 
 
 # ----------------------------------------------------------------------------------------

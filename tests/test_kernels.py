@@ -144,7 +144,8 @@ def test_decode_chunk_rows_and_traced_centroids():
 
 
 @pytest.mark.parametrize("orient,lookup", [("rows", "lut"), ("tokens", "lut"),
-                                           ("tokens", "lut-parts")])
+                                           ("tokens", "lut-parts"), ("rows", "lut-halves"),
+                                           ("tokens", "lut-halves")])
 def test_decode_interpret_lut_path_and_start(orient, lookup):
   # The lut path's query permutation and the per-part accumulators, with tokens before
   # `start` ignored (both implementations).
@@ -242,6 +243,29 @@ def test_lut_ptx_looks_up_every_code(bits):
   assert len(work) == {2: 44, 3: 55, 4: 52}[bits]
 
 
+def test_lut_half_ptx_looks_up_every_code():
+  # The "halves" layout: one word (4 bytes of the packed row, `pack = 4`) -> its 8 codes as
+  # float16 in coordinate order, 4 per result ($0 $1: codes 0-3, $2 $3: codes 4-7), then
+  # the kernel's permutation of a whole row (`_lut_halves` in jnp) against `_parts_perm`.
+  rng = np.random.default_rng(17)
+  centroids = _centroids(rng, 128, 4)
+  asm = dk._lut_half_asm(dk._lut_tables(tuple(float(x) for x in centroids)))
+  codes = rng.integers(0, 16, (4096, 8))
+  codes[:16] = np.arange(16)[:, None]
+  word = np.asarray(packing.pack(jnp.asarray(codes), 4)).view(np.uint32)[:, 0]
+  outs = _run_ptx(asm, [word], 4)
+  table = np.asarray(centroids, np.float16)
+  for r, out in enumerate(outs):
+    pair = np.stack([out & 0xFFFF, out >> 16], -1).astype(np.uint16).view(np.float16)
+    np.testing.assert_array_equal(pair, table[codes[:, 2 * r:2 * r + 2]])
+  assert len([i for i in _ptx_instructions(asm) if not i.startswith("mov.b32")]) == 22
+  row = rng.integers(0, 16, (3, 128))
+  halves = dk._lut_halves(packing.pack(jnp.asarray(row), 4), tuple(centroids), True)
+  perm = dk._parts_perm("halves", 128)
+  for h in range(2):
+    np.testing.assert_array_equal(np.asarray(halves[h]), table[row[:, perm[h]]])
+
+
 def test_lut_eligibility():
   sym = lambda b: tuple(float(x) for x in _centroids(np.random.default_rng(b), 64, b))
   asym = lambda b: tuple(np.sort(np.random.default_rng(b).normal(size=2**b)).tolist())
@@ -256,7 +280,13 @@ def test_lut_eligibility():
     assert not ok(d, b), (d, b)
   assert not dk.lut_eligible(dk.SegmentLayout(128, 3), None)
   # The "parts" layout: 4 bits and >= 16 words only.
-  assert ok(128, 4, parts=True) and not ok(64, 4, parts=True) and not ok(128, 3, parts=True)
+  assert ok(128, 4, layout="parts") and not ok(64, 4, layout="parts")
+  assert not ok(128, 3, layout="parts") and not ok(128, 3, layout="halves")
+  assert ok(64, 4, layout="halves") and ok(32, 4, layout="halves")
+  assert not ok(16, 4, layout="halves")  # two dots of depth 8
+  # pack = 4 on bytes: block_s * d / 2 >= 128 * num_warps (16 rows of 32 bytes: 4 warps).
+  assert ok(64, 4, layout="halves", block_s=16, num_warps=4)
+  assert not ok(64, 4, layout="halves", block_s=16, num_warps=8)
   # pack = 2 takes two words per thread: block_s * W >= 64 * num_warps.
   assert ok(64, 3, block_s=64, num_warps=4) and not ok(64, 3, block_s=32, num_warps=4)
   assert ok(128, 2, block_s=32, num_warps=4) and not ok(128, 2, block_s=32, num_warps=8)
@@ -345,6 +375,19 @@ def test_decode_lowers_to_triton_for_cuda(preset):
       assert (_LUT_MARKS[b] in default) == checked, (d, b)
 
 
+
+@pytest.mark.parametrize("preset", ["lut4", "mse4", "k3.5v3.5"])
+def test_decode_halves_lower_to_triton_for_cuda(preset):
+  # lookup="lut-halves": 4-bit segments of 32+ coordinates take the one-word asm block
+  # (pack = 4 on the row's bytes); 3-bit ones the joined lut.
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(7, preset, S=128)
+  text = _lowered(
+      lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="pallas",
+                           block_s=64, num_warps=4, lookup="lut-halves"),
+      qk, kc, kn, vc, vn, lengths)
+  assert "not.b32 na, $4" in text
+  assert ("prmt.b32 hp, $18, g, 0x6420" in text) == (preset == "k3.5v3.5")
+
 ENCODE_CONFIGS = {
     "mse4": qz.QuantizerConfig(64, 4),
     "mse3_nc_f16": qz.QuantizerConfig(64, 3, norm_correction=True, scale_dtype="float16"),
@@ -380,7 +423,7 @@ def test_encode_lowers_to_triton_for_cuda(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("lookup", [None, "lut"])
+@pytest.mark.parametrize("lookup", [None, "lut", "lut-halves"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_gpu_matches_reference(preset, lookup):
   args = make_case(8, preset, B=3, K=2, G=4, S=4099, lengths=[4099, 1000, 0])
