@@ -99,18 +99,14 @@ def compressed_bytes(B, S, keys, values, scale_bytes=2) -> int:
 def lut_bits(B, S, keys, values, **kw) -> list[int]:
   """Bit widths of the segments that take the byte-permute lookup under `kw`'s tiling."""
   from pallas_kernels import tuned_block_sizes
-  if kw.get("lookup", "lut") not in ("lut", "lut-parts"):
-    return []
   cfg = tuned_block_sizes.decode_config(
       batch=B, kv_heads=HKV, seq_len=S, head_dim=sum(d for d, _ in keys),
       key_bits=tuple(b for _, b in keys), value_bits=tuple(b for _, b in values))
-  block_s, num_warps = kw.get("block_s") or cfg.block_s, kw.get("num_warps") or cfg.num_warps
+  tiling = dict(block_s=kw.get("block_s") or cfg.block_s,
+                num_warps=kw.get("num_warps") or cfg.num_warps)
   return [b for d, b in keys + values
-          if dk.lut_eligible(dk.SegmentLayout(d, b), tuple(float(x) for x in centroids(d, b)),
-                             layout=(kw["lookup"].removeprefix("lut-")
-                                     if kw.get("lookup", "lut") != "lut" and b == 4
-                                     else "joined"),
-                             block_s=block_s, num_warps=num_warps)]
+          if dk.lut_layout(dk.SegmentLayout(d, b), tuple(float(x) for x in centroids(d, b)),
+                           kw.get("lookup") or "lut", **tiling)]
 
 
 def finalize(p: dk.Partial):
@@ -343,23 +339,23 @@ def main(argv=None):
       json.dump(results, f, indent=1)
 
   if args.sweep:
-    # Session 2: lookup "lut" (parts interleaved back) at rows / 64 / 4 warps / 2 stages
-    # was the best (510 us at B = 8), "lut-parts" 913 us at its best, "select" 1337 us.
-    configs = [(8, 65536, "k4v4", dict(block_s=64, num_warps=4, num_stages=ns, lookup=lk,
-                                      orient=o))
-               for lk, o, ns in (("lut", "rows", 2), ("lut", "rows", 3), ("lut", "tokens", 2),
-                                 ("lut-parts", "tokens", 3), ("select", "rows", 2))]
-    # Session 3: 2- and 3-bit codes by byte permutes, at the 4-bit tiling and its neighbours.
-    configs += [(8, 65536, p, dict(block_s=bs, num_warps=4, num_stages=ns, lookup="lut",
-                                   orient=o))
-                for p in ("k3v3", "k2v2")
-                for bs, o, ns in ((64, "rows", 2), (64, "rows", 3), (64, "tokens", 3),
-                                  (128, "rows", 2))]
+    # Session 2 (the 4-bit joined lut, 64 tokens / 4 warps / 2 stages: 510 us at B = 8) and
+    # session 3 (2- and 3-bit lut at that tiling) found the tilings around these; session
+    # 4: the 4-bit "nibbles" layout ("lut") with fewer warps and tokens per program.
+    tile = lambda bs, w, st, **kw: dict(block_s=bs, num_warps=w, num_stages=st, **kw)
+    configs = [(8, 65536, "k4v4", tile(64, 4, 2, lookup="lut-joined"))]
+    configs += [(8, 65536, "k4v4", tile(*t)) for t in
+                ((32, 1, 2), (32, 1, 3), (32, 2, 3), (64, 1, 2), (16, 1, 2))]
+    configs += [(8, 65536, "k4v4", tile(32, 1, 2, num_splits=32))]
+    configs += [(1, 65536, "k4v4", tile(*t)) for t in ((32, 1, 2), (32, 2, 2), (16, 1, 2))]
+    configs += [(1, 65536, "k4v4", tile(32, 1, 2, num_splits=256))]
+    configs += [(B, 65536, p, tile(*t)) for p in ("k3v3", "k2v2") for B in (8, 1)
+                for t in ((64, 4, 2), (32, 2, 2), (32, 1, 2), (64, 2, 3))]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None
         t, nbytes = bench_decode(B, S, 128, preset, key, **kw)
-        row = dict(B=B, S=S, preset=preset, us=t, tbps=nbytes / t * 1e-6, err=err,
+        row = dict(B=B, S=S, preset=preset, us=round(t, 1), tbps=nbytes / t * 1e-6, err=err,
                    lut_bits=lut_bits(B, S, *presets(128)[preset], **kw), **kw)
       except Exception as e:
         row = dict(B=B, S=S, preset=preset, error=repr(e)[:300], **kw)

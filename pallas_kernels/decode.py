@@ -272,18 +272,21 @@ def _lut_asm(tables: tuple[int, int, int, int]) -> str:
   return "{\n" + "\n".join(body) + "\n}"
 
 
-def _lut_half_asm(tables: tuple[int, int, int, int]) -> str:
-  """PTX for one word ($4, the row's bytes 4w .. 4w + 3 with `pack = 4`) -> its 8 codes as
-  float16 in coordinate order: $0, $1 (coordinates 8w .. 8w + 3) are 4 elements of the
-  first result, $2, $3 (8w + 4 .. 8w + 7) of the second (the "halves" layout)."""
+def _lut_nibble_asm(tables: tuple[int, int, int, int]) -> str:
+  """PTX for 4 bytes of a packed row ($4, `pack = 4` on uint8) -> the float16 values of their
+  low nibbles ($0, $1: 4 elements of the first result) and of their high nibbles ($2, $3:
+  of the second). Element k of each result depends on byte k alone, so the block is
+  elementwise whichever 4 elements Triton's layout hands it (the "nibbles" layout)."""
   regs = ", ".join(f"{r}a" for r in ("n", "f", "j", "l0", "h0", "l1", "h1"))
   body = [f".reg .b32 tl0, tl1, th0, th1, {regs};"]
   body += [f"mov.b32 {name}, {value:#010x};"
            for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)]
-  word = _LUT_WORD.format(w="a", x="$4")
-  for t in range(4):  # the pairs are the results: no register copies
-    word = word.replace(f"p{t}a,", f"${t},")
-  return "{\n" + "\n".join(body) + word + "}"
+  word = _LUT_WORD.format(w="a", x="$4").splitlines()
+  word = [line for line in word if not line.strip().startswith("prmt.b32 p")]
+  # l0/h0: low/high bytes of codes 0 .. 3 (bytes 0, 1), l1/h1 of codes 4 .. 7 (bytes 2, 3).
+  word += ["prmt.b32 $0, l0a, h0a, 0x6240;", "prmt.b32 $1, l1a, h1a, 0x6240;",  # codes 0 2 4 6
+           "prmt.b32 $2, l0a, h0a, 0x7351;", "prmt.b32 $3, l1a, h1a, 0x7351;"]  # codes 1 3 5 7
+  return "{\n" + "\n".join(body + word) + "\n}"
 
 
 # 2 and 3 bits: 16 codes per 32-bit word of the low (2-bit) plane (word w holds coordinates
@@ -355,13 +358,6 @@ def _lut_low_asm(bits: int, tables: tuple[int, ...]) -> str:
   return "{\n" + "\n".join(body) + "\n}"
 
 
-# (bits, dim >= 128) of the "lut" segments whose PTX has run correctly on the H200 (4 bits,
-# 128 coordinates: session 2). The 2-, 3- and 64-coordinate 4-bit lookups are checked by the
-# PTX emulator and in interpret mode only: the default lookup takes them once
-# `pytest -m gpu tests/test_kernels.py` has passed on the GPU with `lookup="lut"`.
-GPU_CHECKED_LUT = frozenset({(4, True)})
-
-
 def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
                  layout: str = "joined", block_s: int | None = None,
                  num_warps: int | None = None) -> bool:
@@ -370,11 +366,11 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
   Needs concrete centroids and 2, 3 or 4 bits with a row of W words, W a power of two:
   4 bits: W = dim / 8, a symmetric codebook (the sign trick); 2 and 3 bits: W = dim / 16
   (3 bits: dim a multiple of 32, so the row is whole 32-bit words), any codebook. The
-  "parts" and "halves" layouts take 4 bits only, and need W >= 16 ("parts": one dot of
-  depth W per part) or 4 W >= 16 ("halves": two dots of depth 4 W). With the tile given:
+  "parts" and "nibbles" layouts take 4 bits only, and need W >= 16 ("parts": one dot of
+  depth W per part) or 4 W >= 16 ("nibbles": two dots of depth 4 W). With the tile given:
   every thread needs the whole words its asm block packs (Triton refuses an asm block
   with fewer elements per thread than it packs): two words ("joined", "parts": pack = 2,
-  block_s * W >= 64 * num_warps) or the 4 bytes of one ("halves": pack = 4 on uint8,
+  block_s * W >= 64 * num_warps) or the 4 bytes of one ("nibbles": pack = 4 on uint8,
   block_s * 4 W >= 128 * num_warps).
   """
   if layout not in _LAYOUT_PARTS:
@@ -390,13 +386,34 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
   if layout != "joined" and (seg.bits != 4 or seg.dim // _LAYOUT_PARTS[layout] < _MIN_DEPTH):
     return False
   if block_s is not None and num_warps is not None:
-    elements, per_thread = (4 * words, 4) if layout == "halves" else (words, 2)
+    elements, per_thread = (4 * words, 4) if layout == "nibbles" else (words, 2)
     if block_s * elements < per_thread * 32 * num_warps:
       return False
   if seg.bits != 4:
     return True
   c = np.asarray(centroids, np.float64)
   return bool(np.all(np.abs(c + c[::-1]) <= 1e-6 * np.abs(c).max()))
+
+
+def lut_layout(seg: SegmentLayout, centroids: tuple[float, ...] | None, lookup: str, *,
+               block_s: int, num_warps: int) -> str | None:
+  """The layout (`_LAYOUT_PARTS`) a segment's values take under `lookup`, None if no lut.
+
+  "lut" looks 4-bit segments up as low and high nibbles that meet a permuted query
+  ("nibbles", else "joined" where only that fits); "lut-joined" interleaves a word's parts
+  back into coordinate order (one dot per segment; 1.1-1.2x slower on the H200),
+  "lut-parts" splits them into 8 parts (1.8x slower). 2- and 3-bit segments take "joined"
+  under every lut lookup.
+  """
+  if not lookup.startswith("lut"):
+    return None
+  layouts = ["joined"]
+  if seg.bits == 4 and lookup != "lut-joined":
+    layouts = ["parts"] if lookup == "lut-parts" else ["nibbles", "joined"]
+  for layout in layouts:
+    if lut_eligible(seg, centroids, layout=layout, block_s=block_s, num_warps=num_warps):
+      return layout
+  return None
 
 
 def _lut_tables(centroids: tuple[float, ...]) -> tuple[int, int, int, int]:
@@ -451,35 +468,32 @@ def _lut_parts(bits: int, words: Array, high: Array | None, centroids: tuple[flo
       result_shape_dtypes=[shape] * per_word)
 
 
-def _lut_halves(codes: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
-  """4-bit codes -> their centroids as float16 in the "halves" layout.
+def _lut_nibbles(codes: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
+  """4-bit codes -> their centroids as float16 in the "nibbles" layout.
 
   Args:
-    codes: [block_s, 4 W] uint8, the packed row (word w = bytes 4w .. 4w + 3).
+    codes: [block_s, d / 2] uint8, the packed rows (byte j: coordinates 2j, 2j + 1).
     centroids: the codebook (16 values, symmetric).
     interpret: the same function in plain jnp (no PTX off the GPU).
 
   Returns:
-    2 x [block_s, 4 W] float16: half h, element 4w + i = coordinate 8w + 4h + i.
+    2 x [block_s, d / 2] float16: part t, element j = coordinate 2j + t.
   """
   if interpret:
-    rows, width = codes.shape
-    nibbles = jnp.stack([codes & 15, codes >> 4], axis=-1).astype(jnp.int32)
-    coords = nibbles.reshape(rows, width // 4, 8)  # word w: coordinates 8w .. 8w + 7
-    return [_select_tree(coords[:, :, 4 * h:4 * h + 4].reshape(rows, width), centroids,
-                         jnp.float16) for h in range(2)]
+    return [_select_tree(((codes >> (4 * t)) & 15).astype(jnp.int32), centroids, jnp.float16)
+            for t in range(2)]
   shape = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
   return inline_asm.multi_output_asm(
-      _lut_half_asm(_lut_tables(centroids)), args=[codes], constraints="=r,=r,=r,=r,r",
+      _lut_nibble_asm(_lut_tables(centroids)), args=[codes], constraints="=r,=r,=r,=r,r",
       pack=4, result_shape_dtypes=[shape] * 2)
 
 
 # How many dots a "lut" segment's tile meets the query in: "joined": the float16 parts of a
 # word interleaved back into coordinate order, one dot of depth d; "parts": part t holds
-# coordinates 8w + t, 8 dots of depth d / 8; "halves" (4 bits): half h holds 8w + 4h + i at
-# element 4w + i, two dots of depth d / 2. The query (and the value accumulators) take the
+# coordinates 8w + t, 8 dots of depth d / 8; "nibbles" (4 bits): part t holds coordinate
+# 2j + t (nibble t of byte j) at element j, two dots of depth d / 2. The query (and the value accumulators) take the
 # same permutation outside the kernel (`_parts_perm`).
-_LAYOUT_PARTS = {"joined": 1, "parts": _LUT_CODES, "halves": 2}
+_LAYOUT_PARTS = {"joined": 1, "parts": _LUT_CODES, "nibbles": 2}
 
 
 def _parts_perm(layout: str, dim: int) -> np.ndarray:
@@ -487,8 +501,8 @@ def _parts_perm(layout: str, dim: int) -> np.ndarray:
   coords = np.arange(dim)
   if layout == "parts":
     return coords.reshape(dim // _LUT_CODES, _LUT_CODES).T
-  if layout == "halves":
-    return coords.reshape(dim // 8, 2, 4).transpose(1, 0, 2).reshape(2, dim // 2)
+  if layout == "nibbles":
+    return coords.reshape(dim // 2, 2).T
   raise ValueError(f"layout {layout!r} has no parts")
 
 
@@ -499,9 +513,9 @@ def _code_views(seg: SegmentLayout, lut: str | None) -> int:
 
 def _views(codes: Array, seg: SegmentLayout, lut: str | None) -> list[Array]:
   """The kernel's views of [B, K, S, P] uint8 codes: the bytes themselves (also for the
-  "halves" layout), or for a "lut" segment the same bytes as uint32 words (and at 3 bits
+  "nibbles" layout), or for a "lut" segment the same bytes as uint32 words (and at 3 bits
   also as uint16 halves, the high plane's)."""
-  if not lut or lut == "halves":
+  if not lut or lut == "nibbles":
     return [codes]
   as_type = lambda width, dtype: lax.bitcast_convert_type(
       codes.reshape(*codes.shape[:-1], codes.shape[-1] // width, width), dtype)
@@ -606,8 +620,8 @@ def _decode_kernel(
 
   def segment_values(codes_refs, seg, centroids, cb_ref, lut, tile, row_mask):
     """The tile's centroid values: [block_s, padded_dim] float16, or the "lut" parts."""
-    if lut == "halves":
-      return _lut_halves(load_columns(codes_refs[0], tile, 0, seg.packed, row_mask),
+    if lut == "nibbles":
+      return _lut_nibbles(load_columns(codes_refs[0], tile, 0, seg.packed, row_mask),
                          centroids, interpret)
     if lut:
       words = seg.dim // (_LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES)
@@ -786,12 +800,12 @@ def decode(
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
     lookup: "lut" (2-, 3- and 4-bit segments of 64 or 128 coordinates, 4 bits with a
       symmetric codebook, look codes up 4 at a time with byte permutes, see
-      `lut_eligible`; the other segments as "select"), "select" (a select tree on the
-      centroids baked into the kernel as constants) or "gather" (centroids read from
-      memory). "lut" and "select" need
-      concrete centroids; the default is "lut" for concrete centroids, restricted to the
-      segments in `GPU_CHECKED_LUT` (the rest "select"), else "gather".
-      ("lut-parts" is a slower layout of "lut" kept for the benchmark's sweep.)
+      `lut_eligible`; 4-bit segments in the "nibbles" layout; the other segments as
+      "select"), "select" (a select tree on the centroids baked into the kernel as
+      constants) or "gather" (centroids read from memory). "lut" and "select" need
+      concrete centroids; the default is "lut" for concrete centroids, else "gather".
+      ("lut-joined" and "lut-parts" are slower layouts of 4-bit segments under "lut",
+      kept for the benchmark's sweep.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
       bench/kernels.py only.)
     start: compressed tokens before this position are ignored (e.g. attention-sink
@@ -826,12 +840,11 @@ def decode(
 
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
-  default_lookup = lookup is None
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
-  if lookup not in ("lut", "lut-parts", "lut-halves", "select", "gather", "none"):
-    raise ValueError(f'lookup must be "lut", "lut-halves", "select" or "gather", got '
-                     f'{lookup!r}')
+  if lookup not in ("lut", "lut-joined", "lut-parts", "select", "gather", "none"):
+    raise ValueError(f'lookup must be "lut", "select" or "gather" (or "lut-joined", '
+                     f'"lut-parts"), got {lookup!r}')
   if lookup != "gather" and any(c is None for c in static_ck + static_cv):
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '
@@ -845,7 +858,9 @@ def decode(
   if orient not in ("rows", "tokens"):
     raise ValueError(f'orient must be "rows" or "tokens", got {orient!r}')
   block_s = block_s or cfg.block_s
-  num_warps = num_warps or cfg.num_warps
+  rows = max(_MIN_ROWS, pl.next_power_of_2(G))
+  # The tuned tilings hold one query group; a chunk's rows (up to 128) get a warp per 32.
+  num_warps = num_warps or max(cfg.num_warps, rows // 32)
   num_stages = num_stages or cfg.num_stages
   if block_s < 16 or block_s & (block_s - 1):
     raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
@@ -856,19 +871,7 @@ def decode(
   split_len = pl.cdiv(blocks_total, num_splits) * block_s
   num_splits = pl.cdiv(max(S, 1), split_len)
 
-  # The layout of a lut segment's values (`_LAYOUT_PARTS`): "lut" interleaves a word's
-  # parts back into coordinate order (one dot per segment); "lut-halves" looks 4-bit
-  # segments up in two halves that meet a permuted query; "lut-parts" (1.8x slower on the
-  # H200 at 4 bits, kept for the benchmark's sweep) in 8 parts. 2- and 3-bit segments take
-  # "joined" under every lut lookup.
-  def lut_mode(seg, c):
-    if lookup not in ("lut", "lut-parts", "lut-halves"):
-      return None
-    layout = lookup.removeprefix("lut-") if lookup != "lut" and seg.bits == 4 else "joined"
-    ok = lut_eligible(seg, c, layout=layout, block_s=block_s, num_warps=num_warps)
-    if default_lookup:  # by default only what has run correctly on the H200 (see GPU_CHECKED_LUT)
-      ok = ok and (seg.bits, seg.dim >= 128) in GPU_CHECKED_LUT
-    return layout if ok else None
+  lut_mode = lambda seg, c: lut_layout(seg, c, lookup, block_s=block_s, num_warps=num_warps)
 
   key_lut = tuple(lut_mode(seg, c) for seg, c in zip(key_segs, static_ck))
   value_lut = tuple(lut_mode(seg, c) for seg, c in zip(value_segs, static_cv))

@@ -5,8 +5,10 @@ Key schema of ``DECODE``: ``(device_kind, head_dim, key_bits, value_bits)`` wher
 ``head_dim`` the sum of the key segments' dims, and ``key_bits`` / ``value_bits`` the
 tuples of the segments' bit widths (``(4,)`` for 4-bit mse, ``(3, 1)`` for 4-bit prod,
 ``(3, 2)`` for the 32@3 + 96@2 split). Value: :class:`DecodeConfig`. A missing key
-falls back to ``(device_kind, "*", "*", "*")`` and then to ``DEFAULT``; this is a
-lookup of tiling data, not of implementations.
+falls back to ``(device_kind, "*", key_bits, value_bits)``, then to
+``(device_kind, "*", "*", "*")`` and then to ``DEFAULT``; this is a lookup of tiling
+data, not of implementations. The configs are for one query group (up to 16 query rows);
+the kernel adds warps for more rows (a chunk of query tokens).
 
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
 
@@ -44,8 +46,15 @@ DECODE: dict[tuple, DecodeConfig] = {
     # byte-permute lookup): 64 tokens per tile, 4 warps, 2 stages, query rows as the dot's
     # M: 510 us; tokens as M 519-554 us; 8 warps or 128+ tokens per tile 1.3-10x slower
     # (measured for the lookup's slower "parts" layout). 16 splits per (row, head).
+    # Session 4: 3-bit (lut) 481 us, 2-bit 444 us at this tiling.
     ("NVIDIA H200", "*", "*", "*"): DecodeConfig(
         block_s=64, num_warps=4, num_stages=2, target_programs=1024, orient="rows"),
+    # Session 4, the "nibbles" layout (Hq = 32, Hkv = 8, D = 128, S = 64K, fp16 cuDNN
+    # 478 us / 67 us in the same runs): 32 tokens per tile and one warp: 420 us at B = 8
+    # (2 warps 465, 2 warps 3 stages 441, 64 tokens 4 warps 481, 128 tokens 3 stages 448),
+    # 63 us at B = 1 (2 warps 57, 64 tokens 4 warps 67).
+    ("NVIDIA H200", "*", (4,), (4,)): DecodeConfig(
+        block_s=32, num_warps=1, num_stages=2, target_programs=1024, orient="rows"),
 }
 
 ENCODE: dict[tuple, EncodeConfig] = {}
@@ -62,7 +71,9 @@ def decode_config(*, batch: int, kv_heads: int, seq_len: int, head_dim: int,
                   key_bits: tuple[int, ...], value_bits: tuple[int, ...]) -> DecodeConfig:
   del batch, kv_heads, seq_len  # The table is not (yet) keyed by them.
   kind = _device_kind()
-  for key in ((kind, head_dim, tuple(key_bits), tuple(value_bits)), (kind, "*", "*", "*")):
+  key_bits, value_bits = tuple(key_bits), tuple(value_bits)
+  for key in ((kind, head_dim, key_bits, value_bits), (kind, "*", key_bits, value_bits),
+              (kind, "*", "*", "*")):
     if key in DECODE:
       return DECODE[key]
   return DEFAULT

@@ -144,8 +144,8 @@ def test_decode_chunk_rows_and_traced_centroids():
 
 
 @pytest.mark.parametrize("orient,lookup", [("rows", "lut"), ("tokens", "lut"),
-                                           ("tokens", "lut-parts"), ("rows", "lut-halves"),
-                                           ("tokens", "lut-halves")])
+                                           ("tokens", "lut-parts"), ("rows", "lut-joined"),
+                                           ("tokens", "lut-joined")])
 def test_decode_interpret_lut_path_and_start(orient, lookup):
   # The lut path's query permutation and the per-part accumulators, with tokens before
   # `start` ignored (both implementations).
@@ -243,13 +243,14 @@ def test_lut_ptx_looks_up_every_code(bits):
   assert len(work) == {2: 44, 3: 55, 4: 52}[bits]
 
 
-def test_lut_half_ptx_looks_up_every_code():
-  # The "halves" layout: one word (4 bytes of the packed row, `pack = 4`) -> its 8 codes as
-  # float16 in coordinate order, 4 per result ($0 $1: codes 0-3, $2 $3: codes 4-7), then
-  # the kernel's permutation of a whole row (`_lut_halves` in jnp) against `_parts_perm`.
+def test_lut_nibble_ptx_looks_up_every_code():
+  # The "nibbles" layout: 4 bytes (`pack = 4` on uint8) -> the float16 values of their low
+  # nibbles (result 0: $0 = bytes 0, 1; $1 = bytes 2, 3) and high nibbles (result 1: $2, $3),
+  # element k from byte k alone; then the kernel's permutation of whole rows (`_lut_nibbles`
+  # in jnp) against `_parts_perm`.
   rng = np.random.default_rng(17)
   centroids = _centroids(rng, 128, 4)
-  asm = dk._lut_half_asm(dk._lut_tables(tuple(float(x) for x in centroids)))
+  asm = dk._lut_nibble_asm(dk._lut_tables(tuple(float(x) for x in centroids)))
   codes = rng.integers(0, 16, (4096, 8))
   codes[:16] = np.arange(16)[:, None]
   word = np.asarray(packing.pack(jnp.asarray(codes), 4)).view(np.uint32)[:, 0]
@@ -257,13 +258,14 @@ def test_lut_half_ptx_looks_up_every_code():
   table = np.asarray(centroids, np.float16)
   for r, out in enumerate(outs):
     pair = np.stack([out & 0xFFFF, out >> 16], -1).astype(np.uint16).view(np.float16)
-    np.testing.assert_array_equal(pair, table[codes[:, 2 * r:2 * r + 2]])
+    nibble, byte = divmod(r, 2)  # result nibble, bytes 2 * byte .. 2 * byte + 1
+    np.testing.assert_array_equal(pair, table[codes[:, [4 * byte + nibble, 4 * byte + 2 + nibble]]])
   assert len([i for i in _ptx_instructions(asm) if not i.startswith("mov.b32")]) == 22
   row = rng.integers(0, 16, (3, 128))
-  halves = dk._lut_halves(packing.pack(jnp.asarray(row), 4), tuple(centroids), True)
-  perm = dk._parts_perm("halves", 128)
-  for h in range(2):
-    np.testing.assert_array_equal(np.asarray(halves[h]), table[row[:, perm[h]]])
+  parts = dk._lut_nibbles(packing.pack(jnp.asarray(row), 4), tuple(centroids), True)
+  perm = dk._parts_perm("nibbles", 128)
+  for t in range(2):
+    np.testing.assert_array_equal(np.asarray(parts[t]), table[row[:, perm[t]]])
 
 
 def test_lut_eligibility():
@@ -281,12 +283,12 @@ def test_lut_eligibility():
   assert not dk.lut_eligible(dk.SegmentLayout(128, 3), None)
   # The "parts" layout: 4 bits and >= 16 words only.
   assert ok(128, 4, layout="parts") and not ok(64, 4, layout="parts")
-  assert not ok(128, 3, layout="parts") and not ok(128, 3, layout="halves")
-  assert ok(64, 4, layout="halves") and ok(32, 4, layout="halves")
-  assert not ok(16, 4, layout="halves")  # two dots of depth 8
+  assert not ok(128, 3, layout="parts") and not ok(128, 3, layout="nibbles")
+  assert ok(64, 4, layout="nibbles") and ok(32, 4, layout="nibbles")
+  assert not ok(16, 4, layout="nibbles")  # two dots of depth 8
   # pack = 4 on bytes: block_s * d / 2 >= 128 * num_warps (16 rows of 32 bytes: 4 warps).
-  assert ok(64, 4, layout="halves", block_s=16, num_warps=4)
-  assert not ok(64, 4, layout="halves", block_s=16, num_warps=8)
+  assert ok(64, 4, layout="nibbles", block_s=16, num_warps=4)
+  assert not ok(64, 4, layout="nibbles", block_s=16, num_warps=8)
   # pack = 2 takes two words per thread: block_s * W >= 64 * num_warps.
   assert ok(64, 3, block_s=64, num_warps=4) and not ok(64, 3, block_s=32, num_warps=4)
   assert ok(128, 2, block_s=32, num_warps=4) and not ok(128, 2, block_s=32, num_warps=8)
@@ -301,9 +303,10 @@ def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
   # split (row 1: 100 tokens, splits of 128), tokens before `start` ignored; every segment
   # must take the lut.
   seen = []
-  lut_parts = dk._lut_parts
+  lut_parts, lut_nibbles = dk._lut_parts, dk._lut_nibbles
   monkeypatch.setattr(dk, "_lut_parts",
                       lambda bits, *a: seen.append(bits) or lut_parts(bits, *a))
+  monkeypatch.setattr(dk, "_lut_nibbles", lambda *a: seen.append(4) or lut_nibbles(*a))
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(21, preset, B=2, K=1, G=6, S=233,
                                                     lengths=[233, 100])
   rng = np.random.default_rng(22)
@@ -361,7 +364,7 @@ def test_decode_lowers_to_triton_for_cuda(preset):
       lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="pallas",
                            block_s=64, num_warps=4, lookup=lookup),
       qk, kc, kn, vc, vn, lengths)
-  text, default = lower("lut"), lower(None)
+  text, default = lower("lut-joined"), lower(None)
   assert "__gpu$xla.gpu.triton" in text and "tq_decode" in text
   keys, values = PRESETS[preset]
   for (d, b), c in zip(keys + values, kcb + vcb):  # the lut segments' asm is in the module
@@ -370,23 +373,12 @@ def test_decode_lowers_to_triton_for_cuda(preset):
                                  block_s=64, num_warps=4)
       assert eligible == (d in (64, 128)), (d, b)
       assert (_LUT_MARKS[b] in text) == eligible, (d, b)
-      # The default takes only the lookups already run on the H200.
-      checked = eligible and (b, d >= 128) in dk.GPU_CHECKED_LUT
-      assert (_LUT_MARKS[b] in default) == checked, (d, b)
+      # The default ("lut"): 4-bit segments in the nibbles layout, 2 and 3 bits joined.
+      mark = "not.b32 na, $4" if b == 4 else _LUT_MARKS[b]
+      assert (mark in default) == eligible, (d, b)
+      assert b != 4 or _LUT_MARKS[4] not in default
 
 
-
-@pytest.mark.parametrize("preset", ["lut4", "mse4", "k3.5v3.5"])
-def test_decode_halves_lower_to_triton_for_cuda(preset):
-  # lookup="lut-halves": 4-bit segments of 32+ coordinates take the one-word asm block
-  # (pack = 4 on the row's bytes); 3-bit ones the joined lut.
-  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(7, preset, S=128)
-  text = _lowered(
-      lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="pallas",
-                           block_s=64, num_warps=4, lookup="lut-halves"),
-      qk, kc, kn, vc, vn, lengths)
-  assert "not.b32 na, $4" in text
-  assert ("prmt.b32 hp, $18, g, 0x6420" in text) == (preset == "k3.5v3.5")
 
 ENCODE_CONFIGS = {
     "mse4": qz.QuantizerConfig(64, 4),
@@ -423,7 +415,7 @@ def test_encode_lowers_to_triton_for_cuda(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("lookup", [None, "lut", "lut-halves"])
+@pytest.mark.parametrize("lookup", [None, "lut-joined", "select"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_gpu_matches_reference(preset, lookup):
   args = make_case(8, preset, B=3, K=2, G=4, S=4099, lengths=[4099, 1000, 0])
