@@ -42,19 +42,19 @@ DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=52
 ENCODE_DEFAULT = EncodeConfig(block_n=64, num_warps=4, num_stages=2)
 
 DECODE: dict[tuple, DecodeConfig] = {
-    # bench/kernels.py --sweep, 4-bit mse at B = 8, S = 64K, D = 128, session 2 (the
-    # byte-permute lookup): 64 tokens per tile, 4 warps, 2 stages, query rows as the dot's
-    # M: 510 us; tokens as M 519-554 us; 8 warps or 128+ tokens per tile 1.3-10x slower
-    # (measured for the lookup's slower "parts" layout). 16 splits per (row, head).
-    # Session 4: 3-bit (lut) 481 us, 2-bit 444 us at this tiling.
+    # bench/kernels.py --sweep --quick (B = 8 and 1, Hq = 32, Hkv = 8, D = 128, S = 64K),
+    # session 4, the byte-permute lookups: one warp and 32 tokens per program beat the
+    # session-2 tiling (64 tokens, 4 warps, 2 stages) for every width: 3 bits 438 us at
+    # B = 8 (64/4/2: 489), 57 us at B = 1 (70); 2 bits 410 us (455), 55 us (65); 2 stages.
+    # Query rows are the dot's M ("tokens" as M: 1.05-1.2x slower); 16 splits per (row,
+    # head) at B = 8 (32: within noise).
     ("NVIDIA H200", "*", "*", "*"): DecodeConfig(
-        block_s=64, num_warps=4, num_stages=2, target_programs=1024, orient="rows"),
-    # Session 4, the "nibbles" layout (Hq = 32, Hkv = 8, D = 128, S = 64K, fp16 cuDNN
-    # 478 us / 67 us in the same runs): 32 tokens per tile and one warp: 420 us at B = 8
-    # (2 warps 465, 2 warps 3 stages 441, 64 tokens 4 warps 481, 128 tokens 3 stages 448),
-    # 63 us at B = 1 (2 warps 57, 64 tokens 4 warps 67).
-    ("NVIDIA H200", "*", (4,), (4,)): DecodeConfig(
         block_s=32, num_warps=1, num_stages=2, target_programs=1024, orient="rows"),
+    # 4 bits ("nibbles" layout): 32 tokens, one warp, 3 stages: 404 us at B = 8 (2 stages
+    # 420-448 over three runs, 2 warps 3 stages 441, 64 tokens 1 warp 589, joined layout at
+    # 64/4/2 514), 68-70 us at B = 1 for every tiling tried.
+    ("NVIDIA H200", "*", (4,), (4,)): DecodeConfig(
+        block_s=32, num_warps=1, num_stages=3, target_programs=1024, orient="rows"),
 }
 
 ENCODE: dict[tuple, EncodeConfig] = {}
