@@ -38,11 +38,18 @@ Design:
   (:mod:`pallas_kernels.inline_asm`); see ``_LUT_WORD`` (4 bits, sign trick on a
   symmetric codebook) and ``_lut_low_asm`` (2 and 3 bits, whole codebook, the 3-bit code's
   high bit moved into the selectors from the 1-bit plane read as 16-bit halves). The
-  cache's packing layout is read as it is. The float16 parts of a word (8 or 16) are
-  interleaved back into coordinate order (one dot per segment; letting them meet a
-  permuted query instead, 8 dots of depth d / 8, was 1.8x slower at 4 bits). Other
-  segments use a select tree on centroids baked in as constants (``"select"``) or a
-  gather from the table in memory (``"gather"``, traced centroids).
+  cache's packing layout is read as it is. 4-bit segments take the "nibbles" layout
+  (`_lut_nibble_asm`): 4 bytes of a row per asm block (``pack = 4`` on uint8), the low
+  nibbles' values as one result and the high nibbles' as another, so the tile arrives as
+  two [tokens, d / 2] operands that meet the query's even and odd coordinates in two dots:
+  no interleave, and every element depends on its own byte only, so the block stays
+  correct under whatever register layout Triton propagates back from the dot (a first
+  version that returned each word's codes in coordinate order was wrong on the GPU for
+  exactly that reason). 2- and 3-bit words return 16 float16 parts that are interleaved
+  back into coordinate order (one dot per segment, "joined"; letting 8 parts meet a
+  permuted query, 8 dots of depth d / 8, was 1.8x slower at 4 bits). Other segments use
+  a select tree on centroids baked in as constants (``"select"``) or a gather from the
+  table in memory (``"gather"``, traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
 
@@ -54,17 +61,26 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   1.09 TB/s of compressed bytes) at 64 tokens per tile, 4 warps, 2 stages, query rows as
   the dot's M; the parts meeting a permuted query instead: 913 us at the best tiling.
 * session 3: 2- and 3-bit segments moved from the select tree to the byte-permute lookup
-  (1.4 and 1.7 PTX integer instructions per coordinate, against ~10 and ~17); not yet
-  timed on the H200 (``bench/kernels.py --lookups select,lut`` compares them).
-* The floor of this Triton structure is the limit now, not the lookup: with the lookup
-  skipped entirely (codes cast to float16, wrong values, a timing diagnostic) the same
-  structure takes 459 us, as long as fp16 attention (1.2 TB/s of compressed bytes). Unpacking, the dot operands' layout conversions (through shared
-  memory: a dequantized tile is 4x the bytes of its codes), 16-row MMAs for 4-7 query
-  rows and the per-tile softmax bookkeeping are all issued per coordinate. Beating the
-  fp16 cache by the byte ratio (3.9x at 4 bits) needs the dequantized operands produced
-  directly in the tensor cores' register layout and several KV heads' tiles per
-  program: a CUDA or Mosaic GPU kernel, not a Triton-lowered one (see issue 4). jax
-  0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
+  (1.4 and 1.7 PTX integer instructions per coordinate, against ~10 and ~17).
+* session 4 (GPU-checked): the 2- and 3-bit lookups 3-bit 996 -> 481 us, 2-bit 538 ->
+  444 us, k3.5v3.5 1223 -> 526 us (B = 8; B = 1: 137 -> 61 us at 3 bits); the 4-bit
+  "nibbles" layout 514 -> 481 us at the old tiling; one warp and 32 tokens per program
+  for every width (`tuned_block_sizes`). ``bench/kernels.py --quick`` in one run, fastest
+  fp16 477 us (jax cuDNN): k4v4 391 us (1.22x), k3v3 444 (1.08x), k2v2 417 (1.15x); B = 1
+  (fp16 59 us): 60, 72, 58 us. An int8 variant (keys looked up as int8 on a half-integer
+  grid, 1.6 instructions per coordinate, the query split into two int8 parts for 14-bit
+  precision, int8 dots) was no faster (523 us; 410 us with a plain int8 query, too coarse
+  for a tight reference).
+* The floor of this Triton structure is the limit now, not the lookup or the bytes: 2-,
+  3- and 4-bit codes take about the same time (395-445 us at B = 8) although 2 bits read
+  half the bytes of 4, and with the lookup skipped entirely (codes cast to float16, wrong
+  values, a timing diagnostic) the old structure took 459-530 us. Per tile of 32 tokens a
+  program still pays 16-row MMAs and a 16-row softmax for 4-7 real query rows, and the
+  dequantized operands go through shared memory (a tile is 4x the bytes of its codes).
+  Beating the fp16 cache by the byte ratio (3.9x at 4 bits) needs the dequantized
+  operands produced directly in the tensor cores' register layout and several KV heads'
+  tiles per program: a CUDA or Mosaic GPU kernel, not a Triton-lowered one (see issue 4).
+  jax 0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
 """
 
 from __future__ import annotations
