@@ -507,8 +507,8 @@ def _lut_nibbles(codes: Array, centroids: tuple[float, ...], interpret: bool) ->
 # How many dots a "lut" segment's tile meets the query in: "joined": the float16 parts of a
 # word interleaved back into coordinate order, one dot of depth d; "parts": part t holds
 # coordinates 8w + t, 8 dots of depth d / 8; "nibbles" (4 bits): part t holds coordinate
-# 2j + t (nibble t of byte j) at element j, two dots of depth d / 2. The query (and the value accumulators) take the
-# same permutation outside the kernel (`_parts_perm`).
+# 2j + t (nibble t of byte j) at element j, two dots of depth d / 2. The query (and the
+# value accumulators) take the same permutation outside the kernel (`_parts_perm`).
 _LAYOUT_PARTS = {"joined": 1, "parts": _LUT_CODES, "nibbles": 2}
 
 
