@@ -328,3 +328,74 @@ def test_decode_step_moves_only_what_it_writes(rng):
   assert int(outs["split"][1][0].compressed[0]) > 11 - 4  # flushed on the way
   for a, b in zip(jax.tree.leaves(outs["split"][1]), jax.tree.leaves(outs["plain"][1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_prefill_equals_one_step(arch, rng):
+  """`prefill(..., chunk=)` feeds the prompt in steps of at most `chunk` tokens: the same
+  logits (also the last `logits_to_keep` of the whole prompt, inside the last step or
+  across steps) and DenseCaches (k, v, lengths, query statistics) as one step."""
+  name, hf, runner = arch
+  b, t, chunk = 2, 13, 5  # steps of 5, 5, 3
+  tokens = rng.integers(0, VOCAB, (b, t))
+  want, want_caches = runner.prefill(tokens, CAP)
+  got, got_caches = runner.prefill(tokens, CAP, chunk=chunk)
+  assert got.shape == want.shape == (b, t, VOCAB)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert_dense_caches_close(got_caches, want_caches, t, name)
+
+  for n in (2, 4, 9, t):
+    last, _ = runner.prefill(tokens, CAP, logits_to_keep=n, chunk=chunk)
+    assert last.shape == (b, n, VOCAB), n
+    np.testing.assert_allclose(np.asarray(last), np.asarray(want)[:, -n:], rtol=1e-5,
+                               atol=1e-5, err_msg=f"{name} {n=}")
+  with pytest.raises(ValueError, match="logits_to_keep"):
+    runner.prefill(tokens, CAP, logits_to_keep=t + 1, chunk=chunk)
+
+
+def assert_dense_caches_close(got, want, length: int, name: str) -> None:
+  for g, w in zip(got, want, strict=True):
+    assert isinstance(g, DenseCache) and g.k.dtype == w.k.dtype and g.capacity == w.capacity
+    np.testing.assert_array_equal(np.asarray(g.lengths), np.asarray(w.lengths))
+    np.testing.assert_array_equal(np.asarray(g.lengths), length)
+    for field in ("k", "v", "query_sq", "query_count"):
+      np.testing.assert_allclose(np.asarray(getattr(g, field)), np.asarray(getattr(w, field)),
+                                 rtol=1e-5, atol=1e-5, err_msg=f"{name} {field}")
+
+
+def test_chunked_prefill_converts_and_generates_alike(rng):
+  """After a chunked prefill: the same compressed caches (key transforms estimated from the
+  query statistics) and the same greedy continuation (steps of 4, 4, 4 and 1 token)."""
+  from tqjax import kvcache
+
+  hf = random_hf_model(hf_configs()["qwen2"], seed=2)
+  runner = Runner.from_model(from_torch(hf))
+  t = 13
+  tokens = rng.integers(0, VOCAB, (2, t))
+  _, want = runner.prefill(tokens, CAP)
+  _, got = runner.prefill(tokens, CAP, jnp.float32, chunk=4)
+  assert_dense_caches_close(got, want, t, "qwen2")
+  config = kvcache.preset("k4v4", window=4, flush_block=2, rotation="haar")
+  for g, w in zip(jax.tree.leaves(kvcache.convert_caches(got, config)),
+                  jax.tree.leaves(kvcache.convert_caches(want, config)), strict=True):
+    g, w = np.asarray(g), np.asarray(w)
+    assert g.dtype == w.dtype and g.shape == w.shape
+    if np.issubdtype(w.dtype, np.floating):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    else:  # codes, lengths: a float32 rounding could flip a code, none did here
+      np.testing.assert_array_equal(g, w)
+
+  n = CAP - t + 1
+  np.testing.assert_array_equal(
+    np.asarray(generate(runner, tokens, max_new_tokens=n, capacity=CAP, prefill_chunk=4)),
+    np.asarray(generate(runner, tokens, max_new_tokens=n, capacity=CAP)))
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True, "4"])
+def test_chunked_prefill_rejects_bad_chunk(chunk):
+  hf = random_hf_model(hf_configs()["llama"], seed=3)
+  runner = Runner.from_model(from_torch(hf))
+  tokens = np.zeros((2, 7), np.int64) + 5
+  with pytest.raises(ValueError, match=r"chunk must be a positive int .* got chunk="):
+    runner.prefill(tokens, CAP, chunk=chunk)
+  with pytest.raises(ValueError, match=r"chunk must be a positive int"):
+    generate(runner, tokens, max_new_tokens=2, capacity=CAP, prefill_chunk=chunk)

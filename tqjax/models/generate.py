@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -80,6 +81,20 @@ class _Graph:
 def _forward(graph: _Graph, params: tuple[jax.Array, ...], tokens: jax.Array, caches: Caches,
              *, logits_to_keep: int | None = None) -> tuple[jax.Array, Caches]:
   return graph.merge(params)(tokens, caches, logits_to_keep=logits_to_keep)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _take(tokens: jax.Array, start: jax.Array, *, size: int) -> jax.Array:
+  """tokens [B, T] -> tokens[:, start:start + size]: one program per size, not per start."""
+  return jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
+
+
+def check_chunk(chunk: Any) -> None:
+  """``chunk`` (prompt tokens per prefill step) must be a positive int or None."""
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)
+                            or chunk < 1):
+    raise ValueError(f"chunk must be a positive int (tokens per prefill step) or None, got "
+                     f"chunk={chunk!r} ({type(chunk).__name__})")
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
@@ -184,22 +199,62 @@ class Runner:
   def init_caches(self, batch: int, capacity: int, dtype: jnp.dtype | None = None) -> Caches:
     return init_caches(self.config, batch, capacity, dtype or self.dtype)
 
-  def forward(self, tokens: jax.Array, caches: Caches, *, logits_to_keep: int | None = None
-              ) -> tuple[jax.Array, Caches]:
+  def forward(self, tokens: jax.Array, caches: Caches, *, logits_to_keep: int | None = None,
+              chunk: int | None = None) -> tuple[jax.Array, Caches]:
     """Chunk step: tokens [B, T] through caches of any type (donated) -> logits [B, T, V]
-    (the last ``logits_to_keep`` positions only, when given)."""
-    return _forward(self.graph, self.params, jnp.asarray(tokens, jnp.int32), caches,
-                    logits_to_keep=logits_to_keep)
+    (the last ``logits_to_keep`` positions only, when given).
+
+    With ``chunk``, the tokens go through in steps of at most ``chunk`` tokens (a long
+    prompt's attention scores are [B, H, chunk, S] instead of [B, H, T, S]); the result
+    is the same as in one step up to float rounding: the caches hold every token, their
+    query statistics are summed over all steps, and ``logits_to_keep`` still means the
+    last positions of all T tokens (gathered across steps when they span several).
+    Each distinct step length is one compiled program: a T that ``chunk`` does not divide
+    compiles once more for its shorter last step. It is not padded to ``chunk``: every
+    token fed is appended to the caches and counted in their statistics, so padding
+    would change them (and could overflow the capacity).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    check_chunk(chunk)
+    if chunk is None or tokens.ndim != 2 or tokens.shape[1] <= chunk:
+      return _forward(self.graph, self.params, tokens, caches, logits_to_keep=logits_to_keep)
+    t, chunk = tokens.shape[1], int(chunk)
+    if logits_to_keep is not None and not 1 <= logits_to_keep <= t:
+      raise ValueError(f"{logits_to_keep=} must be in [1, T={t}] or None")
+    kept = []
+    for start in range(0, t, chunk):
+      size = min(chunk, t - start)
+      # positions of this step among the last logits_to_keep of all T
+      want = size if logits_to_keep is None else min(size, logits_to_keep - (t - start - size))
+      logits, caches = _forward(self.graph, self.params,
+                                _take(tokens, jnp.int32(start), size=size), caches,
+                                logits_to_keep=None if want == size else max(want, 1))
+      if want > 0:
+        kept.append(logits)
+    return (kept[0] if len(kept) == 1 else jnp.concatenate(kept, axis=1)), caches
 
   def prefill(self, tokens: jax.Array, capacity: int, dtype: jnp.dtype | None = None, *,
-              logits_to_keep: int | None = None) -> tuple[jax.Array, Caches]:
+              logits_to_keep: int | None = None, chunk: int | None = None
+              ) -> tuple[jax.Array, Caches]:
     """Fresh exact `DenseCache`s of `capacity` filled with tokens [B, T] -> (logits, caches)
-    (logits [B, T, V], or of the last ``logits_to_keep`` positions)."""
+    (logits [B, T, V], or of the last ``logits_to_keep`` positions).
+
+    ``chunk``: feed the prompt in steps of at most ``chunk`` tokens (see `forward`), so the
+    attention scores of a step are [B, H, chunk, capacity] instead of [B, H, T, capacity]
+    (at Qwen2.5-7B shapes, B=8 and T=8192 in one step hold 56 GiB of float32 scores).
+    Same logits and caches (k, v, lengths, query statistics) up to float rounding; the
+    caches are created empty (dtype ``dtype`` or the parameters') and every step,
+    the first included, is `forward`.
+    """
     tokens = jnp.asarray(tokens, jnp.int32)
+    check_chunk(chunk)
     if tokens.ndim != 2:
       raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
     if capacity < tokens.shape[1]:
       raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
+    if chunk is not None and chunk < tokens.shape[1]:
+      caches = self.init_caches(tokens.shape[0], capacity, dtype)
+      return self.forward(tokens, caches, logits_to_keep=logits_to_keep, chunk=chunk)
     return _prefill(self.graph, self.params, tokens, capacity=capacity,
                     cache_dtype=jnp.dtype(dtype or self.dtype), logits_to_keep=logits_to_keep)
 
@@ -228,10 +283,11 @@ class Runner:
                capacity: int | None = None,
                convert_caches: Callable[[Caches], Caches] | None = None,
                temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int = 0, eos_id: int | None = None
-               ) -> jax.Array:
-    """Prefills the prompt into exact DenseCaches, converts them if asked, then decodes
-    (see `decode`). Returns new tokens [B, N] int32."""
+               top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+               prefill_chunk: int | None = None) -> jax.Array:
+    """Prefills the prompt into exact DenseCaches (in steps of at most ``prefill_chunk``
+    tokens when given, see `prefill`), converts them if asked, then decodes (see
+    `decode`). Returns new tokens [B, N] int32."""
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
       raise ValueError(f"expected prompt_ids [B, T] with T >= 1, got {prompt_ids.shape}")
@@ -242,7 +298,7 @@ class Runner:
     if capacity < needed:
       raise ValueError(f"{capacity=} is too small: the prompt ({prompt_ids.shape[1]}) plus "
                        f"{max_new_tokens=} needs {needed}")
-    logits, caches = self.prefill(prompt_ids, capacity)
+    logits, caches = self.prefill(prompt_ids, capacity, logits_to_keep=1, chunk=prefill_chunk)
     if convert_caches is not None:
       caches = convert_caches(caches)
     return self.decode(logits, caches, max_new_tokens=max_new_tokens,
@@ -288,8 +344,11 @@ class Runner:
 
 
 def prefill(model: Decoder | Runner, tokens: jax.Array, capacity: int,
-            dtype: jnp.dtype | None = None) -> tuple[jax.Array, Caches]:
-  return Runner.from_model(model).prefill(tokens, capacity, dtype)
+            dtype: jnp.dtype | None = None, *, logits_to_keep: int | None = None,
+            chunk: int | None = None) -> tuple[jax.Array, Caches]:
+  """Exact prefill into fresh DenseCaches. See `Runner.prefill`."""
+  return Runner.from_model(model).prefill(tokens, capacity, dtype,
+                                          logits_to_keep=logits_to_keep, chunk=chunk)
 
 
 def forward(model: Decoder | Runner, tokens: jax.Array, caches: Caches
@@ -311,9 +370,10 @@ def generate(model: Decoder | Runner, prompt_ids: jax.Array, *, max_new_tokens: 
              capacity: int | None = None,
              convert_caches: Callable[[Caches], Caches] | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None) -> jax.Array:
+             seed: int = 0, eos_id: int | None = None,
+             prefill_chunk: int | None = None) -> jax.Array:
   """Prefill exactly, convert the caches if asked, then decode. See `Runner.generate`."""
   return Runner.from_model(model).generate(
     prompt_ids, max_new_tokens=max_new_tokens, capacity=capacity,
     convert_caches=convert_caches, temperature=temperature, top_k=top_k, top_p=top_p,
-    seed=seed, eos_id=eos_id)
+    seed=seed, eos_id=eos_id, prefill_chunk=prefill_chunk)
