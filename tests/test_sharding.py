@@ -127,7 +127,8 @@ def test_sharded_decode_equals_single_device(config, preset, implementation, dat
       jax.jit(lambda c: c if preset is None else kv.convert_caches(c, cache_config, **options)),
       tokens)
   multi, multi_caches = run_protocol(
-      sharded, lambda r, t: sh.prefill(r, t, CAPACITY, mesh),
+      # the sharded prefill in steps of 16, 16 and 5 tokens (`Runner.forward`'s chunk)
+      sharded, lambda r, t: sh.prefill(r, t, CAPACITY, mesh, chunk=16),
       lambda c: c if preset is None else sh.convert_caches(c, cache_config, **options),
       tokens)
   # Float32 sums in another order; a compressed cache also rounds its scales to float16,
@@ -204,12 +205,13 @@ def test_pallas_kernel_lowers_for_cuda_with_local_shapes():
 def test_cli_checks_and_times(monkeypatch, capsys):
   monkeypatch.setattr(ModelConfig, "qwen2_5_7b", classmethod(lambda cls: QWEN))
   rc = sh.main(["--devices", "4", "--data", "2", "--layers", "1", "--batch", "2",
-                "--prompt-len", "29", "--steps", "2", "--time-steps", "2", "--presets", "k4v4",
+                "--prompt-len", "29", "--prefill-chunk", "11", "--steps", "2", "--time-steps", "2", "--presets", "k4v4",
                 "--window", "8", "--dtype", "float32"])
   out = capsys.readouterr().out
   assert rc == 0, out
   result = json.loads(out.strip().splitlines()[-1])
   assert result["ok"] and result["model"] == 2 and result["max_rel_logit_error"] < 1e-4
+  assert result["prefill_chunk"] == 11
   assert result["sharded_step_ms"] > 0 and result["single_step_ms"] > 0
   assert result["greedy_tokens_equal"]  # Runner.decode_step on sharded weights and caches
 

@@ -53,7 +53,7 @@ from tqjax import kvcache
 from tqjax.dense_cache import DenseCache
 from tqjax.models.config import ModelConfig
 from tqjax.models.decoder import Decoder
-from tqjax.models.generate import Runner
+from tqjax.models.generate import Runner, check_chunk
 
 DATA, MODEL = "data", "model"
 
@@ -293,10 +293,13 @@ def shard_tokens(tokens, mesh: Mesh, *, data_axis: str = DATA) -> jax.Array:
 
 def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype | None = None,
             *, data_axis: str = DATA, model_axis: str = MODEL,
-            logits_to_keep: int | None = None) -> tuple[jax.Array, tuple[ShardedCache, ...]]:
+            logits_to_keep: int | None = None, chunk: int | None = None
+            ) -> tuple[jax.Array, tuple[ShardedCache, ...]]:
   """`Runner.prefill` into sharded exact caches: (logits [B, T, V] or of the last
-  ``logits_to_keep`` positions, caches)."""
+  ``logits_to_keep`` positions, caches); with ``chunk``, in steps of at most ``chunk``
+  tokens (see `Runner.forward`)."""
   tokens = jnp.asarray(tokens, jnp.int32)
+  check_chunk(chunk)
   if tokens.ndim != 2:
     raise ValueError(f"expected tokens [B, T], got {tokens.shape=}")
   tokens = shard_tokens(tokens, mesh, data_axis=data_axis)
@@ -304,7 +307,7 @@ def prefill(runner: Runner, tokens, capacity: int, mesh: Mesh, dtype: jnp.dtype 
     raise ValueError(f"{capacity=} is smaller than the prompt length {tokens.shape[1]}")
   caches = init_caches(runner, tokens.shape[0], capacity, mesh, dtype, data_axis=data_axis,
                        model_axis=model_axis)
-  return runner.forward(tokens, caches, logits_to_keep=logits_to_keep)
+  return runner.forward(tokens, caches, logits_to_keep=logits_to_keep, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,12 +337,13 @@ def _time_steps(runner: Runner, caches, tokens, steps: int) -> tuple[float, np.n
 def compare(config: ModelConfig, *, devices: int, data: int = 1, batch: int, prompt_len: int,
             steps: int, preset: str | None, implementation: str = "xla",
             window: int | None = None, dtype=jnp.float32, seed: int = 0,
-            time_steps: int = 0) -> dict:
+            time_steps: int = 0, prefill_chunk: int | None = None) -> dict:
   """Prefill + ``steps`` teacher-forced decode steps of a random model on one device and on
   a (data, model = devices / data) mesh, exact (``preset=None``) or converted to the named
   cache preset (``window`` overrides its exact window); returns the relative logit error
   of each step (‖sharded − single‖ / ‖single‖) and, with ``time_steps``, the median
-  decode-step ms of both and whether their greedy tokens agree."""
+  decode-step ms of both and whether their greedy tokens agree. ``prefill_chunk``: both
+  prefills run in steps of at most that many tokens (`Runner.prefill`'s ``chunk``)."""
   mesh = make_mesh(jax.devices()[:devices], data=data)
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len + steps)), jnp.int32)
@@ -360,14 +364,15 @@ def compare(config: ModelConfig, *, devices: int, data: int = 1, batch: int, pro
     return out, caches
 
   single, single_caches = run(
-      runner, lambda r, t: r.prefill(t, capacity, logits_to_keep=1),
+      runner, lambda r, t: r.prefill(t, capacity, logits_to_keep=1, chunk=prefill_chunk),
       jax.jit(lambda c: kvcache.convert_caches(c, cache_config, implementation=implementation)))
   multi, multi_caches = run(
-      sharded, lambda r, t: prefill(r, t, capacity, mesh, logits_to_keep=1),
+      sharded, lambda r, t: prefill(r, t, capacity, mesh, logits_to_keep=1, chunk=prefill_chunk),
       lambda c: convert_caches(c, cache_config, implementation=implementation))
   errors = [float(np.linalg.norm(m - s) / np.linalg.norm(s)) for m, s in zip(multi, single)]
   result = dict(devices=devices, data=data, model=mesh.shape[MODEL], batch=batch,
-                prompt_len=prompt_len, steps=steps, preset=preset or "dense",
+                prompt_len=prompt_len, prefill_chunk=prefill_chunk, steps=steps,
+                preset=preset or "dense",
                 implementation=implementation, dtype=jnp.dtype(dtype).name,
                 max_rel_logit_error=max(errors), rel_logit_errors=errors)
   if time_steps:
@@ -389,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--layers", type=int, default=4, help="layers of the shape kept")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--prompt-len", type=int, default=512)
+  parser.add_argument("--prefill-chunk", type=int, default=None,
+                      help="prefill the prompt in steps of at most this many tokens")
   parser.add_argument("--steps", type=int, default=4, help="decode steps compared")
   parser.add_argument("--time-steps", type=int, default=20, help="decode steps timed")
   parser.add_argument("--presets", default="dense,k4v4", help="comma list; 'dense' = exact")
@@ -408,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      preset=None if name == "dense" else name,
                      implementation=args.implementation, window=args.window,
                      dtype=jnp.dtype(args.dtype),
-                     time_steps=args.time_steps)
+                     time_steps=args.time_steps, prefill_chunk=args.prefill_chunk)
     result["ok"] = result["max_rel_logit_error"] <= tolerance
     ok &= result["ok"]
     print(json.dumps(result), flush=True)
