@@ -83,7 +83,8 @@ def _niah_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
   p.add_argument("--trials", type=int, default=d.trials, help="prompts per (length, depth)")
   p.add_argument("--seed", type=int, default=d.seed, help="seed of haystacks and needles")
   p.add_argument("--window", type=int, default=d.window,
-                 help="exact window (newest tokens kept uncompressed); default: the preset's")
+                 help="exact window (newest tokens kept uncompressed) of every preset that "
+                 "does not set its own (e.g. k4v4:window=64)")
   p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                  help="greedy answer length limit")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
