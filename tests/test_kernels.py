@@ -440,3 +440,19 @@ def test_encode_gpu_matches_quantizer(name):
   for a, b in zip(got.codes, ref.codes):
     # Same math in float32 with another summation order: allow rare boundary ties.
     assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3
+
+
+def test_tuned_block_sizes_lookup(monkeypatch):
+  # The tiling table: exact key, then (device, "*", key bits, value bits), then the
+  # device's wildcard, then DEFAULT (another device).
+  from pallas_kernels import tuned_block_sizes as tbs
+  cfg = lambda kb, vb: tbs.decode_config(batch=8, kv_heads=8, seq_len=65536, head_dim=128,
+                                         key_bits=kb, value_bits=vb)
+  assert cfg((4,), (4,)) == tbs.DEFAULT  # this machine is no H200
+  monkeypatch.setattr(tbs, "_device_kind", lambda: "NVIDIA H200")
+  assert cfg((4,), (4,)) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]
+  assert cfg([4], [4]) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]  # lists as tuples
+  assert cfg((3,), (3,)) == tbs.DECODE[("NVIDIA H200", "*", "*", "*")]
+  exact = tbs.DecodeConfig(block_s=16, num_warps=2, num_stages=4, target_programs=7)
+  monkeypatch.setitem(tbs.DECODE, ("NVIDIA H200", 128, (3,), (3,)), exact)
+  assert cfg((3,), (3,)) == exact
