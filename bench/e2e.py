@@ -852,6 +852,19 @@ class FlaxBench:
     return min(self.limit - self.headroom - memory_stats(d).get("bytes_in_use", 0)
                for d in (devices or [jax.devices()[0]]))
 
+  def queue(self, cells: list, makers: list, row: dict, spec: CacheSpec, runner: Runner,
+            step: Any, *, need: int, avail: int | None,
+            free: Callable[[int, int], str]) -> None:
+    """Adds a row's program to a compile wave, or records the row as skipped when its
+    caches (``need`` bytes per device) exceed ``avail``; ``free`` words the shortfall."""
+    if avail is not None and need > avail:
+      self.results.add(dict(row, status="skipped", reason=(
+        f"out of memory (estimated before allocating): {free(need, avail)}")))
+      return
+    spec.check_context(row["context"], decoded_tokens(self.args))
+    cells.append((row, spec))
+    makers.append(functools.partial(Program, spec, runner, step))
+
   def run(self) -> None:
     for name in self.args.models:
       self.run_model(name)
@@ -882,17 +895,12 @@ class FlaxBench:
           capacity = context + MARGIN
           spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation)
           row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
-          need = layouts[preset, batch].bytes(capacity)
-          avail = self.available()
-          if avail is not None and need > avail:
-            self.results.add(dict(row, status="skipped", reason=(
-              f"out of memory (estimated before allocating): caches need {need / GIB:.1f} GiB, "
-              f"{avail / GIB:.1f} GiB free after the weights ({weights / GIB:.1f} GiB) and "
-              f"{self.headroom / GIB:.1f} GiB headroom")))
-            continue
-          spec.check_context(context, decoded_tokens(args))
-          cells.append((row, spec))
-          makers.append(functools.partial(Program, spec, runner, step))
+          self.queue(cells, makers, row, spec, runner, step,
+                     need=layouts[preset, batch].bytes(capacity), avail=self.available(),
+                     free=lambda need, avail: (
+                       f"caches need {need / GIB:.1f} GiB, {avail / GIB:.1f} GiB free after "
+                       f"the weights ({weights / GIB:.1f} GiB) and "
+                       f"{self.headroom / GIB:.1f} GiB headroom"))
     programs, wave_s = compile_all(makers, args.compile_workers)
     print(f"[flax {name}] weights {weights / GIB:.2f} GiB in {weights_s:.1f} s; compiled "
           f"{len(programs)} programs in {wave_s:.1f} s", flush=True)
@@ -954,16 +962,12 @@ class FlaxBench:
           spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation,
                            mesh)
           row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
-          need = self.device_layout(spec).bytes(capacity)
-          avail = self.available(spec.devices)
-          if avail is not None and need > avail:
-            self.results.add(dict(row, status="skipped", reason=(
-              f"out of memory (estimated before allocating): caches need {need / GIB:.1f} GiB "
-              f"per device, {avail / GIB:.1f} GiB free")))
-            continue
-          spec.check_context(context, decoded_tokens(args))
-          cells.append((row, spec))
-          makers.append(functools.partial(Program, spec, sharded, step))
+          self.queue(cells, makers, row, spec, sharded, step,
+                     need=self.device_layout(spec).bytes(capacity),
+                     avail=self.available(spec.devices),
+                     free=lambda need, avail: (
+                       f"caches need {need / GIB:.1f} GiB per device, "
+                       f"{avail / GIB:.1f} GiB free"))
     programs, wave_s = compile_all(makers, args.compile_workers)
     print(f"[flax {name}] sharded over {devices} devices in {shard_s:.1f} s; compiled "
           f"{len(programs)} programs in {wave_s:.1f} s", flush=True)
