@@ -107,7 +107,7 @@ from tqjax import kvcache  # noqa: E402
 from tqjax import sharding as sharding_lib  # noqa: E402
 from tqjax.dense_cache import DenseCache  # noqa: E402
 from tqjax.models import Decoder, ModelConfig, Runner  # noqa: E402
-from tqjax.models.generate import _decode_changed, changed_leaves  # noqa: E402
+from tqjax.models.generate import _decode_changed, changed_leaves, max_steps_ahead  # noqa: E402
 
 BF16 = "bf16"  # the exact DenseCache in the model's dtype
 MARGIN = 256  # capacity beyond the context: the decoded tokens
@@ -789,10 +789,13 @@ def time_steps(step, params, tokens, caches, key, *, warmup: int, steps: int, vo
     if i >= warmup:
       synced.append(time.perf_counter() - t0)
     tokens = nxt[:, None]
+  ahead = max_steps_ahead(tokens)
   t0 = time.perf_counter()
-  for _ in range(steps):
+  for i in range(steps):
     nxt, caches, key = step(params, tokens, caches, key)
     tokens = nxt[:, None]
+    if ahead and (i + 1) % ahead == 0:
+      tokens.block_until_ready()
   tokens.block_until_ready()
   pipelined = (time.perf_counter() - t0) / steps
   taken = check_steps + warmup + 2 * steps

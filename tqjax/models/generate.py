@@ -331,16 +331,35 @@ class Runner:
     done = None if eos_id is None else token == eos_id
     schedule = FlushSchedule(caches)  # compressed windows flushed without a branch per step
     caches = schedule.begin(caches)
-    for _ in range(max_new_tokens - 1):
+    ahead = max_steps_ahead(token)
+    for i in range(max_new_tokens - 1):
       if done is not None and bool(jnp.all(done)):
         break
       caches = schedule.before_step(caches)
       token, caches, key = self.decode_step(token[:, None], caches, key, **sampling)
+      if ahead and (i + 1) % ahead == 0:
+        token.block_until_ready()
       if done is not None:
         token = jnp.where(done, jnp.int32(eos_id), token)
         done = done | (token == eos_id)
       out.append(token)
     return jnp.stack(out, axis=1)
+
+
+# XLA's CPU client launches each device's part of a multi-device program on a thread pool
+# and caps the launches in flight per device; when the parts of later steps take the slots
+# before an earlier step's part launches, that step's collectives wait for a partner that
+# never starts and XLA aborts the process after 40 s (seen in the tests' 2-device runs
+# about every other time). Loops of steps over several CPU devices therefore wait for
+# their results every few steps.
+CPU_STEPS_AHEAD = 8
+
+
+def max_steps_ahead(x: jax.Array) -> int | None:
+  """How many steps producing arrays placed like ``x`` a loop may dispatch before it waits
+  for one: `CPU_STEPS_AHEAD` on several CPU devices, else None (no limit)."""
+  devices = x.sharding.device_set
+  return CPU_STEPS_AHEAD if len(devices) > 1 and next(iter(devices)).platform == "cpu" else None
 
 
 def prefill(model: Decoder | Runner, tokens: jax.Array, capacity: int,
