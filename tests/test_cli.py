@@ -28,7 +28,7 @@ def test_niah_help(capsys):
   for option in ("--model", "--gguf-file", "--backend", "--presets", "--lengths", "--depths",
                  "--trials", "--seed", "--window", "--out", "--max-new-tokens", "--force"):
     assert option in out
-  assert "baseline,k5v3,k4v2" in out and "1K,2K,4K" in out and "(default: 128)" in out
+  assert "baseline,k5v3,k3.5v2.5" in out and "1K,2K,4K" in out and "(default: 128)" in out
 
 
 @pytest.mark.parametrize("job", sorted(cli.BENCH_JOBS))

@@ -48,7 +48,7 @@ def test_key_transforms_are_exact_without_quantization():
   np.testing.assert_allclose(moved, plain, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["k4v4", "k3.5v3.5", "k4v4-prod", "k5v3"])
+@pytest.mark.parametrize("name", ["k4v4", "k3.5v3.5", "k3.5v2.5", "k4v4-prod", "k5v3"])
 def test_attend_equals_attention_over_dequantized_cache(name):
   """The rotated-domain path (query rotated once, output rotated back once) and the window
   bookkeeping agree with plain attention over the cache's own reconstruction."""
@@ -136,6 +136,10 @@ def test_memory_accounting():
       4 + 16 / D + 4 * 32 / 1024)
   assert kv.preset("k4v4").bits_per_coordinate(3, D) == 4 + 16 / D  # the long-context rate
   assert kv.preset("plain-k4v4").sink_tokens == 0
+  # Outlier splits: each half of a vector has its own float16 norm. k3.5v2.5 at D = 128:
+  # keys 64 * 4 + 64 * 3 bits + 2 norms, values 64 * 3 + 64 * 2 + 2 norms.
+  assert kv.preset("k3.5v2.5").bits_per_coordinate(3, 128) == pytest.approx(
+      (64 * 4 + 64 * 3 + 64 * 3 + 64 * 2 + 4 * 16) / 256)
 
 
 def _attention_f64(q, k, v, q_pos, kv_valid, scale):
