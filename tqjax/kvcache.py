@@ -168,7 +168,8 @@ class CacheConfig:
     13/15, baseline 15/15 (misses: 4K depths 0% and 25%, where the exact margins are
     +1.75 and +0.61 logits); at window 64 (session 2) also 13/15, the same misses. On
     the 6 4K prompts x 4 rotation seeds of k5v3's note k4v2 disagreed with the exact
-    baseline in 7 of 24 cells, k3v3 in 7."""
+    baseline in 7 of 24 cells, k3v3 in 7. The 4K misses are key noise (depth 0%) and value
+    noise (25%); `k3p5v2p5` spends the same code bits by channel and keeps both."""
     return cls(TensorSpec(4), TensorSpec(2), name="k4v2", **kw)
 
   @classmethod
