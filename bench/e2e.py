@@ -298,6 +298,11 @@ class CacheSpec:
   dtype: Any
   implementation: str  # of compressed caches
   mesh: Mesh | None = None
+  stack: bool = True  # compressed caches as one `kvcache.StackedCache` (without a mesh)
+
+  @property
+  def stacks(self) -> bool:
+    return self.stack and self.mesh is None and cache_config(self.preset) is not None
 
   @property
   def devices(self) -> list[jax.Device]:
@@ -340,6 +345,8 @@ class CacheSpec:
     """The caches as the decode step takes them, as ShapeDtypeStructs (nothing allocated):
     with a mesh, `ShardedCache`s whose leaves carry their shardings."""
     shapes = self.unsharded()
+    if self.stacks:
+      return jax.eval_shape(kvcache.StackedCache.stack, shapes)
     if self.mesh is None:
       return shapes
     return tuple(sharding_lib.ShardedCache(jax.tree.map(
@@ -374,7 +381,9 @@ def bytes_per_device(tree: Any) -> dict[int, int]:
   return out
 
 
-def cache_memory_bytes(caches: Sequence[Any]) -> int:
+def cache_memory_bytes(caches: Sequence[Any] | kvcache.StackedCache) -> int:
+  if isinstance(caches, kvcache.StackedCache):
+    return caches.memory_bytes()
   return int(sum(c.memory_bytes() for c in caches))
 
 
@@ -536,11 +545,29 @@ class Program:
   def build(self, key, context: int) -> tuple[Any, ...]:
     """The caches (allocated) of `context` tokens, random contents: the same values with
     or without a mesh (threefry random bits do not depend on the layout)."""
-    caches = tuple(self.builders[group](jax.random.fold_in(key, layer), jnp.int32(context))
-                   for layer, group in enumerate(self.layer_group))
+    build_layer = lambda layer: self.builders[self.layer_group[layer]](
+      jax.random.fold_in(key, layer), jnp.int32(context))
+    if self.spec.stacks:  # layer by layer into the stacked arrays: one layer's extra memory
+      stacked = _zeros(self.spec.abstract())
+      for layer in range(len(self.layer_group)):
+        stacked = _put_layer(stacked, build_layer(layer), jnp.int32(layer))
+      return kvcache.with_auto_flush(stacked, False)
+    caches = tuple(build_layer(layer) for layer in range(len(self.layer_group)))
     if self.spec.mesh is not None:
       caches = tuple(sharding_lib.ShardedCache(c, self.spec.mesh) for c in caches)
     return kvcache.with_auto_flush(caches, False)
+
+
+def _zeros(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layer(stacked: kvcache.StackedCache, cache: kvcache.TurboQuantCache,
+               layer: jax.Array) -> kvcache.StackedCache:
+  """``stacked`` with layer ``layer`` (traced: one program for all layers) set to ``cache``."""
+  return kvcache.StackedCache(jax.tree.map(
+    lambda s, c: jax.lax.dynamic_update_index_in_dim(s, c, layer, 0), stacked.layers, cache))
 
 
 def compile_all(make: Sequence[Callable[[], Program]], workers: int
@@ -599,7 +626,16 @@ def row_key(row: dict) -> tuple:
   if kind == "fit":
     return (kind, row["path"], row["model"], row["batch"], row["preset"])
   return (kind, row["path"], row["model"], row["batch"], row["context"],
-          row.get("variant", row.get("preset")), row.get("devices", 1))
+          row.get("variant", row.get("preset")), row.get("devices", 1),
+          row.get("cache_layout"))
+
+
+def cache_layout(spec: CacheSpec) -> str | None:
+  """How a row's compressed caches travel: "stacked" (one `kvcache.StackedCache`) or
+  "per-layer" (a tuple of per-layer caches); None for the bf16 cache."""
+  if cache_config(spec.preset) is None:
+    return None
+  return "stacked" if spec.stacks else "per-layer"
 
 
 class Results:
@@ -822,6 +858,7 @@ class FlaxBench:
     self.implementation = args.implementation or (
       "pallas" if jax.default_backend() == "gpu" else "xla")
     self.dtype = jnp.bfloat16
+    self.stack = not args.per_layer_caches
     self._device_layouts: dict[Any, CacheLayout] = {}
     if max(args.devices) > jax.device_count():
       raise SystemExit(f"--devices {','.join(map(str, args.devices))}: only "
@@ -887,7 +924,8 @@ class FlaxBench:
     layouts = {}
     for preset in args.presets:
       for batch in args.batches:
-        spec = CacheSpec(config, preset, batch, 2048, self.dtype, self.implementation)
+        spec = CacheSpec(config, preset, batch, 2048, self.dtype, self.implementation,
+                         stack=self.stack)
         layouts[preset, batch] = CacheLayout.measure(spec)
 
     # Wave 1: every (preset, batch, context) that may fit.
@@ -896,8 +934,10 @@ class FlaxBench:
       for context in args.contexts:
         for preset in args.presets:
           capacity = context + MARGIN
-          spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation)
-          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
+          spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation,
+                           stack=self.stack)
+          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity,
+                     cache_layout=cache_layout(spec))
           self.queue(cells, makers, row, spec, runner, step,
                      need=layouts[preset, batch].bytes(capacity), avail=self.available(),
                      free=lambda need, avail: (
@@ -1159,7 +1199,8 @@ class FlaxBench:
     for batch, preset in todo:
       row = fits[batch, preset]
       context = row["max_context"]
-      spec = CacheSpec(config, preset, batch, context + MARGIN, self.dtype, self.implementation)
+      spec = CacheSpec(config, preset, batch, context + MARGIN, self.dtype, self.implementation,
+                       stack=self.stack)
       limit = (max_capacity_int32(spec) - MARGIN) // 256 * 256
       if limit < context:  # kept out of the kernels' reach: a crash would end the run
         context = limit
@@ -1557,6 +1598,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens_match vs 1 device)")
   ap.add_argument("--implementation", default=None, choices=["xla", "pallas"],
                   help="of compressed caches (default: pallas on GPU, xla on CPU)")
+  ap.add_argument("--per-layer-caches", action="store_true",
+                  help="compressed caches as a tuple of per-layer caches (the layout before "
+                       "kvcache.StackedCache; rows get cache_layout='per-layer')")
   ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
   ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache dir")
   ap.add_argument("--in-process", action="store_true",
@@ -1641,6 +1685,8 @@ def child_argv(args: argparse.Namespace, path: str, models: Sequence[str]) -> li
           "--verify-steps", str(args.verify_steps), "--headroom-gib", str(args.headroom_gib),
           "--compile-workers", str(args.compile_workers),
           "--profile-steps", str(args.profile_steps), "--no-table"]
+  if args.per_layer_caches:
+    argv.append("--per-layer-caches")
   for name in ("budget_gib", "memory_limit_gib", "implementation", "compile_cache",
                "profile_dir"):
     value = getattr(args, name)

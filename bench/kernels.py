@@ -55,6 +55,8 @@ def presets(head_dim: int) -> dict[str, tuple[list[tuple[int, int]], list[tuple[
       "prod4": ([(head_dim, 3), (head_dim, 1)], [(head_dim, 4)]),
       "split2.5": ([(q, 3), (head_dim - q, 2)], [(q, 3), (head_dim - q, 2)]),
       "k3.5v3.5": ([(h, 4), (h, 3)], [(h, 4), (h, 3)]),  # the outlier-split preset
+      "k5v3": ([(head_dim, 5)], [(head_dim, 3)]),  # the 4-bit preset NIAH keeps lossless
+      "k3.5v2.5": ([(h, 4), (h, 3)], [(h, 3), (h, 2)]),  # the 3-bit NIAH preset
   }
 
 

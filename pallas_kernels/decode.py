@@ -797,6 +797,7 @@ def decode(
     lookup: str | None = None,
     orient: str | None = None,
     start: int = 0,
+    layer: int | None = None,
 ) -> Partial:
   """Attention partials of query rows over a compressed KV region.
 
@@ -826,6 +827,10 @@ def decode(
       bench/kernels.py only.)
     start: compressed tokens before this position are ignored (e.g. attention-sink
       tokens kept exact elsewhere); a static int >= 0.
+    layer: a static int: the codes and scales hold every layer of a model, with a leading
+      layer axis ([L, B, K, S, P] and [L, B, K, S]), and this layer is read; the kernel
+      indexes it in place (a slice taken outside the kernel would be a copy of the
+      layer's region on every call).
 
   Returns:
     :class:`Partial` with m, l: [B, K, G] and acc_j: [B, K, G, d_j] (rotated domain,
@@ -838,9 +843,15 @@ def decode(
   if not qk:
     raise ValueError("qk: at least one key segment is needed")
   B, K, G = qk[0].shape[:3]
-  S = k_codes[0].shape[2] if k_codes else 0
-  key_segs = _check_segments("keys", qk, k_codes, k_scales, k_centroids, (B, K, S))
-  value_segs = _check_segments("values", None, v_codes, v_scales, v_centroids, (B, K, S))
+  if layer is not None and (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
+                            or not 0 <= layer < (k_codes[0].shape[0] if k_codes else 0)):
+    raise ValueError(f"layer must be a static int indexing the leading layer axis of the "
+                     f"codes (of {k_codes[0].shape[0] if k_codes else 0} layers), got {layer!r}")
+  lead = () if layer is None else (k_codes[0].shape[0],)
+  S = k_codes[0].shape[len(lead) + 2] if k_codes else 0
+  key_segs = _check_segments("keys", qk, k_codes, k_scales, k_centroids, (*lead, B, K, S))
+  value_segs = _check_segments("values", None, v_codes, v_scales, v_centroids,
+                               (*lead, B, K, S))
   for i, q in enumerate(qk):
     if q.shape[:3] != (B, K, G) or q.ndim != 4:
       raise ValueError(f"qk[{i}] must be [B, K, G, d] = ({B}, {K}, {G}, d), got {q.shape}")
@@ -851,6 +862,9 @@ def decode(
     raise ValueError(f"start must be a static int >= 0, got {start!r}")
   start = int(start)
   if implementation == "xla":
+    if layer is not None:
+      k_codes, k_scales, v_codes, v_scales = (tuple(x[layer] for x in xs) for xs in (
+        k_codes, k_scales, v_codes, v_scales))
     return decode_reference(qk, k_codes, k_scales, k_centroids, v_codes, v_scales,
                             v_centroids, lengths, start=start)
 
@@ -897,15 +911,15 @@ def decode(
       static_ck=static_ck, static_cv=static_cv, block_s=block_s, split_len=split_len,
       num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
       orient=orient, interpret=interpret, key_lut=key_lut, value_lut=value_lut,
-      start=start)
+      start=start, layer=None if layer is None else int(layer))
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                    lengths, *, key_segs, value_segs, static_ck, static_cv, block_s,
                    split_len, num_splits, num_warps, num_stages, lookup, orient,
-                   interpret, key_lut, value_lut, start):
+                   interpret, key_lut, value_lut, start, layer):
   B, K, G = qk[0].shape[:3]
-  S = k_codes[0].shape[2]
+  S = k_codes[0].shape[-2]
   rows = max(_MIN_ROWS, pl.next_power_of_2(G))
   tok = orient == "tokens"
   qs = []
@@ -926,15 +940,22 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
     n = len(shape_tail)
     return pl.BlockSpec((None, None, *shape_tail), lambda b, k, s: (b, k) + (0,) * n)
 
+  def region(shape_tail):  # per (b, k) block of codes or scales, at `layer` if stacked
+    if layer is None:
+      return bks(shape_tail)
+    n = len(shape_tail)
+    return pl.BlockSpec((None, None, None, *shape_tail),
+                        lambda b, k, s: (layer, b, k) + (0,) * n)
+
   whole = lambda shape: pl.BlockSpec(shape, lambda b, k, s: (0,) * len(shape))
   in_specs = (
       [whole((B,))]
       + [bks(q.shape[2:]) for q in qs]
-      + [bks(c.shape[2:]) for c in k_codes]
-      + [bks((S,)) for _ in key_segs]
+      + [region(c.shape[-2:]) for c in k_codes]
+      + [region((S,)) for _ in key_segs]
       + [whole(c.shape) for c in kcb]
-      + [bks(c.shape[2:]) for c in v_codes]
-      + [bks((S,)) for _ in value_segs]
+      + [region(c.shape[-2:]) for c in v_codes]
+      + [region((S,)) for _ in value_segs]
       + [whole(c.shape) for c in vcb])
   out_block = lambda tail: pl.BlockSpec(
       (None, None, None, *tail), lambda b, k, s: (b, k, s) + (0,) * len(tail))

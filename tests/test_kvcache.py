@@ -358,3 +358,75 @@ def test_flush_schedule_equals_the_branch_bit_for_bit():
     schedule.end(sneaky)
   with pytest.raises(ValueError, match="flush_block=4"):
     schedule.before_step(sneaky, t=5)
+
+
+def test_stacked_cache_reads_each_layer_in_place():
+  """`StackedCache`: layer i attends exactly as the i-th per-layer cache (the jnp path and the
+  kernel, which indexes the layer of the stacked codes itself), and the jitted attention of
+  a stacked layer lowers for CUDA with one kernel over the whole stacked codes."""
+  rng = np.random.default_rng(12)
+  config = kv.preset("k3.5v2.5", window=8, flush_block=4)
+  q = jnp.asarray(rng.standard_normal((B, 1, H, D)), jnp.float32)
+  for impl in ("xla", "pallas-interpret"):
+    caches = tuple(kv.TurboQuantCache.from_dense(filled_dense(rng, [40, 27], 48), config, layer=i,
+                                                 implementation=impl) for i in range(3))
+    stacked = kv.StackedCache.stack(caches)
+    assert len(stacked) == 3 and stacked.capacity == 48
+    assert stacked.memory_bytes() == sum(c.memory_bytes() for c in caches)
+    for i, cache in enumerate(caches):
+      assert stacked[i].k_codes[0].shape == (3, *cache.k_codes[0].shape)  # not a copy
+      np.testing.assert_array_equal(np.asarray(stacked[i].attend(q, scale=0.125)),
+                                    np.asarray(cache.attend(q, scale=0.125)))
+  pallas = kv.StackedCache.stack([kv.TurboQuantCache.init(
+    config, layer=i, batch=B, num_kv_heads=K, head_dim=D, capacity=256,
+    implementation="pallas") for i in range(2)])
+  text = jax.jit(lambda c, q: c[1].attend(q, scale=0.125)).trace(pallas, q).lower(
+    lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text
+
+
+def test_stacked_cache_rejects_what_does_not_stack():
+  rng = np.random.default_rng(13)
+  dense = filled_dense(rng, [20, 20], 32)
+  make = lambda name, **kw: kv.TurboQuantCache.from_dense(dense, kv.preset(name, **kw), layer=0)
+  with pytest.raises(ValueError, match=r"caches\[1\] differs from caches\[0\] in its static"):
+    kv.StackedCache.stack([make("k4v4"), make("k3v3")])
+  with pytest.raises(ValueError, match=r"caches\[1\] differs from caches\[0\] in its array shapes"):
+    kv.StackedCache.stack([make("k4v4"), kv.TurboQuantCache.from_dense(
+      dense, kv.preset("k4v4"), layer=0, capacity=40)])
+  with pytest.raises(TypeError, match="non-empty sequence"):
+    kv.StackedCache.stack([])
+  stacked = kv.StackedCache.stack([make("k4v4"), make("k4v4")])
+  with pytest.raises(IndexError, match=r"int in \[0, 2\), got 2"):
+    stacked[2]
+  with pytest.raises(ValueError, match=r"set\(0, layer\) takes layer 0 .* region_layer=1"):
+    stacked.set(0, stacked[1])
+  with pytest.raises(ValueError, match="layer must be a static int"):
+    from pallas_kernels import decode as dk
+    layer = stacked[0]
+    dk.decode([jnp.zeros((B, K, G, D))], layer.k_codes, layer.k_scales,
+              [np.zeros(16, np.float32)], layer.v_codes, layer.v_scales,
+              [np.zeros(16, np.float32)], layer.compressed[0], layer=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["k4v4", "k3.5v2.5"])
+def test_stacked_cache_kernel_matches_per_layer_on_gpu(name):
+  rng = np.random.default_rng(14)
+  b, kh, g, d, s = 2, 4, 7, 128, 3000
+  caches = []
+  for i in range(3):
+    dense = DenseCache.init(b, kh, d, s + 64, jnp.bfloat16)
+    dense = dense.update(jnp.asarray(rng.standard_normal((b, s, kh, d)) * 2 + 3, jnp.bfloat16),
+                         jnp.asarray(rng.standard_normal((b, s, kh, d)), jnp.bfloat16),
+                         jnp.asarray(rng.standard_normal((b, s, kh * g, d)), jnp.bfloat16))
+    caches.append(kv.TurboQuantCache.from_dense(dense, kv.preset(name), layer=i,
+                                                implementation="pallas"))
+  stacked = kv.StackedCache.stack(caches)
+  q = jnp.asarray(rng.standard_normal((b, 1, kh * g, d)), jnp.bfloat16)
+  attend = jax.jit(lambda c, q: c.attend(q, scale=d ** -0.5))
+  for i, cache in enumerate(caches):
+    want = np.asarray(attend(cache, q), np.float32)
+    got = np.asarray(jax.jit(lambda st, q: st[i].attend(q, scale=d ** -0.5))(stacked, q), np.float32)
+    np.testing.assert_array_equal(got, want)

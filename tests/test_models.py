@@ -399,3 +399,51 @@ def test_chunked_prefill_rejects_bad_chunk(chunk):
     runner.prefill(tokens, CAP, chunk=chunk)
   with pytest.raises(ValueError, match=r"chunk must be a positive int"):
     generate(runner, tokens, max_new_tokens=2, capacity=CAP, prefill_chunk=chunk)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas-interpret"])
+def test_stacked_caches_decode_like_per_layer_caches(implementation, rng):
+  """One `StackedCache` for all layers gives the per-layer caches' tokens and arrays bit for
+  bit: a chunk whose update flushes inside the step (auto flush), then decode steps whose
+  windows flush by `FlushSchedule` (one program for all layers); a decode step takes the
+  arrays of one layer, not of every layer, and writes only windows and lengths."""
+  from tqjax import kvcache
+  from tqjax.models.generate import changed_leaves
+
+  hf_config = hf_configs()["qwen2"]  # head_dim 32: the kernel's segments are multiples of 8
+  hf_config.update(dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1))
+  hf = random_hf_model(hf_config, seed=3)
+  runner = Runner.from_model(from_torch(hf))
+  prompt = rng.integers(0, VOCAB, (2, 7))
+  chunk = jnp.asarray(rng.integers(0, VOCAB, (2, 3)), jnp.int32)
+  _, dense = runner.prefill(prompt, CAP)
+  config = kvcache.preset("k3.5v2.5", window=4, flush_block=2, rotation="haar")
+  convert = lambda stack: kvcache.convert_caches(dense, config, implementation=implementation,
+                                                 stack=stack)
+  stacked = convert(True)
+  assert len(jax.tree.leaves(stacked)) == len(jax.tree.leaves(convert(False)[0]))
+  token, key = jnp.asarray(rng.integers(0, VOCAB, (2, 1)), jnp.int32), jax.random.key(0)
+  sampling = dict(temperature=0.0, top_k=None, top_p=None)
+  plan = kvcache.with_auto_flush(stacked, False)
+  changed = changed_leaves(runner.graph, runner.params, token, plan, key, **sampling)
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(plan)[0]]
+  assert [n for n, c in zip(names, changed) if c] == [
+    ".layers.window_k", ".layers.window_v", ".layers.lengths"]
+  outs = {}
+  for stack in (False, True):
+    logits, caches = runner.forward(chunk, convert(stack))  # 7 + 3 tokens: flushes in the step
+    schedule = kvcache.FlushSchedule(caches)
+    caches, t, k, toks = schedule.begin(caches), token, key, [np.asarray(logits)]
+    for _ in range(5):
+      caches = schedule.before_step(caches)
+      nxt, caches, k = runner.decode_step(t, caches, k)
+      toks.append(np.asarray(nxt))
+      t = nxt[:, None]
+    caches = schedule.end(caches)
+    outs[stack] = (toks, caches.unstack() if stack else caches)
+  assert isinstance(outs[True][1][0], kvcache.TurboQuantCache)
+  assert int(outs[True][1][0].compressed[0]) > 7 - 4  # flushed on the way
+  for a, b in zip(outs[False][0], outs[True][0], strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(outs[False][1]), jax.tree.leaves(outs[True][1]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -2,7 +2,10 @@
 
 `Decoder(tokens [B, T], caches) -> (logits [B, T, V] float32, caches)`. `caches` is a tuple
 of per-layer caches of any type that implements the cache protocol (`lengths`, `update`,
-`attend`; see `tqjax.dense_cache.DenseCache`); the model never looks at the cache type.
+`attend`; see `tqjax.dense_cache.DenseCache`), or one `tqjax.kvcache.StackedCache` (every
+layer's compressed cache in one set of arrays: layer i is ``caches[i]``, written back with
+``caches.set(i, ...)`` before layer i + 1 runs); otherwise the model never looks at the
+cache type.
 Positions come from the caches: token t of row b is at `lengths[b] + t`.
 """
 
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tqjax.dense_cache import DenseCache, einsum_f32
+from tqjax.kvcache import StackedCache
 from tqjax.models.config import ModelConfig
 
 
@@ -135,10 +139,14 @@ class Decoder(nnx.Module):
     positions = caches[0].lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
     cos, sin = rope_cos_sin(self.config, positions)
     x = self.embed_tokens(tokens)  # [B, T, hidden]
+    stacked = isinstance(caches, StackedCache)
     new_caches = []
-    for block, cache in zip(self.layers, caches):
-      x, cache = block(x, cos, sin, cache)
-      new_caches.append(cache)
+    for i, block in enumerate(self.layers):
+      x, cache = block(x, cos, sin, caches[i])
+      if stacked:  # written back before the next layer reads the stack
+        caches = caches.set(i, cache)
+      else:
+        new_caches.append(cache)
     if logits_to_keep is not None:
       x = x[:, -logits_to_keep:]
     x = self.norm(x)
@@ -148,7 +156,7 @@ class Decoder(nnx.Module):
     else:
       w = self.lm_head.kernel[...]  # [hidden, V]
       logits = einsum_f32("bth,hv->btv", x, w)
-    return logits, tuple(new_caches)
+    return logits, caches if stacked else tuple(new_caches)
 
 
 def init_caches(config: ModelConfig, batch: int, capacity: int,
