@@ -388,10 +388,11 @@ def main(argv=None):
         label = f"{name}/{lookup}" if lookup else name
         lut = lut_bits(B, S, *presets(D)[name], **kw)
         try:
+          err = check_variant(key, name, **kw) if lookup else None  # else checked above
           t, nbytes = bench_decode(B, S, D, name, key, **kw)
           results["rows"].append(dict(kind="tq_decode", name=label, B=B, D=D, S=S, us=t,
                                       bytes=nbytes, frac_copy_bw=nbytes / (t * 1e-6) / bw,
-                                      speedup=fastest / t, lut_bits=lut))
+                                      speedup=fastest / t, lut_bits=lut, rel_err=err))
         except Exception as e:
           traceback.print_exc()
           results["rows"].append(dict(kind="tq_decode", name=label, B=B, D=D, S=S,

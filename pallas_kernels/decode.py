@@ -594,8 +594,10 @@ def _decode_kernel(
     return [ref[u] for u in range(_LAYOUT_PARTS[lut])] if split(lut) else ref[...]
 
   qs = [load_q(r, lut) for r, lut in zip(q_refs, key_lut)]
-  ck = [None if lookup == "gather" else key_centroids[i] for i in range(nk)]
-  cv = [None if lookup == "gather" else value_centroids[j] for j in range(nv)]
+  # "lut-gather": the segments without a lut read their centroids from memory.
+  gathered = lambda lut: lookup == "gather" or (lookup == "lut-gather" and lut is None)
+  ck = [None if gathered(key_lut[i]) else key_centroids[i] for i in range(nk)]
+  cv = [None if gathered(value_lut[j]) else value_centroids[j] for j in range(nv)]
   if lookup == "none":
     kcb_refs, vcb_refs = [None] * nk, [None] * nv
   need_row_mask = seq_len % block_s != 0 or split_len % block_s != 0
@@ -822,7 +824,8 @@ def decode(
       constants) or "gather" (centroids read from memory). "lut" and "select" need
       concrete centroids; the default is "lut" for concrete centroids, else "gather".
       ("lut-joined" and "lut-parts" are slower layouts of 4-bit segments under "lut",
-      kept for the benchmark's sweep.)
+      kept for the benchmark's sweep; "lut-gather" is "lut" with "gather" for the segments
+      that have no lut, e.g. 5-bit keys.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
       bench/kernels.py only.)
     start: compressed tokens before this position are ignored (e.g. attention-sink
@@ -872,9 +875,9 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
-  if lookup not in ("lut", "lut-joined", "lut-parts", "select", "gather", "none"):
-    raise ValueError(f'lookup must be "lut", "select" or "gather" (or "lut-joined", '
-                     f'"lut-parts"), got {lookup!r}')
+  if lookup not in ("lut", "lut-gather", "lut-joined", "lut-parts", "select", "gather", "none"):
+    raise ValueError(f'lookup must be "lut", "lut-gather", "select" or "gather" (or '
+                     f'"lut-joined", "lut-parts"), got {lookup!r}')
   if lookup != "gather" and any(c is None for c in static_ck + static_cv):
     raise ValueError(f'lookup="{lookup}" bakes the centroids into the kernel and needs them '
                      'concrete (numpy or a non-traced array); got traced centroids: pass '

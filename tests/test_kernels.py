@@ -121,9 +121,11 @@ def test_decode_interpret_matches_reference(preset):
   assert np.all(np.isneginf(np.asarray(got.m[1]))) and np.all(np.asarray(got.l[1]) == 0)
 
 
-@pytest.mark.parametrize("orient,lookup", [("tokens", "select"), ("rows", "gather")])
-def test_decode_interpret_variants(orient, lookup):
-  args = make_case(2, "mse3", S=173, G=3)
+@pytest.mark.parametrize("preset,orient,lookup", [("mse3", "tokens", "select"),
+                                                  ("mse3", "rows", "gather"),
+                                                  ("lut_k5v4", "rows", "lut-gather")])
+def test_decode_interpret_variants(preset, orient, lookup):
+  args = make_case(2, preset, S=173, G=3)
   ref = dk.decode(*args, implementation="xla")
   got = dk.decode(*args, implementation="pallas", interpret=True, block_s=16, num_splits=4,
                   orient=orient, lookup=lookup)
@@ -415,7 +417,7 @@ def test_encode_lowers_to_triton_for_cuda(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("lookup", [None, "lut-joined", "select"])
+@pytest.mark.parametrize("lookup", [None, "lut-joined", "select", "lut-gather"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_decode_gpu_matches_reference(preset, lookup):
   args = make_case(8, preset, B=3, K=2, G=4, S=4099, lengths=[4099, 1000, 0])
