@@ -145,22 +145,28 @@ def test_layout_at_model_shapes(model, preset):
     assert 16 / bits == pytest.approx(3.879, abs=1e-3)
 
 
-def test_step_lowers_for_cuda_with_the_pallas_kernel():
+@pytest.mark.parametrize("stack", [True, False])
+def test_step_lowers_for_cuda_with_the_pallas_kernel(stack):
   """The bench's whole decode step with compressed caches lowers for the GPU, one fused
-  decode kernel per layer (a CPU smoke test of what the H200 compiles)."""
+  decode kernel per layer (a CPU smoke test of what the H200 compiles), over one
+  `StackedCache` (the default) or per-layer caches (``--per-layer-caches``)."""
   config = e2e.tiny_config()
   runner = e2e.random_runner(config)
-  spec = e2e.CacheSpec(config, "k4v4", 8, 4096, jnp.bfloat16, "pallas")
+  spec = e2e.CacheSpec(config, "k4v4", 8, 4096, jnp.bfloat16, "pallas", stack=stack)
   caches = kvcache.with_auto_flush(spec.abstract(), False)  # as the bench runs them
+  assert isinstance(caches, kvcache.StackedCache) == stack
   lowered = e2e.step_function(runner).lower(
     runner.params, jax.ShapeDtypeStruct((8, 1), jnp.int32), caches, jax.random.key(0),
     lowering_platforms=("cuda",))
   text = lowered.lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == config.num_layers
   assert "stablehlo.case" not in text  # no flush branch in the step
-  # Codes, scales, sinks and tables are read only: each layer donates and returns its
-  # window keys, values and lengths.
-  assert sum(lowered.changed) == 3 * config.num_layers
+  # Codes, scales, sinks and tables are read only: the step donates and returns the window
+  # keys, values and lengths (stacked: one array each for all layers).
+  layers = 1 if stack else config.num_layers
+  assert sum(lowered.changed) == 3 * layers
+  per_layer = len(jax.tree.leaves(spec.unsharded()[0]))
+  assert len(lowered.changed) == per_layer * layers
 
 
 def test_hf_config_matches_the_flax_shapes():
@@ -219,6 +225,7 @@ def test_decode_rows_are_complete(flax_run):
       assert r["status"] == "ok", r
       assert r["path"] == "flax" and r["model"] == "tiny-tp" and r["batch"] == 2
       assert r["capacity"] == context + e2e.MARGIN
+      assert r["cache_layout"] == (None if preset == "bf16" else "stacked")
       assert len(r["step_ms_all"]) == r["steps"] == 32
       assert r["step_ms_min"] <= r["step_ms"] <= max(r["step_ms_all"])
       assert r["tokens_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
