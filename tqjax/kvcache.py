@@ -590,19 +590,22 @@ class TurboQuantCache:
     else:
       mask = dense_cache.attention_mask(q_pos, slots, valid, sliding_window)  # [B, T, S]
       compressed = self._compressed_partial(qg, mask, scale)
-    # The exact window: slot i is position compressed + i.
+    # The exact tokens in one partial: the window (slot i is position compressed + i) and,
+    # before it, the sink (slot p is position p, valid once it left the window). One
+    # partial instead of two: on a GPU at batch 1 every small program of a layer costs
+    # a few microseconds whatever its size.
     w_pos = self.compressed[:, None] + jnp.arange(room, dtype=jnp.int32)  # [B, W+F]
     w_valid = w_pos < self.lengths[:, None]
+    exact_k, exact_v = self.window_k, self.window_v
+    if n:
+      s_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+      w_valid = jnp.concatenate([s_pos < self.compressed[:, None], w_valid], axis=1)
+      w_pos = jnp.concatenate([s_pos, w_pos], axis=1)
+      exact_k = jnp.concatenate([self.sink_k.astype(exact_k.dtype), exact_k], axis=2)
+      exact_v = jnp.concatenate([self.sink_v.astype(exact_v.dtype), exact_v], axis=2)
     exact = dense_cache.dense_attention_partial(
-        qg.reshape(b, t, h, d), self.window_k, self.window_v, q_pos, w_pos, w_valid, scale,
-        sliding_window)
-    parts = [compressed, exact]
-    if n:  # the sink: slot p is position p, valid once it left the window
-      s_pos = jnp.arange(n, dtype=jnp.int32)
-      parts.append(dense_cache.dense_attention_partial(
-          qg.reshape(b, t, h, d), self.sink_k, self.sink_v, q_pos, s_pos,
-          s_pos[None, :] < self.compressed[:, None], scale, sliding_window))
-    return dense_cache.combine_partials(parts, q.dtype)
+        qg.reshape(b, t, h, d), exact_k, exact_v, q_pos, w_pos, w_valid, scale, sliding_window)
+    return dense_cache.combine_partials([compressed, exact], q.dtype)
 
   def _compressed_partial(self, qg, mask, scale):
     """(acc [B, T, H, D] in the original value basis, row max, row sum) over the codes."""
