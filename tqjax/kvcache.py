@@ -299,9 +299,11 @@ def _permute(x, order):  # x [..., K, D], order [K, D]
   return jnp.take_along_axis(x, jnp.broadcast_to(order, x.shape), axis=-1)
 
 
-def _unpermute(x, order):  # inverse of _permute
-  inverse = jnp.argsort(order, axis=-1)
-  return jnp.take_along_axis(x, jnp.broadcast_to(inverse, x.shape), axis=-1)
+def _unpermute(x, order):  # inverse of _permute: x[..., j] goes to channel order[j]
+  # A scatter, not a gather by argsort(order): a sort is one more GPU program per layer
+  # and step (~3 us each on the H200).
+  return jnp.put_along_axis(jnp.zeros_like(x), jnp.broadcast_to(order, x.shape), x, axis=-1,
+                            inplace=False)
 
 
 @jax.tree_util.register_dataclass
@@ -328,8 +330,9 @@ class TurboQuantCache:
   # False: `update` never flushes (no branch in the compiled step); whoever appends must
   # make room first (`make_room`, as `FlushSchedule` does), else the window overflows.
   auto_flush: bool = dataclasses.field(default=True, metadata=dict(static=True))
-  # Set on a layer of a `StackedCache`: the codes and scales hold every layer ([L, B, K,
-  # S_cap, ...]) and this cache is layer `region_layer` of them (read and written in place).
+  # Set on a layer of a `StackedCache`: the codes, scales and windows hold every layer
+  # ([L, B, K, ...]) and this cache is layer `region_layer` of them (read and written in
+  # place: a slice taken of them would be a copy on every step).
   region_layer: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   # Construction.
@@ -458,12 +461,24 @@ class TurboQuantCache:
     return tuple(a[self.region_layer] for a in arrays)
 
   @property
+  def _windows(self) -> tuple[jax.Array, jax.Array]:
+    """This layer's exact window keys and values [B, K, W + F, D]."""
+    return self._region((self.window_k, self.window_v))
+
+  def _with_windows(self, window_k, window_v) -> dict[str, jax.Array]:
+    """Fields that set this layer's windows to [B, K, W + F, D] arrays."""
+    if self.region_layer is not None:
+      window_k, window_v = (full.at[self.region_layer].set(new) for full, new in (
+        (self.window_k, window_k), (self.window_v, window_v)))
+    return dict(window_k=window_k, window_v=window_v)
+
+  @property
   def head_dim(self) -> int:
-    return self.window_k.shape[3]
+    return self.window_k.shape[-1]
 
   @property
   def num_kv_heads(self) -> int:
-    return self.window_k.shape[1]
+    return self.window_k.shape[-3]
 
   @property
   def sink_tokens(self) -> int:
@@ -490,22 +505,23 @@ class TurboQuantCache:
     v = qz.decode(self.value_quantizer, qz.Encoded(self._region(self.v_codes),
                                                    self._region(self.v_scales)))
     v = jnp.swapaxes(_unpermute(jnp.swapaxes(v, 1, 2), self.value_order), 1, 2)  # [B, K, S, D]
-    at = self.compressed[:, None] + jnp.arange(self.window_k.shape[2])  # [B, W+F]
+    at = self.compressed[:, None] + jnp.arange(self.window_room)  # [B, W+F]
     at = jnp.where(at < self.lengths[:, None], at, self.capacity)  # drop the empty slots
     put = jax.vmap(lambda buf, new, i: buf.at[:, i].set(new, mode="drop"))
     sink_at = jnp.arange(self.sink_tokens)[None, :]  # [1, N]
     sink_at = jnp.where(sink_at < self.compressed[:, None], sink_at, self.capacity)  # [B, N]
     k = put(k, self.sink_k.astype(jnp.float32), sink_at)
     v = put(v, self.sink_v.astype(jnp.float32), sink_at)
-    return (put(k, self.window_k.astype(jnp.float32), at),
-            put(v, self.window_v.astype(jnp.float32), at))
+    window_k, window_v = self._windows
+    return (put(k, window_k.astype(jnp.float32), at),
+            put(v, window_v.astype(jnp.float32), at))
 
   # The protocol.
 
   def update(self, k, v, q=None) -> TurboQuantCache:
     """Appends k, v [B, T, K, D] (keys after RoPE), flushing the window as it fills.
     (``q`` is accepted for the protocol; the key transforms are frozen.)"""
-    b, kh, _, d = self.window_k.shape
+    b, kh, _, d = self.window_k.shape[-4:]
     if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, kh, d):
       raise ValueError(f"expected k, v [B={b}, T, K={kh}, D={d}], got {k.shape=}, {v.shape=}")
     cache = self
@@ -518,12 +534,12 @@ class TurboQuantCache:
   def make_room(self, t: int) -> TurboQuantCache:
     """Flushes F tokens of every row whose window cannot take ``t`` more (no branch: rows
     that have room write nowhere); what `update` does on its own when ``auto_flush``."""
-    return self._flush(self.lengths - self.compressed + t > self.window_k.shape[2])
+    return self._flush(self.lengths - self.compressed + t > self.window_room)
 
   def _append(self, k, v) -> TurboQuantCache:
     t = k.shape[1]
     held = self.lengths - self.compressed  # tokens in the window
-    room = self.window_k.shape[2]
+    room = self.window_room
     cache = self
     if self.auto_flush:
       # A data-dependent branch: on a GPU the host reads the predicate and the stream
@@ -532,7 +548,12 @@ class TurboQuantCache:
       cache = jax.lax.cond(jnp.any(held + t > room), lambda c: c._flush(held + t > room),
                            lambda c: c, self)
     held = cache.lengths - cache.compressed
-    write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(buf, new, (0, at, 0)))
+    if self.region_layer is None:  # row b's tokens at window slot held[b]
+      write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(buf, new, (0, at, 0)))
+    else:  # the same, into this layer of the stacked windows [L, B, K, W + F, D]
+      layer = self.region_layer
+      write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice(
+        buf, new[None], (layer, 0, at, 0)), in_axes=(1, 0, 0), out_axes=1)
     window_k = write(cache.window_k, jnp.swapaxes(k, 1, 2).astype(cache.window_k.dtype), held)
     window_v = write(cache.window_v, jnp.swapaxes(v, 1, 2).astype(cache.window_v.dtype), held)
     return dataclasses.replace(cache, window_k=window_k, window_v=window_v,
@@ -541,8 +562,9 @@ class TurboQuantCache:
   def _flush(self, rows) -> TurboQuantCache:
     """Moves the oldest F window tokens of the given rows [B] bool into the codes."""
     f = self.flush_block
-    block_k = jnp.swapaxes(self.window_k[:, :, :f], 1, 2)  # [B, F, K, D] transformed keys
-    block_v = _permute(jnp.swapaxes(self.window_v[:, :, :f], 1, 2).astype(jnp.float32), self.value_order)
+    window_k, window_v = self._windows
+    block_k = jnp.swapaxes(window_k[:, :, :f], 1, 2)  # [B, F, K, D] transformed keys
+    block_v = _permute(jnp.swapaxes(window_v[:, :, :f], 1, 2).astype(jnp.float32), self.value_order)
     k_codes, k_scales = _encode_region(self.key_quantizer, block_k)
     v_codes, v_scales = _encode_region(self.value_quantizer, block_v)
     # Rows that do not flush write nowhere: their target index is out of bounds.
@@ -562,14 +584,14 @@ class TurboQuantCache:
         self,
         k_codes=tuple(map(put, self.k_codes, k_codes)), k_scales=tuple(map(put, self.k_scales, k_scales)),
         v_codes=tuple(map(put, self.v_codes, v_codes)), v_scales=tuple(map(put, self.v_scales, v_scales)),
-        window_k=shifted(self.window_k), window_v=shifted(self.window_v),
-        sink_k=sink_put(self.sink_k, self.window_k[:, :, :f]),
-        sink_v=sink_put(self.sink_v, self.window_v[:, :, :f]),
+        **self._with_windows(shifted(window_k), shifted(window_v)),
+        sink_k=sink_put(self.sink_k, window_k[:, :, :f]),
+        sink_v=sink_put(self.sink_v, window_v[:, :, :f]),
         compressed=self.compressed + jnp.where(rows, f, 0).astype(jnp.int32))
 
   def attend(self, q, *, scale: float, sliding_window: int | None = None):
     """Attention of q [B, T, H, D], the T tokens just appended, over every stored token."""
-    b, kh, room, d = self.window_k.shape
+    b, kh, room, d = self.window_k.shape[-4:]
     if q.ndim != 4 or q.shape[0] != b or q.shape[3] != d or q.shape[2] % kh:
       raise ValueError(f"expected q [B={b}, T, H (multiple of K={kh}), D={d}], got {q.shape=}")
     t, h = q.shape[1], q.shape[2]
@@ -596,7 +618,7 @@ class TurboQuantCache:
     # a few microseconds whatever its size.
     w_pos = self.compressed[:, None] + jnp.arange(room, dtype=jnp.int32)  # [B, W+F]
     w_valid = w_pos < self.lengths[:, None]
-    exact_k, exact_v = self.window_k, self.window_v
+    exact_k, exact_v = self._windows
     if n:
       s_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
       w_valid = jnp.concatenate([s_pos < self.compressed[:, None], w_valid], axis=1)
@@ -646,9 +668,10 @@ class TurboQuantCache:
     acc = jnp.swapaxes(_unpermute(jnp.swapaxes(acc, 1, 2), self.value_order), 1, 2)
     return _from_rows(acc, t), _from_rows(part.m, t), _from_rows(part.l, t)
 
-_REGIONS = ("k_codes", "k_scales", "v_codes", "v_scales")
+# The arrays a layer of a `StackedCache` reads and writes in the stack itself.
+_IN_PLACE = ("k_codes", "k_scales", "v_codes", "v_scales", "window_k", "window_v")
 # What a layer's `update` may write (the rest is frozen after `from_dense`).
-_WRITTEN = ("window_k", "window_v", "sink_k", "sink_v", "lengths", "compressed") + _REGIONS
+_WRITTEN = ("sink_k", "sink_v", "lengths", "compressed") + _IN_PLACE
 
 
 @jax.tree_util.register_dataclass
@@ -657,17 +680,19 @@ class StackedCache:
   """The compressed caches of every layer of a model as one set of arrays.
 
   ``layers`` is a `TurboQuantCache` whose every array has a leading layer axis [L, ...].
-  A jitted decode step pays host time for each array it takes (~4 us on the H200's host):
-  a tuple of L per-layer caches passes ~17 arrays per layer (codes, scales, windows,
-  sinks, transforms, tables), this one the same ~17 for the whole model. Measured at
-  Qwen2.5-7B shapes (28 layers, batch 1, 32K tokens): the synced k4v4 step took 12.0 ms
-  against bf16's 8.6 ms while the GPU was busy 6.2 ms (bf16: 6.4 ms).
+  A jitted decode step pays host time for each array it takes: a tuple of L per-layer
+  caches passes ~17 arrays per layer (codes, scales, windows, sinks, transforms, tables),
+  this one the same ~17 for the whole model. Measured on the H200 at Qwen2.5-7B shapes
+  (28 layers, batch 1, 32K tokens, `bench/e2e.py`): the synced k4v4 step took 11.1 ms over
+  per-layer caches and 8.4 ms stacked (bf16 8.5 ms; pipelined, where the host's work hides
+  behind the device's, 6.1 and 6.4 ms).
 
   It is used like a tuple of caches (`tqjax.models.Decoder` takes either):
   ``stacked[i]`` is layer i, a `TurboQuantCache` whose small arrays are slices and whose
-  codes and scales are the whole stacked arrays with ``region_layer = i`` (the fused
-  kernel indexes the layer in place; nothing of the compressed region is copied), and
-  ``stacked.set(i, layer)`` writes back what the layer changed. Build one with
+  codes, scales and windows are the whole stacked arrays with ``region_layer = i`` (the
+  fused kernel indexes the layer in place and the new tokens are written into the stacked
+  windows: nothing big is copied), and ``stacked.set(i, layer)`` writes back what the
+  layer changed. Build one with
   `StackedCache.stack` (or ``convert_caches(..., stack=True)``), get the tuple back with
   `unstack`. All layers need the same shapes and static configuration.
   """
@@ -710,7 +735,7 @@ class StackedCache:
     i = int(i)
     small = {f.name: jax.tree.map(lambda x: x[i], getattr(self.layers, f.name))
              for f in dataclasses.fields(TurboQuantCache)
-             if not f.metadata.get("static") and f.name not in _REGIONS}
+             if not f.metadata.get("static") and f.name not in _IN_PLACE}
     layer = dataclasses.replace(self.layers, region_layer=i, **small)
     self.__dict__.setdefault("_given", {})[i] = layer  # `set` writes only what changed
     return layer
@@ -728,7 +753,7 @@ class StackedCache:
       new = getattr(layer, name)
       if given is not None and new is getattr(given, name):
         continue
-      if name in _REGIONS:  # already the whole stacked arrays
+      if name in _IN_PLACE:  # the whole stacked arrays already
         out[name] = new
       else:
         out[name] = jax.lax.dynamic_update_index_in_dim(getattr(self.layers, name), new, i, 0)
