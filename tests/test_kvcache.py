@@ -373,6 +373,7 @@ def test_stacked_cache_reads_each_layer_in_place():
     stacked = kv.StackedCache.stack(caches)
     assert len(stacked) == 3 and stacked.capacity == 48
     assert stacked.memory_bytes() == sum(c.memory_bytes() for c in caches)
+    assert [stacked[i].memory_bytes() for i in range(3)] == [c.memory_bytes() for c in caches]
     for i, cache in enumerate(caches):
       assert stacked[i].k_codes[0].shape == (3, *cache.k_codes[0].shape)  # not a copy
       np.testing.assert_array_equal(np.asarray(stacked[i].attend(q, scale=0.125)),

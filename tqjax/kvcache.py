@@ -485,8 +485,17 @@ class TurboQuantCache:
     return self.sink_k.shape[2]
 
   def memory_bytes(self) -> int:
-    """Bytes held by the cache's arrays (allocated capacity, window and transforms)."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(self) if hasattr(x, "nbytes")))
+    """Bytes held by the cache's arrays (allocated capacity, window and transforms); for a
+    layer of a `StackedCache`, this layer's share of the stacked codes, scales and windows."""
+    stacked = () if self.region_layer is None else _IN_PLACE
+    total = 0
+    for f in dataclasses.fields(self):
+      if f.metadata.get("static"):
+        continue
+      for x in jax.tree.leaves(getattr(self, f.name)):
+        if hasattr(x, "nbytes"):
+          total += x.nbytes // x.shape[0] if f.name in stacked else x.nbytes
+    return int(total)
 
   def bits_per_coordinate(self) -> float:
     """Stored bits per K/V coordinate of the compressed region (codes and scales), the
