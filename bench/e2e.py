@@ -15,7 +15,9 @@ caches of a given context are built directly, never by a prefill: a `DenseCache`
 bf16 K/V with ``lengths = context``, or a `TurboQuantCache` made by ``from_dense`` of a short
 random dense cache (the key transforms, the exact window and sinks) whose code and scale
 buffers are then replaced by random ones of the full capacity (``compressed = context -
-window``). Nothing is timed on zeros. Capacity = context + 256 (the decoded tokens). The
+window``). Nothing is timed on zeros. The compressed caches of all layers travel as one
+`kvcache.StackedCache` (one set of arrays; ``--per-layer-caches``: a tuple of per-layer
+caches, rows marked ``cache_layout``). Capacity = context + 256 (the decoded tokens). The
 decode step is the Runner's jitted step (`tqjax.models.generate`: the model over all
 layers, greedy sampling, caches donated), one program per token, compiled ahead of time so
 that its compile time and memory analysis are known before anything is allocated;
