@@ -402,6 +402,10 @@ def test_stacked_cache_rejects_what_does_not_stack():
     stacked[2]
   with pytest.raises(ValueError, match=r"set\(0, layer\) takes layer 0 .* region_layer=1"):
     stacked.set(0, stacked[1])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  for cache in (stacked, stacked[0]):
+    with pytest.raises(NotImplementedError, match=r"StackedCache.unstack\(\)"):
+      cache.shardings(mesh)
   with pytest.raises(ValueError, match="layer must be a static int"):
     from pallas_kernels import decode as dk
     layer = stacked[0]

@@ -404,6 +404,10 @@ class TurboQuantCache:
     (`jax.eval_shape`) cache."""
     from tqjax import sharding as sharding_lib
 
+    if self.region_layer is not None:
+      raise NotImplementedError(
+        f"layer {self.region_layer} of a StackedCache cannot be laid out over a mesh: "
+        f"tqjax.sharding takes per-layer caches (StackedCache.unstack())")
     b, kh = self.window_k.shape[:2]
     s = sharding_lib.cache_shardings(mesh, batch=b, num_kv_heads=kh, data_axis=data_axis,
                                      model_axis=model_axis)
@@ -802,6 +806,10 @@ class StackedCache:
 
   def bits_per_coordinate(self) -> float:
     return self[0].bits_per_coordinate()
+
+  def shardings(self, mesh: jax.sharding.Mesh, **axes):
+    raise NotImplementedError("a StackedCache cannot be laid out over a mesh: tqjax.sharding "
+                              "takes per-layer caches (StackedCache.unstack())")
 
 
 def _is_compressed(x) -> bool:
