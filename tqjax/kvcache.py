@@ -459,7 +459,7 @@ class TurboQuantCache:
     return self.window_k.shape[-2]
 
   def _region(self, arrays) -> tuple[jax.Array, ...]:
-    """This layer's codes or scales [B, K, S_cap, ...] (a slice when stacked)."""
+    """This layer's codes, scales or windows [B, K, ...] (a slice when stacked)."""
     if self.region_layer is None:
       return tuple(arrays)
     return tuple(a[self.region_layer] for a in arrays)
@@ -582,12 +582,15 @@ class TurboQuantCache:
     v_codes, v_scales = _encode_region(self.value_quantizer, block_v)
     # Rows that do not flush write nowhere: their target index is out of bounds.
     at = jnp.where(rows, self.compressed, self.capacity)[:, None] + jnp.arange(f)  # [B, F]
-    put_layer = lambda buf, new: jax.vmap(lambda b_, n_, i_: b_.at[:, i_].set(n_, mode="drop"))(
-        buf, new, at)
     if self.region_layer is None:
-      put = put_layer
-    else:  # this layer of the stacked codes and scales
-      put = lambda buf, new: buf.at[self.region_layer].set(put_layer(buf[self.region_layer], new))
+      put = lambda buf, new: jax.vmap(lambda b_, n_, i_: b_.at[:, i_].set(n_, mode="drop"))(
+          buf, new, at)
+    else:  # straight into this layer of the stacked codes and scales [L, B, K, S_cap, ...]
+      layer = self.region_layer
+      put = lambda buf, new: jax.vmap(
+          # (an int and an array index apart: numpy puts the indexed axis F first)
+          lambda b_, n_, i_: b_.at[layer, :, i_].set(jnp.moveaxis(n_, 1, 0), mode="drop"),
+          in_axes=(1, 0, 0), out_axes=1)(buf, new, at)
     shifted = lambda w: jnp.where(rows[:, None, None, None], jnp.roll(w, -f, axis=2), w)
     # Flushed positions below the sink size are kept exact in the sink as well.
     sink_at = jnp.where(at < self.sink_tokens, at, self.sink_tokens)  # [B, F]; N: dropped
