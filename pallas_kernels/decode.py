@@ -305,6 +305,65 @@ def _lut_nibble_asm(tables: tuple[int, int, int, int]) -> str:
   return "{\n" + "\n".join(body + word) + "\n}"
 
 
+# 5 bits ("nibbles" layout only): the 4-bit low plane's bytes as at 4 bits, and per byte its
+# two codes' high bits (the 1-bit plane, spread by the kernel to bits 0 and 1 of a byte per
+# element, `_high_bits`) as a second argument, so every element still depends on its own
+# bytes alone. A symmetric codebook of 32 has c[k] = T[k - 16] for k >= 16 and -T[15 - k]
+# below, T = the 16 positive centroids: the high bit is the sign, and m = low ^ (h ? 0 : 15)
+# indexes T. T's float16 bytes fill two 8-byte pools per byte (T[0..7], T[8..15]); both are
+# looked up with m's low 3 bits and a third permute keeps, per code, the pool that m's bit 3
+# names. 35 PTX integer instructions per 8 codes (4.4 per coordinate) against the 4-bit
+# block's 22.
+_LUT5_WORD = """
+  and.b32 n, $5, 0x03030303;
+  mul.lo.u32 n, n, 72;
+  and.b32 n, n, 0x88888888;
+  xor.b32 n, n, 0x88888888;
+  shr.u32 f, n, 3;
+  mul.lo.u32 f, f, 15;
+  xor.b32 m, $4, f;
+  and.b32 s, m, 0x77777777;
+  shr.u32 f, m, 1;
+  lop3.b32 w, f, 0x44444444, 0x32103210, 0xea;
+  prmt.b32 la, ta0, ta1, s;
+  prmt.b32 lb, tb0, tb1, s;
+  prmt.b32 l0, la, lb, w;
+  prmt.b32 la, tc0, tc1, s;
+  prmt.b32 lb, td0, td1, s;
+  prmt.b32 h0, la, lb, w;
+  shr.u32 s, s, 16;
+  shr.u32 w, w, 16;
+  prmt.b32 la, ta0, ta1, s;
+  prmt.b32 lb, tb0, tb1, s;
+  prmt.b32 l1, la, lb, w;
+  prmt.b32 la, tc0, tc1, s;
+  prmt.b32 lb, td0, td1, s;
+  prmt.b32 h1, la, lb, w;
+  shl.b32 f, n, 4;
+  prmt.b32 s, n, f, 0x1504;
+  and.b32 s, s, 0x80808080;
+  or.b32 h0, h0, s;
+  prmt.b32 s, n, f, 0x3726;
+  and.b32 s, s, 0x80808080;
+  or.b32 h1, h1, s;
+  prmt.b32 $0, l0, h0, 0x6240;
+  prmt.b32 $1, l1, h1, 0x6240;
+  prmt.b32 $2, l0, h0, 0x7351;
+  prmt.b32 $3, l1, h1, 0x7351;
+"""
+
+
+def _lut_nibble5_asm(tables: tuple[int, ...]) -> str:
+  """PTX for 4 bytes of the low plane ($4) and their codes' high bits ($5: bit 0 of byte k
+  for its low nibble's code, bit 1 for the high nibble's), `pack = 4` on uint8 -> the float16
+  values of the low nibbles' codes ($0, $1) and of the high nibbles' ($2, $3), as
+  `_lut_nibble_asm`. `tables`: `_lut_full_tables` of the 16 positive centroids."""
+  names = ("ta0", "ta1", "tb0", "tb1", "tc0", "tc1", "td0", "td1")
+  body = [f".reg .b32 {', '.join(names)}, n, f, m, s, w, la, lb, l0, h0, l1, h1;"]
+  body += [f"mov.b32 {name}, {value:#010x};" for name, value in zip(names, tables)]
+  return "{\n" + "\n".join(body) + _LUT5_WORD + "}"
+
+
 # 2 and 3 bits: 16 codes per 32-bit word of the low (2-bit) plane (word w holds coordinates
 # 16w .. 16w + 15, code t in bits 2t, 2t + 1); at 3 bits the 1-bit plane read as 16-bit
 # halves has the same shape (half w: bit t = bit 2 of code t of word w), and `pack = 2`
@@ -379,11 +438,12 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
                  num_warps: int | None = None) -> bool:
   """Whether a segment can take the "lut" lookup in `layout` (see `_LAYOUT_PARTS`).
 
-  Needs concrete centroids and 2, 3 or 4 bits with a row of W words, W a power of two:
-  4 bits: W = dim / 8, a symmetric codebook (the sign trick); 2 and 3 bits: W = dim / 16
-  (3 bits: dim a multiple of 32, so the row is whole 32-bit words), any codebook. The
-  "parts" and "nibbles" layouts take 4 bits only, and need W >= 16 ("parts": one dot of
-  depth W per part) or 4 W >= 16 ("nibbles": two dots of depth 4 W). With the tile given:
+  Needs concrete centroids and 2 to 5 bits with a row of W words, W a power of two:
+  4 and 5 bits: W = dim / 8 (of the 4-bit plane), a symmetric codebook (the sign trick);
+  2 and 3 bits: W = dim / 16 (3 bits: dim a multiple of 32, so the row is whole 32-bit
+  words), any codebook. The "parts" layout takes 4 bits only and needs W >= 16 (one dot of
+  depth W per part); "nibbles" takes 4 and 5 bits (5 bits only "nibbles") and needs 4 W >= 16
+  (two dots of depth 4 W). With the tile given:
   every thread needs the whole words its asm block packs (Triton refuses an asm block
   with fewer elements per thread than it packs): two words ("joined", "parts": pack = 2,
   block_s * W >= 64 * num_warps) or the 4 bytes of one ("nibbles": pack = 4 on uint8,
@@ -391,21 +451,25 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
   """
   if layout not in _LAYOUT_PARTS:
     raise ValueError(f"layout must be one of {sorted(_LAYOUT_PARTS)}, got {layout!r}")
-  if centroids is None or seg.bits not in (2, 3, 4) or seg.dim < _MIN_DEPTH:
+  if centroids is None or seg.bits not in (2, 3, 4, 5) or seg.dim < _MIN_DEPTH:
     return False
-  per_word = _LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES
+  if seg.bits == 5 and layout != "nibbles":
+    return False
+  per_word = _LUT_CODES if seg.bits >= 4 else _LUT_LOW_CODES
   if seg.dim % per_word or (seg.bits == 3 and seg.dim % 32):
     return False
   words = seg.dim // per_word
   if words & (words - 1):
     return False
-  if layout != "joined" and (seg.bits != 4 or seg.dim // _LAYOUT_PARTS[layout] < _MIN_DEPTH):
+  if layout != "joined" and (seg.bits < 4 or seg.dim // _LAYOUT_PARTS[layout] < _MIN_DEPTH):
+    return False
+  if layout == "parts" and seg.bits != 4:
     return False
   if block_s is not None and num_warps is not None:
     elements, per_thread = (4 * words, 4) if layout == "nibbles" else (words, 2)
     if block_s * elements < per_thread * 32 * num_warps:
       return False
-  if seg.bits != 4:
+  if seg.bits < 4:
     return True
   c = np.asarray(centroids, np.float64)
   return bool(np.all(np.abs(c + c[::-1]) <= 1e-6 * np.abs(c).max()))
@@ -419,12 +483,14 @@ def lut_layout(seg: SegmentLayout, centroids: tuple[float, ...] | None, lookup: 
   ("nibbles", else "joined" where only that fits); "lut-joined" interleaves a word's parts
   back into coordinate order (one dot per segment; 1.1-1.2x slower on the H200),
   "lut-parts" splits them into 8 parts (1.8x slower). 2- and 3-bit segments take "joined"
-  under every lut lookup.
+  under every lut lookup, 5-bit segments "nibbles".
   """
   if not lookup.startswith("lut"):
     return None
   layouts = ["joined"]
-  if seg.bits == 4 and lookup != "lut-joined":
+  if seg.bits == 5:
+    layouts = ["nibbles"]
+  elif seg.bits == 4 and lookup != "lut-joined":
     layouts = ["parts"] if lookup == "lut-parts" else ["nibbles", "joined"]
   for layout in layouts:
     if lut_eligible(seg, centroids, layout=layout, block_s=block_s, num_warps=num_warps):
@@ -484,24 +550,56 @@ def _lut_parts(bits: int, words: Array, high: Array | None, centroids: tuple[flo
       result_shape_dtypes=[shape] * per_word)
 
 
-def _lut_nibbles(codes: Array, centroids: tuple[float, ...], interpret: bool) -> list[Array]:
-  """4-bit codes -> their centroids as float16 in the "nibbles" layout.
+def _lut_nibbles(codes: Array, centroids: tuple[float, ...], interpret: bool,
+                 high: Array | None = None) -> list[Array]:
+  """4- or 5-bit codes -> their centroids as float16 in the "nibbles" layout.
 
   Args:
-    codes: [block_s, d / 2] uint8, the packed rows (byte j: coordinates 2j, 2j + 1).
-    centroids: the codebook (16 values, symmetric).
+    codes: [block_s, d / 2] uint8, the (4-bit plane of the) packed rows (byte j: the low 4
+      bits of coordinates 2j, 2j + 1).
+    centroids: the codebook (16 or 32 values, symmetric).
     interpret: the same function in plain jnp (no PTX off the GPU).
+    high: 5 bits: [block_s, d / 2] uint8, bit t of byte j = bit 4 of coordinate 2j + t
+      (`_high_bits`); else None.
 
   Returns:
     2 x [block_s, d / 2] float16: part t, element j = coordinate 2j + t.
   """
   if interpret:
-    return [_select_tree(((codes >> (4 * t)) & 15).astype(jnp.int32), centroids, jnp.float16)
-            for t in range(2)]
+    parts = []
+    for t in range(2):
+      part = (codes >> (4 * t)) & 15
+      if high is not None:
+        part = part | (((high >> t) & 1) << 4)
+      parts.append(_select_tree(part.astype(jnp.int32), centroids, jnp.float16))
+    return parts
   shape = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
+  if high is None:
+    asm, args = _lut_nibble_asm(_lut_tables(centroids)), [codes]
+  else:
+    asm, args = _lut_nibble5_asm(_lut_full_tables(centroids[16:])), [codes, high]
   return inline_asm.multi_output_asm(
-      _lut_nibble_asm(_lut_tables(centroids)), args=[codes], constraints="=r,=r,=r,=r,r",
-      pack=4, result_shape_dtypes=[shape] * 2)
+      asm, args=args, constraints="=r,=r,=r,=r" + ",r" * len(args), pack=4,
+      result_shape_dtypes=[shape] * 2)
+
+
+def _high_bits(ref, rows: Array, seg: SegmentLayout, row_mask) -> Array:
+  """The 1-bit plane of 5-bit codes, spread to the 4-bit plane's bytes: [block_s, d / 2]
+  uint8, bits 0 and 1 of byte j = bit 4 of coordinates 2j and 2j + 1.
+
+  Byte j of the 4-bit plane needs bits 2j % 8, 2j % 8 + 1 of the 1-bit plane's byte j // 4:
+  a gather of that byte (each read 4 times, from cache) and a shift per column, so the
+  lookup stays elementwise.
+  """
+  (_, _, _, nibble_bytes), (_, _, offset, _) = seg.planes()
+  cols = jnp.arange(nibble_bytes)[None, :]
+  shape = (rows.shape[0], nibble_bytes)
+  idx = (jnp.broadcast_to(rows[:, None], shape), jnp.broadcast_to(offset + cols // 4, shape))
+  if row_mask is None:
+    byte = ref[idx]
+  else:
+    byte = plgpu.load(ref.at[idx], mask=jnp.broadcast_to(row_mask[:, None], shape), other=0)
+  return (byte >> (2 * (cols % 4)).astype(jnp.uint8)) & 3
 
 
 # How many dots a "lut" segment's tile meets the query in: "joined": the float16 parts of a
@@ -636,11 +734,18 @@ def _decode_kernel(
     mask = jnp.broadcast_to(row_mask[:, None], (block_s, width))
     return plgpu.load(view, mask=mask, other=0)
 
+  def tile_rows(tile):  # pl.ds -> the tile's token indices
+    return tile.start + jnp.arange(block_s)
+
   def segment_values(codes_refs, seg, centroids, cb_ref, lut, tile, row_mask):
     """The tile's centroid values: [block_s, padded_dim] float16, or the "lut" parts."""
     if lut == "nibbles":
-      return _lut_nibbles(load_columns(codes_refs[0], tile, 0, seg.packed, row_mask),
-                         centroids, interpret)
+      nibbles = seg.dim // 2
+      high = None
+      if seg.bits == 5:
+        high = _high_bits(codes_refs[0], tile_rows(tile), seg, row_mask)
+      return _lut_nibbles(load_columns(codes_refs[0], tile, 0, nibbles, row_mask),
+                          centroids, interpret, high)
     if lut:
       words = seg.dim // (_LUT_CODES if seg.bits == 4 else _LUT_LOW_CODES)
       lo = load_columns(codes_refs[0], tile, 0, words, row_mask)

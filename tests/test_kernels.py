@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from pallas_kernels import decode as dk
 from pallas_kernels import encode as ek
@@ -123,7 +124,7 @@ def test_decode_interpret_matches_reference(preset):
 
 @pytest.mark.parametrize("preset,orient,lookup", [("mse3", "tokens", "select"),
                                                   ("mse3", "rows", "gather"),
-                                                  ("lut_k5v4", "rows", "lut-gather")])
+                                                  ("split", "rows", "lut-gather")])
 def test_decode_interpret_variants(preset, orient, lookup):
   args = make_case(2, preset, S=173, G=3)
   ref = dk.decode(*args, implementation="xla")
@@ -270,6 +271,39 @@ def test_lut_nibble_ptx_looks_up_every_code():
     np.testing.assert_array_equal(np.asarray(parts[t]), table[row[:, perm[t]]])
 
 
+def test_lut_nibble5_ptx_looks_up_every_code():
+  # 5 bits in the "nibbles" layout: the 4-bit plane's bytes and their codes' high bits as the
+  # kernel spreads them (`dk._high_bits`, run in interpret mode on the cache's packing) ->
+  # the same 4 float16 pairs as at 4 bits, now over a codebook of 32; then the jnp path.
+  rng = np.random.default_rng(19)
+  centroids = _centroids(rng, 128, 5)
+  asm = dk._lut_nibble5_asm(dk._lut_full_tables(tuple(float(x) for x in centroids[16:])))
+  dim = 16
+  codes = rng.integers(0, 32, (4096, dim))
+  codes[:32, :8] = np.arange(32)[:, None]  # every code in every place of the first word
+  packed = packing.pack(jnp.asarray(codes), 5)  # [n, 8 nibble bytes + 2 high-bit bytes]
+  seg = dk.SegmentLayout(dim, 5)
+
+  def high_kernel(ref, out_ref):
+    out_ref[...] = dk._high_bits(ref, jnp.arange(ref.shape[0]), seg, None)
+
+  high = pl.pallas_call(high_kernel, out_shape=jax.ShapeDtypeStruct((4096, dim // 2), jnp.uint8),
+                        interpret=True)(packed)
+  np.testing.assert_array_equal(np.asarray(high), codes[:, 0::2] >> 4 | (codes[:, 1::2] >> 4) << 1)
+  word = lambda x: np.ascontiguousarray(np.asarray(x)[:, :4]).view(np.uint32)[:, 0]
+  outs = _run_ptx(asm, [word(packed), word(high)], 4)
+  table = np.asarray(centroids, np.float16)
+  for r, out in enumerate(outs):
+    pair = np.stack([out & 0xFFFF, out >> 16], -1).astype(np.uint16).view(np.float16)
+    nibble, byte = divmod(r, 2)
+    np.testing.assert_array_equal(pair, table[codes[:, [4 * byte + nibble, 4 * byte + 2 + nibble]]])
+  assert len([i for i in _ptx_instructions(asm) if not i.startswith("mov.b32")]) == 35
+  parts = dk._lut_nibbles(packed[:, :dim // 2], tuple(centroids), True, high)
+  perm = dk._parts_perm("nibbles", dim)
+  for t in range(2):
+    np.testing.assert_array_equal(np.asarray(parts[t]), table[codes[:, perm[t]]])
+
+
 def test_lut_eligibility():
   sym = lambda b: tuple(float(x) for x in _centroids(np.random.default_rng(b), 64, b))
   asym = lambda b: tuple(np.sort(np.random.default_rng(b).normal(size=2**b)).tolist())
@@ -287,6 +321,10 @@ def test_lut_eligibility():
   assert ok(128, 4, layout="parts") and not ok(64, 4, layout="parts")
   assert not ok(128, 3, layout="parts") and not ok(128, 3, layout="nibbles")
   assert ok(64, 4, layout="nibbles") and ok(32, 4, layout="nibbles")
+  # 5 bits: the nibbles layout only, with a symmetric codebook.
+  assert ok(128, 5, layout="nibbles") and ok(64, 5, layout="nibbles")
+  assert not ok(128, 5, asym(5), layout="nibbles") and not ok(128, 5, layout="parts")
+  assert not ok(16, 5, layout="nibbles") and not ok(96, 5, layout="nibbles")
   assert not ok(16, 4, layout="nibbles")  # two dots of depth 8
   # pack = 4 on bytes: block_s * d / 2 >= 128 * num_warps (16 rows of 32 bytes: 4 warps).
   assert ok(64, 4, layout="nibbles", block_s=16, num_warps=4)
@@ -298,9 +336,9 @@ def test_lut_eligibility():
 
 
 @pytest.mark.parametrize("preset,orient", [("k2v2", "rows"), ("k3v3", "tokens"),
-                                           ("k3.5v3.5", "rows")])
+                                           ("k3.5v3.5", "rows"), ("lut_k5v4", "rows")])
 def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
-  # 2- and 3-bit codes (and the 64@4 + 64@3 outlier split) through the byte-permute path
+  # 2-, 3- and 5-bit codes (and the 64@4 + 64@3 outlier split) through the byte-permute path
   # against the reference: asymmetric 2- and 3-bit codebooks, a ragged last tile, an empty
   # split (row 1: 100 tokens, splits of 128), tokens before `start` ignored; every segment
   # must take the lut.
@@ -308,12 +346,13 @@ def test_decode_interpret_lut_low_bits(preset, orient, monkeypatch):
   lut_parts, lut_nibbles = dk._lut_parts, dk._lut_nibbles
   monkeypatch.setattr(dk, "_lut_parts",
                       lambda bits, *a: seen.append(bits) or lut_parts(bits, *a))
-  monkeypatch.setattr(dk, "_lut_nibbles", lambda *a: seen.append(4) or lut_nibbles(*a))
+  monkeypatch.setattr(dk, "_lut_nibbles",
+                      lambda *a: seen.append(4 if a[3] is None else 5) or lut_nibbles(*a))
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(21, preset, B=2, K=1, G=6, S=233,
                                                     lengths=[233, 100])
   rng = np.random.default_rng(22)
   draw = lambda n: np.sort(rng.normal(size=n) * 0.1).astype(np.float16).astype(np.float32)
-  asym = lambda cb: [c if c.shape[0] == 16 else draw(c.shape[0]) for c in cb]
+  asym = lambda cb: [c if c.shape[0] >= 16 else draw(c.shape[0]) for c in cb]
   args = (qk, kc, kn, asym(kcb), vc, vn, asym(vcb), lengths)
   ref = dk.decode(*args, start=5)
   got = dk.decode(*args, implementation="pallas", interpret=True, block_s=64, num_splits=3,
@@ -356,7 +395,8 @@ def _lowered(f, *args) -> str:
 
 
 # A line of each lut asm block, to find it in the lowered kernel.
-_LUT_MARKS = {2: "0x44444444, 0xea", 3: "prmt.b32 hp, $18, g, 0x6420", 4: "not.b32 na, $8"}
+_LUT_MARKS = {2: "0x44444444, 0xea", 3: "prmt.b32 hp, $18, g, 0x6420", 4: "not.b32 na, $8",
+              5: "mul.lo.u32 n, n, 72"}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -372,7 +412,8 @@ def test_decode_lowers_to_triton_for_cuda(preset):
   for (d, b), c in zip(keys + values, kcb + vcb):  # the lut segments' asm is in the module
     if b in _LUT_MARKS:
       eligible = dk.lut_eligible(dk.SegmentLayout(d, b), tuple(float(x) for x in c),
-                                 block_s=64, num_warps=4)
+                                 layout="nibbles" if b == 5 else "joined", block_s=64,
+                                 num_warps=4)
       assert eligible == (d in (64, 128)), (d, b)
       assert (_LUT_MARKS[b] in text) == eligible, (d, b)
       # The default ("lut"): 4-bit segments in the nibbles layout, 2 and 3 bits joined.
