@@ -141,9 +141,10 @@ def test_sharded_decode_equals_single_device(config, preset, implementation, dat
   assert_laid_out(multi_caches, mesh, batch, config.num_kv_heads)
   if preset is not None:  # the flushes happened: tokens went from the window to the codes
     assert int(multi_caches[0].cache.compressed[0]) > PROMPT - 16
-  q_kernel = sharded.state["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-  assert {s.data.shape for s in q_kernel.addressable_shards} == {
-      (config.hidden_size, config.num_heads * config.head_dim // mesh.shape["model"])}
+  qkv_kernel = sharded.state["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
+  heads = config.num_heads + 2 * config.num_kv_heads
+  assert {s.data.shape for s in qkv_kernel.addressable_shards} == {
+      (config.hidden_size, heads * config.head_dim // mesh.shape["model"])}
 
 
 def collective_sizes(hlo: str) -> list[int]:

@@ -4,12 +4,13 @@ A mesh has two axes: ``"data"`` (batch rows) and ``"model"`` (KV heads and the m
 column/row-parallel weights, Megatron style). Everything but attention is partitioned by
 XLA's SPMD partitioner from the shardings of the inputs:
 
-* **weights** (`shard_params`): q/k/v, gate/up and ``lm_head`` are column-parallel (output
-  features over ``model``: whole heads, since H and K divide by the axis size, and the
-  query heads of a KV head stay on its device), o/down are row-parallel (input features
-  over ``model``; one all-reduce after each), the embedding table is split over the
-  vocabulary (a masked local lookup and one all-reduce; the residual stream stays
-  replicated, so a layer costs two all-reduces of [B, T, hidden]), norms are replicated;
+* **weights** (`shard_params`): the fused q/k/v and gate/up projections and ``lm_head``
+  are column-parallel (output features over ``model``: whole KV-head groups, since K
+  divides by the axis size, so the query heads of a KV head stay on its device), o/down
+  are row-parallel (input features over ``model``; one all-reduce after each), the
+  embedding table is split over the vocabulary (a masked local lookup and one all-reduce;
+  the residual stream stays replicated, so a layer costs two all-reduces of
+  [B, T, hidden]), norms are replicated;
 * **caches** (the caches' own ``shardings(mesh)``; `shard_caches` moves existing caches,
   `build_caches` / `init_caches` / `convert_caches` create them in place): every [B, K, ...]
   array over (``data``, ``model``), per-row counters over ``data``, per-KV-head tables
@@ -228,7 +229,9 @@ def convert_caches(caches: Sequence[ShardedCache], config: kvcache.CacheConfig, 
 # ----------------------------------------------------------------------------------------
 # Weights.
 
-_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+# Column-parallel: the fused projections' layouts keep each device's KV-head groups and
+# gate/up pairs whole (`tqjax.models.decoder.fuse_qkv`, `fuse_gate_up`).
+_COLUMN = ("qkv_proj", "gate_up_proj", "lm_head")
 _ROW = ("o_proj", "down_proj")
 _NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 

@@ -54,23 +54,47 @@ def _linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -
   return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+# Fused projections. One matmul reads the weights of q, k and v (and of gate and up) in one
+# kernel; at batch 1 XLA also rewrites a matrix-vector product whose operands are small
+# (under 10M elements, e.g. Llama-3-8B's 4096 x 1024 k_proj) into a multiply and a reduction,
+# and it fused k's and v's multiplies into one program that wrote both products out
+# (16 MB per layer): 37 us per layer on the H200 against ~4 us for the bytes read.
+# Column layouts that a split of the output over devices keeps whole (tensor parallelism):
+# q, k, v grouped by KV head, gate and up interleaved.
+
+
+def fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_kv_heads: int) -> jax.Array:
+  """q [..., H * D], k and v [..., K * D] (kernels or biases) -> [..., K * (G + 2) * D]:
+  per KV head, its G = H / K query heads, its key, its value."""
+  kh = num_kv_heads
+  d = k.shape[-1] // kh
+  lead = q.shape[:-1]
+  parts = [q.reshape(*lead, kh, -1, d), k.reshape(*lead, kh, 1, d), v.reshape(*lead, kh, 1, d)]
+  return jnp.concatenate(parts, axis=-2).reshape(*lead, -1)
+
+
+def fuse_gate_up(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """gate, up [..., I] -> [..., 2 I] with column 2j = gate j, column 2j + 1 = up j."""
+  return jnp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     h, k, d = config.num_heads, config.num_kv_heads, config.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
     self.sliding_window = config.layer_window(layer)
-    self.q_proj = _linear(config.hidden_size, h * d, config.qkv_bias, dtype, rngs)
-    self.k_proj = _linear(config.hidden_size, k * d, config.qkv_bias, dtype, rngs)
-    self.v_proj = _linear(config.hidden_size, k * d, config.qkv_bias, dtype, rngs)
+    # transformers' q_proj, k_proj and v_proj in one (`fuse_qkv`).
+    self.qkv_proj = _linear(config.hidden_size, (h + 2 * k) * d, config.qkv_bias, dtype, rngs)
     self.o_proj = _linear(h * d, config.hidden_size, config.o_bias, dtype, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any
                ) -> tuple[jax.Array, Any]:
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+    g = self.num_heads // self.num_kv_heads
+    qkv = self.qkv_proj(x).reshape(b, t, self.num_kv_heads, g + 2, self.head_dim)
+    q = qkv[:, :, :, :g].reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+    k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, K, D]
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     cache = cache.update(k, v, q)
@@ -82,12 +106,12 @@ class MLP(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     hid, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-    self.gate_proj = _linear(hid, inter, bias, dtype, rngs)
-    self.up_proj = _linear(hid, inter, bias, dtype, rngs)
+    self.gate_up_proj = _linear(hid, 2 * inter, bias, dtype, rngs)  # `fuse_gate_up`
     self.down_proj = _linear(inter, hid, bias, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate_up = self.gate_up_proj(x).reshape(*x.shape[:-1], -1, 2)
+    return self.down_proj(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1])
 
 
 class Block(nnx.Module):
@@ -108,7 +132,8 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Llama-family causal LM. Parameter names follow transformers' state dict."""
+  """Llama-family causal LM. Parameter names follow transformers' state dict, except the
+  fused projections ``qkv_proj`` (`fuse_qkv`) and ``gate_up_proj`` (`fuse_gate_up`)."""
 
   def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):

@@ -16,7 +16,7 @@ from flax import nnx
 
 from tqjax.hub import DEFAULT_MODEL, resolve_model
 from tqjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from tqjax.models.decoder import Decoder
+from tqjax.models.decoder import Decoder, fuse_gate_up, fuse_qkv
 
 
 def _to_jax(tensor: Any, dtype: jnp.dtype, transpose: bool = False) -> jax.Array:
@@ -46,15 +46,33 @@ def from_state_dict(config: ModelConfig, state_dict: dict[str, Any],
     if linear.bias is not None:
       put(linear.bias, f"{prefix}.bias")
 
+  def put_fused(linear: nnx.Linear, prefixes: list[str], fuse) -> None:
+    """A fused projection from the checkpoint's separate ones (torch [out, in] each)."""
+    for variable, suffix, transpose in ((linear.kernel, "weight", True),
+                                        (linear.bias, "bias", False)):
+      if variable is None:
+        continue
+      names = [f"{prefix}.{suffix}" for prefix in prefixes]
+      for name in names:
+        if name not in state_dict:
+          raise KeyError(f"checkpoint has no tensor {name!r}")
+      value = fuse(*[_to_jax(state_dict[n], dtype, transpose) for n in names])
+      if value.shape != variable.shape:
+        raise ValueError(f"{' + '.join(names)}: expected fused shape {variable.shape}, "
+                         f"got {value.shape}")
+      variable.set_value(value)
+      used.update(names)
+
   put(model.embed_tokens.embedding, "model.embed_tokens.weight")
   for i, block in enumerate(model.layers):
     p = f"model.layers.{i}"
     put(block.input_layernorm.weight, f"{p}.input_layernorm.weight")
     put(block.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      put_linear(getattr(block.self_attn, name), f"{p}.self_attn.{name}")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      put_linear(getattr(block.mlp, name), f"{p}.mlp.{name}")
+    qkv = [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    put_fused(block.self_attn.qkv_proj, qkv, lambda q, k, v: fuse_qkv(q, k, v, config.num_kv_heads))
+    put_linear(block.self_attn.o_proj, f"{p}.self_attn.o_proj")
+    put_fused(block.mlp.gate_up_proj, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], fuse_gate_up)
+    put_linear(block.mlp.down_proj, f"{p}.mlp.down_proj")
   put(model.norm.weight, "model.norm.weight")
   if model.lm_head is not None:
     put_linear(model.lm_head, "lm_head")
