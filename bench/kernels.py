@@ -319,7 +319,9 @@ def main(argv=None):
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--no-encode", action="store_true", help="skip the encode throughput")
-  ap.add_argument("--presets", default="")
+  ap.add_argument("--presets", default="",
+                  help="comma list of presets for the table (and, with --sweep, the only "
+                       "presets swept)")
   ap.add_argument("--lookups", default="",
                   help='comma list of decode lookups to time per preset, e.g. "select,lut" '
                        '(default: the kernel\'s default)')
@@ -353,6 +355,10 @@ def main(argv=None):
     configs += [(1, 65536, "k4v4", tile(32, 1, 2, num_splits=256))]
     configs += [(B, 65536, p, tile(*t)) for p in ("k3v3", "k2v2") for B in (8, 1)
                 for t in ((64, 4, 2), (32, 2, 2), (32, 1, 2), (64, 2, 3))]
+    if args.presets:  # only the given presets, over the tilings above
+      configs = [(B, 65536, p, tile(*t)) for p in args.presets.split(",") for B in (8, 1)
+                 for t in ((32, 1, 2), (32, 1, 3), (32, 2, 2), (32, 2, 3), (64, 2, 2),
+                           (64, 4, 2), (16, 1, 2))]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None

@@ -589,7 +589,8 @@ def _high_bits(ref, rows: Array, seg: SegmentLayout, row_mask) -> Array:
 
   Byte j of the 4-bit plane needs bits 2j % 8, 2j % 8 + 1 of the 1-bit plane's byte j // 4:
   a gather of that byte (each read 4 times, from cache) and a shift per column, so the
-  lookup stays elementwise.
+  lookup stays elementwise. (Loading the plane once and repeating its bytes in registers
+  took the same time on the H200: 535-575 us at B = 8, S = 64K, k5v3.)
   """
   (_, _, _, nibble_bytes), (_, _, offset, _) = seg.planes()
   cols = jnp.arange(nibble_bytes)[None, :]

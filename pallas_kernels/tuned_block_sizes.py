@@ -55,6 +55,11 @@ DECODE: dict[tuple, DecodeConfig] = {
     # 64/4/2 514), 68-70 us at B = 1 for every tiling tried.
     ("NVIDIA H200", "*", (4,), (4,)): DecodeConfig(
         block_s=32, num_warps=1, num_stages=3, target_programs=1024, orient="rows"),
+    # 5-bit keys (the "nibbles" lut with the high bits gathered), 3-bit values: 3 stages
+    # 537-549 us at B = 8 (2 stages 563-570), 73-78 us at B = 1 either way (session 7,
+    # `bench/kernels.py --sweep --quick --presets k5v3`; 2 warps, 64 or 16 tokens slower).
+    ("NVIDIA H200", "*", (5,), (3,)): DecodeConfig(
+        block_s=32, num_warps=1, num_stages=3, target_programs=1024, orient="rows"),
 }
 
 ENCODE: dict[tuple, EncodeConfig] = {}
