@@ -257,13 +257,15 @@ def test_bad_input_raises():
                             capacity=8, implementation="cuda")
 
 
-@pytest.mark.parametrize("name", ["k4v4", "k5v3", "k4v4-prod"])
-def test_pallas_kernel_matches_xla_path(name):
+@pytest.mark.parametrize("name,t", [("k4v4", 2), ("k5v3", 2), ("k4v4-prod", 2), ("k4v4", 1),
+                                    ("k5v3", 1)])
+def test_pallas_kernel_matches_xla_path(name, t):
+  # t = 2: a chunk of query tokens; t = 1: a decode step.
   rng = np.random.default_rng(6)
   dense = filled_dense(rng, [70, 45], capacity=96)
-  k = jnp.asarray(qwen_like_keys(rng, (B, 2, K, D)))
-  v = jnp.asarray(rng.standard_normal((B, 2, K, D)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((B, 2, H, D)), jnp.float32)
+  k = jnp.asarray(qwen_like_keys(rng, (B, t, K, D)))
+  v = jnp.asarray(rng.standard_normal((B, t, K, D)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((B, t, H, D)), jnp.float32)
   config = kv.preset(name, window=16, flush_block=8)
   outs = {}
   for impl in ("xla", "pallas-interpret"):
