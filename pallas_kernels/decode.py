@@ -31,7 +31,7 @@ Design:
   coordinate order with ``join`` + ``reshape``, so each segment is one dot of depth d_i.
   A segment whose dim is not a power of two (96 in the 32 + 96 outlier split) is padded
   in-kernel to the next power of two with masked loads and zero query columns.
-* The lookup: 2-, 3- and 4-bit segments whose rows are a power-of-two number of 32-bit
+* The lookup: 2- to 5-bit segments whose rows are a power-of-two number of 32-bit
   words (``lookup="lut"``, the default for concrete centroids; see `lut_eligible`: 64 and
   128 coordinates) are looked up 4 codes at a time by PTX byte permutes (``prmt``) on
   float16 tables held in registers, through multi-output inline asm blocks
@@ -45,7 +45,8 @@ Design:
   no interleave, and every element depends on its own byte only, so the block stays
   correct under whatever register layout Triton propagates back from the dot (a first
   version that returned each word's codes in coordinate order was wrong on the GPU for
-  exactly that reason). 2- and 3-bit words return 16 float16 parts that are interleaved
+  exactly that reason). 5-bit segments take the same layout with their high bits as a
+  second argument (`_LUT5_WORD`, `_high_bits`). 2- and 3-bit words return 16 float16 parts that are interleaved
   back into coordinate order (one dot per segment, "joined"; letting 8 parts meet a
   permuted query, 8 dots of depth d / 8, was 1.8x slower at 4 bits). Other segments use
   a select tree on centroids baked in as constants (``"select"``) or a gather from the
@@ -71,6 +72,10 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   grid, 1.6 instructions per coordinate, the query split into two int8 parts for 14-bit
   precision, int8 dots) was no faster (523 us; 410 us with a plain int8 query, too coarse
   for a tight reference).
+* session 7: 5-bit keys by byte permutes in the "nibbles" layout (`_LUT5_WORD`; before,
+  a select tree over the two bit planes interleaved into coordinate order): k5v3 1677 ->
+  568 us at B = 8, 236 -> 85 us at B = 1; 537-549 us and 73-78 us with 3 stages
+  (`tuned_block_sizes`), against fp16 baselines of 455-483 and 60-61 us.
 * The floor of this Triton structure is the limit now, not the lookup or the bytes: 2-,
   3- and 4-bit codes take about the same time (395-445 us at B = 8) although 2 bits read
   half the bytes of 4, and with the lookup skipped entirely (codes cast to float16, wrong
