@@ -46,11 +46,11 @@ Design:
   correct under whatever register layout Triton propagates back from the dot (a first
   version that returned each word's codes in coordinate order was wrong on the GPU for
   exactly that reason). 5-bit segments take the same layout with their high bits as a
-  second argument (`_LUT5_WORD`, `_high_bits`). 2- and 3-bit words return 16 float16 parts that are interleaved
-  back into coordinate order (one dot per segment, "joined"; letting 8 parts meet a
-  permuted query, 8 dots of depth d / 8, was 1.8x slower at 4 bits). Other segments use
-  a select tree on centroids baked in as constants (``"select"``) or a gather from the
-  table in memory (``"gather"``, traced centroids).
+  second argument (`_LUT5_WORD`, `_high_bits`). 2- and 3-bit words return 16 float16
+  parts that are interleaved back into coordinate order (one dot per segment, "joined";
+  letting 8 parts meet a permuted query, 8 dots of depth d / 8, was 1.8x slower at 4
+  bits). Other segments use a select tree on centroids baked in as constants
+  (``"select"``) or a gather from the table in memory (``"gather"``, traced centroids).
 * Split-K over S (flash decoding): the splits' partials are combined by
   :func:`merge_partials` outside the kernel (a few KB).
 

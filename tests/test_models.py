@@ -181,6 +181,31 @@ def test_generate_with_converted_caches_and_eos(rng):
   assert (np.asarray(a) != greedy).any()
 
 
+def test_fused_projection_layouts():
+  # What the decoder reads back from `fuse_qkv` (per KV head: its G query heads, its key,
+  # its value) and `fuse_gate_up` (pairs) is transformers' q, k, v and gate, up; bad
+  # shapes are refused by name.
+  from tqjax.models.decoder import fuse_gate_up, fuse_qkv
+  hidden, heads, kv_heads, d = 5, 6, 2, 4
+  g = heads // kv_heads
+  for lead in ((hidden,), ()):  # kernels [in, out] and biases [out]
+    q, k, v = (np.random.default_rng(i).normal(size=(*lead, n * d)).astype(np.float32)
+               for i, n in enumerate((heads, kv_heads, kv_heads)))
+    fused = np.asarray(fuse_qkv(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kv_heads))
+    groups = fused.reshape(*lead, kv_heads, g + 2, d)
+    np.testing.assert_array_equal(groups[..., :g, :].reshape(*lead, heads * d), q)
+    np.testing.assert_array_equal(groups[..., g, :].reshape(*lead, kv_heads * d), k)
+    np.testing.assert_array_equal(groups[..., g + 1, :].reshape(*lead, kv_heads * d), v)
+  gate, up = np.arange(12.0).reshape(2, 6), -np.arange(12.0).reshape(2, 6)
+  pairs = np.asarray(fuse_gate_up(jnp.asarray(gate), jnp.asarray(up))).reshape(2, 6, 2)
+  np.testing.assert_array_equal(pairs[..., 0], gate)
+  np.testing.assert_array_equal(pairs[..., 1], up)
+  with pytest.raises(ValueError, match="fuse_qkv takes q"):
+    fuse_qkv(jnp.zeros((5, 24)), jnp.zeros((5, 8)), jnp.zeros((5, 8)), 3)
+  with pytest.raises(ValueError, match="fuse_gate_up takes gate and up of one shape"):
+    fuse_gate_up(jnp.zeros((2, 6)), jnp.zeros((2, 4)))
+
+
 def test_sample_logits_filters(rng):
   logits = jnp.asarray(rng.standard_normal((3, 11)), jnp.float32)
   keys = jax.random.split(jax.random.key(0), 200)

@@ -67,6 +67,11 @@ def fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_kv_heads: int) -> jax
   """q [..., H * D], k and v [..., K * D] (kernels or biases) -> [..., K * (G + 2) * D]:
   per KV head, its G = H / K query heads, its key, its value."""
   kh = num_kv_heads
+  if (k.shape != v.shape or q.shape[:-1] != k.shape[:-1] or k.shape[-1] % kh
+      or q.shape[-1] % k.shape[-1]):
+    raise ValueError(f"fuse_qkv takes q [..., H * D], k and v [..., K * D] with K = "
+                     f"num_kv_heads = {kh} dividing H; got q {q.shape}, k {k.shape}, "
+                     f"v {v.shape}")
   d = k.shape[-1] // kh
   lead = q.shape[:-1]
   parts = [q.reshape(*lead, kh, -1, d), k.reshape(*lead, kh, 1, d), v.reshape(*lead, kh, 1, d)]
@@ -75,6 +80,9 @@ def fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_kv_heads: int) -> jax
 
 def fuse_gate_up(gate: jax.Array, up: jax.Array) -> jax.Array:
   """gate, up [..., I] -> [..., 2 I] with column 2j = gate j, column 2j + 1 = up j."""
+  if gate.shape != up.shape:
+    raise ValueError(f"fuse_gate_up takes gate and up of one shape, got {gate.shape} and "
+                     f"{up.shape}")
   return jnp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
 
 
