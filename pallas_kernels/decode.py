@@ -330,20 +330,10 @@ _LUT5_WORD = """
   and.b32 s, m, 0x77777777;
   shr.u32 f, m, 1;
   lop3.b32 w, f, 0x44444444, 0x32103210, 0xea;
-  prmt.b32 la, ta0, ta1, s;
-  prmt.b32 lb, tb0, tb1, s;
-  prmt.b32 l0, la, lb, w;
-  prmt.b32 la, tc0, tc1, s;
-  prmt.b32 lb, td0, td1, s;
-  prmt.b32 h0, la, lb, w;
+{half0}
   shr.u32 s, s, 16;
   shr.u32 w, w, 16;
-  prmt.b32 la, ta0, ta1, s;
-  prmt.b32 lb, tb0, tb1, s;
-  prmt.b32 l1, la, lb, w;
-  prmt.b32 la, tc0, tc1, s;
-  prmt.b32 lb, td0, td1, s;
-  prmt.b32 h1, la, lb, w;
+{half1}
   shl.b32 f, n, 4;
   prmt.b32 s, n, f, 0x1504;
   and.b32 s, s, 0x80808080;
@@ -358,6 +348,17 @@ _LUT5_WORD = """
 """
 
 
+# Codes 0-3 (half 0, selectors in the low 16 bits of s and w) or 4-7 (half 1): their
+# float16 low bytes (l) and high bytes (h), each looked up in both pools and merged by w.
+_LUT5_HALF = """
+  prmt.b32 la, ta0, ta1, s;
+  prmt.b32 lb, tb0, tb1, s;
+  prmt.b32 l{t}, la, lb, w;
+  prmt.b32 la, tc0, tc1, s;
+  prmt.b32 lb, td0, td1, s;
+  prmt.b32 h{t}, la, lb, w;"""
+
+
 def _lut_nibble5_asm(tables: tuple[int, ...]) -> str:
   """PTX for 4 bytes of the low plane ($4) and their codes' high bits ($5: bit 0 of byte k
   for its low nibble's code, bit 1 for the high nibble's), `pack = 4` on uint8 -> the float16
@@ -366,7 +367,8 @@ def _lut_nibble5_asm(tables: tuple[int, ...]) -> str:
   names = ("ta0", "ta1", "tb0", "tb1", "tc0", "tc1", "td0", "td1")
   body = [f".reg .b32 {', '.join(names)}, n, f, m, s, w, la, lb, l0, h0, l1, h1;"]
   body += [f"mov.b32 {name}, {value:#010x};" for name, value in zip(names, tables)]
-  return "{\n" + "\n".join(body) + _LUT5_WORD + "}"
+  word = _LUT5_WORD.format(half0=_LUT5_HALF.format(t=0), half1=_LUT5_HALF.format(t=1))
+  return "{\n" + "\n".join(body) + word + "}"
 
 
 # 2 and 3 bits: 16 codes per 32-bit word of the low (2-bit) plane (word w holds coordinates
