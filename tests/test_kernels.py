@@ -416,7 +416,7 @@ def test_decode_lowers_to_triton_for_cuda(preset):
                                  num_warps=4)
       assert eligible == (d in (64, 128)), (d, b)
       assert (_LUT_MARKS[b] in text) == eligible, (d, b)
-      # The default ("lut"): 4-bit segments in the nibbles layout, 2 and 3 bits joined.
+      # The default ("lut"): 4- and 5-bit segments in the nibbles layout, 2 and 3 bits joined.
       mark = "not.b32 na, $4" if b == 4 else _LUT_MARKS[b]
       assert (mark in default) == eligible, (d, b)
       assert b != 4 or _LUT_MARKS[4] not in default
