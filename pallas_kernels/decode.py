@@ -470,8 +470,6 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
     return False
   if layout != "joined" and (seg.bits < 4 or seg.dim // _LAYOUT_PARTS[layout] < _MIN_DEPTH):
     return False
-  if layout == "parts" and seg.bits != 4:
-    return False
   if block_s is not None and num_warps is not None:
     elements, per_thread = (4 * words, 4) if layout == "nibbles" else (words, 2)
     if block_s * elements < per_thread * 32 * num_warps:
@@ -742,16 +740,13 @@ def _decode_kernel(
     mask = jnp.broadcast_to(row_mask[:, None], (block_s, width))
     return plgpu.load(view, mask=mask, other=0)
 
-  def tile_rows(tile):  # pl.ds -> the tile's token indices
-    return tile.start + jnp.arange(block_s)
-
   def segment_values(codes_refs, seg, centroids, cb_ref, lut, tile, row_mask):
     """The tile's centroid values: [block_s, padded_dim] float16, or the "lut" parts."""
     if lut == "nibbles":
       nibbles = seg.dim // 2
       high = None
       if seg.bits == 5:
-        high = _high_bits(codes_refs[0], tile_rows(tile), seg, row_mask)
+        high = _high_bits(codes_refs[0], tile.start + jnp.arange(block_s), seg, row_mask)
       return _lut_nibbles(load_columns(codes_refs[0], tile, 0, nibbles, row_mask),
                           centroids, interpret, high)
     if lut:
