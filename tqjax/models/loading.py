@@ -32,14 +32,19 @@ def from_state_dict(config: ModelConfig, state_dict: dict[str, Any],
   model = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
   used: set[str] = set()
 
-  def put(variable: nnx.Variable, name: str, transpose: bool = False) -> None:
+  def tensor(name: str, transpose: bool = False) -> jax.Array:
     if name not in state_dict:
       raise KeyError(f"checkpoint has no tensor {name!r}")
-    value = _to_jax(state_dict[name], dtype, transpose)
-    if value.shape != variable.shape:
-      raise ValueError(f"{name}: expected shape {variable.shape}, got {value.shape}")
-    variable.set_value(value)
     used.add(name)
+    return _to_jax(state_dict[name], dtype, transpose)
+
+  def set_checked(variable: nnx.Variable, value: jax.Array, what: str) -> None:
+    if value.shape != variable.shape:
+      raise ValueError(f"{what}: expected shape {variable.shape}, got {value.shape}")
+    variable.set_value(value)
+
+  def put(variable: nnx.Variable, name: str, transpose: bool = False) -> None:
+    set_checked(variable, tensor(name, transpose), name)
 
   def put_linear(linear: nnx.Linear, prefix: str) -> None:
     put(linear.kernel, f"{prefix}.weight", transpose=True)  # torch [out, in] -> [in, out]
@@ -50,18 +55,9 @@ def from_state_dict(config: ModelConfig, state_dict: dict[str, Any],
     """A fused projection from the checkpoint's separate ones (torch [out, in] each)."""
     for variable, suffix, transpose in ((linear.kernel, "weight", True),
                                         (linear.bias, "bias", False)):
-      if variable is None:
-        continue
-      names = [f"{prefix}.{suffix}" for prefix in prefixes]
-      for name in names:
-        if name not in state_dict:
-          raise KeyError(f"checkpoint has no tensor {name!r}")
-      value = fuse(*[_to_jax(state_dict[n], dtype, transpose) for n in names])
-      if value.shape != variable.shape:
-        raise ValueError(f"{' + '.join(names)}: expected fused shape {variable.shape}, "
-                         f"got {value.shape}")
-      variable.set_value(value)
-      used.update(names)
+      if variable is not None:
+        names = [f"{prefix}.{suffix}" for prefix in prefixes]
+        set_checked(variable, fuse(*[tensor(n, transpose) for n in names]), " + ".join(names))
 
   put(model.embed_tokens.embedding, "model.embed_tokens.weight")
   for i, block in enumerate(model.layers):
