@@ -669,6 +669,7 @@ def _decode_kernel(
     seq_len: int,
     split_len: int,
     block_s: int,
+    real_rows: int,
     start_token: int,
     lookup: str,
     orient: str,
@@ -823,12 +824,19 @@ def _decode_kernel(
   m, l, accs = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
   m_ref[...] = m
   l_ref[...] = l
+  # Only the real query rows of the accumulators: the padding rows' bytes would be written
+  # here and read again by the merge for nothing (at G = 4, 3/4 of them).
+  real = rowb(jnp.arange(rows) < real_rows)
+
+  def store(ref, acc):
+    plgpu.store(ref, acc, mask=jnp.broadcast_to(real, acc.shape))
+
   for ref, acc, lut in zip(acc_refs, accs, value_lut):
     if split(lut):
       for u, part in enumerate(acc):
-        ref[u] = part
+        store(ref.at[jnp.int32(u)], part)
     else:
-      ref[...] = acc
+      store(ref, acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1098,7 +1106,7 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   kernel = functools.partial(
       _decode_kernel, key_segs=key_segs, value_segs=value_segs, key_centroids=static_ck,
       value_centroids=static_cv, key_lut=key_lut, value_lut=value_lut, seq_len=S,
-      split_len=split_len, block_s=block_s, start_token=start, lookup=lookup,
+      split_len=split_len, block_s=block_s, real_rows=G, start_token=start, lookup=lookup,
       orient=orient, interpret=interpret)
   m, l, *accs = pl.pallas_call(
       kernel,
@@ -1112,19 +1120,22 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
   )(lengths, *qs, *k_codes, *k_scales, *kcb, *v_codes, *v_scales, *vcb)
   if tok:
     accs = [jnp.swapaxes(a, -1, -2) for a in accs]
-  # In parts: [B, K, splits, P, Gp, d / P] -> [B, K, splits, Gp, d] (permuted); merged,
-  # then put back into coordinate order.
-  accs = [jnp.moveaxis(a, 3, 4).reshape(*a.shape[:3], rows, seg.dim)
-          if lut and _LAYOUT_PARTS[lut] > 1 else a
-          for a, seg, lut in zip(accs, value_segs, value_lut)]
-  merged = merge_partials(Partial(m[..., :G], l[..., :G], tuple(a[..., :G, :] for a in accs)),
-                          axis=2)
+  # The splits merged first (the rows past G were never written), then the small result
+  # put into coordinate order: in parts, [B, K, P, G, d / P] -> [B, K, G, d] (permuted).
+  m = m[..., :G]
+  m_max = jnp.max(m, axis=2)
+  w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max)[:, :, None])  # [B, K, splits, G]
   out = []
-  for a, seg, lut in zip(merged.acc, value_segs, value_lut):
+  for a, seg, lut in zip(accs, value_segs, value_lut):
+    # Products and a sum, not a dot: float32 dots may run at TF32 on the GPU.
     if lut and _LAYOUT_PARTS[lut] > 1:
+      a = jnp.sum(w[:, :, :, None, :, None] * a[..., :G, :], axis=2)  # [B, K, P, G, d / P]
+      a = jnp.moveaxis(a, 2, 3).reshape(B, K, G, seg.dim)
       a = a[..., np.argsort(_parts_perm(lut, seg.dim).ravel())]
+    else:
+      a = jnp.sum(w[..., None] * a[..., :G, :], axis=2)
     out.append(a[..., :seg.dim])
-  return merged._replace(acc=tuple(out))
+  return Partial(m_max, jnp.sum(w * l[..., :G], axis=2), tuple(out))
 
 
 # ----------------------------------------------------------------------------------------
