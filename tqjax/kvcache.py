@@ -706,9 +706,10 @@ class TurboQuantCache:
 
     b, t, kh, g, d = q.shape
     kq, vq = self.key_quantizer, self.value_quantizer
-    q = q.astype(jnp.float32) * jnp.float32(scale)
-    qk = [jnp.einsum("btkgD,kiD->bktgi", q, m).reshape(b, kh, t * g, -1)  # [B, K, T*G, d_i]
-          for m in self.query_maps]
+    # The scale after the dot, where XLA can fold it into the GEMM (its alpha).
+    q = q.astype(jnp.float32)
+    qk = [(jnp.einsum("btkgD,kiD->bktgi", q, m) * jnp.float32(scale)).reshape(b, kh, t * g, -1)
+          for m in self.query_maps]  # [B, K, T*G, d_i]
     as32 = lambda cs: [np.asarray(c, np.float32) for c in cs]  # concrete: baked into the kernel
     part = decode_kernel.decode(
         qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
