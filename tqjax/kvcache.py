@@ -335,11 +335,11 @@ class TurboQuantCache:
   value_quantizer: qz.Quantizer
   transform: KeyTransformState
   value_order: jax.Array  # [K, D] int32
-  # The decode kernel's query and output maps with the key transform and the value order
-  # folded in, per KV head (`_folded_maps`; made with the cache, never written): one
-  # einsum per segment on each side of the kernel instead of a gather, a multiply, a
-  # rotation, a scatter and transposes (each a separate GPU program at batch 1).
-  query_maps: tuple[jax.Array, ...]  # per key segment [K, d_i, D] float32: q -> A_i (q transformed)
+  # The Pallas path's query and output maps, per KV head, with the key transform and the
+  # value order folded in (`_folded_maps`): one einsum per segment on each side of the
+  # kernel, no scatter or transposes (at batch 1 every small GPU program costs a few us).
+  # Made by `init` (another transform or value order needs a new cache), never written.
+  query_maps: tuple[jax.Array, ...]  # per key segment [K, d_i, D] float32: q -> A_i q'
   value_maps: tuple[jax.Array, ...]  # per value segment [K, d_j, D] float32: -> value channels
   k_codes: tuple[jax.Array, ...]  # per key segment [B, K, S_cap, P_i] uint8
   k_scales: tuple[jax.Array, ...]  # per key segment [B, K, S_cap]
