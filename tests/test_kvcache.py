@@ -294,6 +294,37 @@ def test_pallas_path_refuses_what_it_cannot_do():
     cache.attend(jnp.zeros((1, 1, H, D)), scale=1.0, sliding_window=16)
 
 
+@pytest.mark.parametrize("name", ["k4v4", "k3.5v2.5", "k4v4-prod"])
+def test_folded_maps_equal_transform_rotation_and_permutation(name):
+  """The cache's query and value maps (one or two segments) against float64 numpy of what
+  they replace: scale, channel order and segment rotation of the queries; rotation back
+  and the value channel order of the kernel's output."""
+  rng = np.random.default_rng(12)
+  cache = kv.TurboQuantCache.from_dense(filled_dense(rng, [53, 31], capacity=64),
+                                        kv.preset(name), layer=0)
+  scl, order = (np.asarray(a, np.float64) for a in (cache.transform.scale, cache.transform.order))
+  v_order = np.asarray(cache.value_order)
+  assert (order != np.arange(D)).any() and (v_order != np.arange(D)).any()
+  assert not np.allclose(scl, 1.0)
+  kmaps = [np.asarray(a, np.float64) for a in cache.key_quantizer.maps]
+  vmaps = [np.asarray(a, np.float64) for a in cache.value_quantizer.maps]
+  assert len(cache.query_maps) == len(kmaps) and len(cache.value_maps) == len(vmaps)
+  t = 3
+  q = rng.standard_normal((B, t, K, G, D))
+  qt = np.take_along_axis(q * scl[:, None, :], np.broadcast_to(order[:, None, :], q.shape).astype(int), -1)
+  for folded, amap in zip(cache.query_maps, kmaps):
+    assert folded.shape == (K, amap.shape[0], D) and folded.dtype == jnp.float32
+    got = np.einsum("btkgD,kiD->btkgi", q, np.asarray(folded, np.float64))
+    np.testing.assert_allclose(got, qt @ amap.T, rtol=1e-5, atol=1e-5 * np.abs(qt @ amap.T).max())
+  acc = [rng.standard_normal((B, K, t * G, a.shape[0])) for a in vmaps]  # the kernel's rows
+  rotated = sum(a @ amap for a, amap in zip(acc, vmaps))  # [B, K, T*G, D] permuted channels
+  want = np.zeros_like(rotated)
+  np.put_along_axis(want, np.broadcast_to(v_order[None, :, None, :], want.shape), rotated, -1)
+  got = sum(np.einsum("bkrj,kjD->bkrD", a, np.asarray(m, np.float64))
+            for a, m in zip(acc, cache.value_maps))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["k8v8", "k4v4", "k5v3"])

@@ -299,6 +299,27 @@ def _permute(x, order):  # x [..., K, D], order [K, D]
   return jnp.take_along_axis(x, jnp.broadcast_to(order, x.shape), axis=-1)
 
 
+def _folded_maps(key_quantizer: qz.Quantizer, value_quantizer: qz.Quantizer,
+                 transform: KeyTransformState, value_order):
+  """Per KV head k, the maps of `TurboQuantCache.query_maps` and ``value_maps``.
+
+  A query's transformed channel c is q[order_k[c]] · scale_k[order_k[c]], so column
+  order_k[c] of A_i P_k diag(scale_k) is column c of A_i times scale_k[order_k[c]]. The
+  keys' mean has no query term, as in `KeyTransformState.queries` (every stored key is
+  centred, so a query's scores all move by one constant).
+  A value's channel c is its permuted channel j with order_k[j] = c: column order_k[j]
+  of the value map is column j of A_j. Both move columns by the inverse permutation.
+  """
+  def fold(amap, order, scale=None):  # amap [d, D], order [K, D] -> [K, d, D]
+    folded = jnp.swapaxes(amap[:, jnp.argsort(order, axis=-1)], 0, 1)
+    return folded if scale is None else folded * scale[:, None, :]
+
+  query_maps = tuple(fold(a, transform.order, transform.scale.astype(jnp.float32))
+                     for a in key_quantizer.maps)
+  value_maps = tuple(fold(a, value_order) for a in value_quantizer.maps)
+  return query_maps, value_maps
+
+
 def _unpermute(x, order):  # inverse of _permute: x[..., j] goes to channel order[j]
   # A scatter, not a gather by argsort(order): a sort is one more GPU program per layer
   # and step (~3 us each on the H200).
@@ -314,6 +335,12 @@ class TurboQuantCache:
   value_quantizer: qz.Quantizer
   transform: KeyTransformState
   value_order: jax.Array  # [K, D] int32
+  # The Pallas path's query and output maps, per KV head, with the key transform and the
+  # value order folded in (`_folded_maps`): one einsum per segment on each side of the
+  # kernel, no scatter or transposes (at batch 1 every small GPU program costs a few us).
+  # Made by `init` (another transform or value order needs a new cache), never written.
+  query_maps: tuple[jax.Array, ...]  # per key segment [K, d_i, D] float32: q -> A_i q'
+  value_maps: tuple[jax.Array, ...]  # per value segment [K, d_j, D] float32: -> value channels
   k_codes: tuple[jax.Array, ...]  # per key segment [B, K, S_cap, P_i] uint8
   k_scales: tuple[jax.Array, ...]  # per key segment [B, K, S_cap]
   v_codes: tuple[jax.Array, ...]  # per value segment [B, K, S_cap, P_i] uint8
@@ -365,7 +392,9 @@ class TurboQuantCache:
       transform = KeyTransformState.identity(num_kv_heads, head_dim)
     if value_order is None:
       value_order = KeyTransformState.identity(num_kv_heads, head_dim).order
-    return cls(qz.Quantizer.create(kcfg), qz.Quantizer.create(vcfg), transform, value_order,
+    key_quantizer, value_quantizer = qz.Quantizer.create(kcfg), qz.Quantizer.create(vcfg)
+    query_maps, value_maps = _folded_maps(key_quantizer, value_quantizer, transform, value_order)
+    return cls(key_quantizer, value_quantizer, transform, value_order, query_maps, value_maps,
                k_codes, k_scales, v_codes, v_scales,
                jnp.zeros(window_shape, dtype), jnp.zeros(window_shape, dtype),
                jnp.zeros(sink_shape, dtype), jnp.zeros(sink_shape, dtype),
@@ -398,10 +427,10 @@ class TurboQuantCache:
   def shardings(self, mesh: jax.sharding.Mesh, *, data_axis: str = "data",
                 model_axis: str = "model") -> TurboQuantCache:
     """The cache's `NamedSharding`s (a TurboQuantCache of them): the quantizers' tables
-    replicated, the key transforms and value order [K, D] over model_axis, lengths and
-    compressed [B] over data_axis, every other array (codes, scales, exact buffers:
-    [B, K, ...]) over (data_axis, model_axis). Works on a concrete or an abstract
-    (`jax.eval_shape`) cache."""
+    replicated, the key transforms, value order [K, D] and folded maps [K, d, D] over
+    model_axis, lengths and compressed [B] over data_axis, every other array (codes,
+    scales, exact buffers: [B, K, ...]) over (data_axis, model_axis). Works on a concrete
+    or an abstract (`jax.eval_shape`) cache."""
     from tqjax import sharding as sharding_lib
 
     if self.region_layer is not None:
@@ -412,7 +441,8 @@ class TurboQuantCache:
     s = sharding_lib.cache_shardings(mesh, batch=b, num_kv_heads=kh, data_axis=data_axis,
                                      model_axis=model_axis)
     small = dict(key_quantizer=s.replicated, value_quantizer=s.replicated, transform=s.heads,
-                 value_order=s.heads, lengths=s.batch, compressed=s.batch)
+                 value_order=s.heads, query_maps=s.heads, value_maps=s.heads, lengths=s.batch,
+                 compressed=s.batch)
 
     def like(name, tree):
       sharding = small.get(name, s.batch_heads)
@@ -624,7 +654,7 @@ class TurboQuantCache:
       if sliding_window is not None and sliding_window < self.capacity:
         raise ValueError(f"implementation={self.implementation!r} has no sliding-window mask, got "
                          f"{sliding_window=} below capacity={self.capacity}")
-      compressed = self._compressed_partial_pallas(qg, scale)
+      compressed = self._compressed_partial_pallas(q.reshape(b, t, kh, h // kh, d), scale)
     else:
       mask = dense_cache.attention_mask(q_pos, slots, valid, sliding_window)  # [B, T, S]
       compressed = self._compressed_partial(qg, mask, scale)
@@ -665,24 +695,30 @@ class TurboQuantCache:
     return acc.reshape(b, t, kh * g, d), row_max.reshape(b, t, -1), jnp.sum(p, -1).reshape(b, t, -1)
 
 
-  def _compressed_partial_pallas(self, qg, scale):
+  def _compressed_partial_pallas(self, q, scale):
     """`_compressed_partial` by the fused Pallas decode kernel (every valid compressed
     token is older than every query: the window holds the chunk); slots below the sink
-    size are skipped (``start``)."""
+    size are skipped (``start``). Takes the queries q [B, T, K, G, D] untransformed: the
+    folded maps move them into each key segment's basis, and the kernel's output back into
+    the values' channels, by one einsum per segment each (straight into the layouts the
+    kernel takes and gives)."""
     from pallas_kernels import decode as decode_kernel
 
-    b, t, kh, g, d = qg.shape
+    b, t, kh, g, d = q.shape
     kq, vq = self.key_quantizer, self.value_quantizer
-    qk = [_to_rows(qp * jnp.float32(scale)) for qp in qz.project_query(kq, qg)]  # [B, K, T*G, d_i]
+    # The scale after the dot, where XLA can fold it into the GEMM (its alpha).
+    q = q.astype(jnp.float32)
+    qk = [(jnp.einsum("btkgD,kiD->bktgi", q, m) * jnp.float32(scale)).reshape(b, kh, t * g, -1)
+          for m in self.query_maps]  # [B, K, T*G, d_i]
     as32 = lambda cs: [np.asarray(c, np.float32) for c in cs]  # concrete: baked into the kernel
     part = decode_kernel.decode(
         qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
         self.v_codes, self.v_scales, as32(qz.segment_centroids(vq.config)), self.compressed,
         implementation="pallas", interpret=self.implementation == "pallas-interpret",
         start=self.sink_tokens, layer=self.region_layer)
-    acc = sum(a @ amap for a, amap in zip(part.acc, vq.maps))  # [B, K, T*G, D], rotated back
-    acc = jnp.swapaxes(_unpermute(jnp.swapaxes(acc, 1, 2), self.value_order), 1, 2)
-    return _from_rows(acc, t), _from_rows(part.m, t), _from_rows(part.l, t)
+    acc = sum(jnp.einsum("bktgj,kjD->btkgD", a.reshape(b, kh, t, g, -1), m)
+              for a, m in zip(part.acc, self.value_maps))  # [B, T, K, G, D] original channels
+    return acc.reshape(b, t, kh * g, d), _from_rows(part.m, t), _from_rows(part.l, t)
 
 # The arrays a layer of a `StackedCache` reads and writes in the stack itself.
 _IN_PLACE = ("k_codes", "k_scales", "v_codes", "v_scales", "window_k", "window_v")
@@ -905,12 +941,7 @@ class FlushSchedule:
     return with_auto_flush(caches, True)
 
 
-def _to_rows(x):  # [B, T, K, G, ...] -> [B, K, T * G, ...]
-  x = jnp.moveaxis(x, 1, 2)
-  return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
-
-
-def _from_rows(x, t):  # inverse of _to_rows, then [B, T, K * G, ...]
+def _from_rows(x, t):  # [B, K, T * G, ...] -> [B, T, K * G, ...]
   b, kh, rows = x.shape[:3]
   x = jnp.moveaxis(x.reshape(b, kh, t, rows // t, *x.shape[3:]), 2, 1)
   return x.reshape(b, t, kh * (rows // t), *x.shape[4:])
