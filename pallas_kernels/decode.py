@@ -86,8 +86,8 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   operands produced directly in the tensor cores' register layout and several KV heads'
   tiles per program: a CUDA or Mosaic GPU kernel, not a Triton-lowered one (see issue 4).
   jax 0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
-* session 8, Nsight Compute on k4v4 at B = 8, S = 64K (``ncu --set full``, clocks locked
-  at 1.32 GHz): 250 registers per thread, so 8 one-warp programs per SM (12.5%
+* session 8, Nsight Compute on k4v4 at B = 8, S = 64K (``ncu --set full`` over
+  ``bench/ncu_decode.py``, clocks locked at 1.32 GHz): 250 registers per thread, so 8 one-warp programs per SM (12.5%
   occupancy, 1024 programs: 0.97 waves); issue slots 64% busy, the integer ALU pipe 62%
   (~110M of 232M warp instructions; the FMA pipe 25%, tensor cores 5%), DRAM 22%; shared
   loads of the pipelined codes with 4-way bank conflicts. So the lookup is most of the
