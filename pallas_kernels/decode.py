@@ -51,8 +51,10 @@ Design:
   letting 8 parts meet a permuted query, 8 dots of depth d / 8, was 1.8x slower at 4
   bits). Other segments use a select tree on centroids baked in as constants
   (``"select"``) or a gather from the table in memory (``"gather"``, traced centroids).
-* Split-K over S (flash decoding): the splits' partials are combined by
-  :func:`merge_partials` outside the kernel (a few KB).
+* Split-K over S (flash decoding): the splits' partials are combined outside the kernel
+  (as :func:`merge_partials` does; a few KB). The kernel writes only the G real query
+  rows of its accumulators, and the splits are merged before a "parts" layout is put
+  back into coordinate order (so only the merged result is permuted).
 
 Measured on the H200 (``bench/kernels.py --sweep --quick``, B = 8, Hq = 32, Hkv = 8,
 D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
@@ -87,10 +89,12 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   tiles per program: a CUDA or Mosaic GPU kernel, not a Triton-lowered one (see issue 4).
   jax 0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
 * session 8, Nsight Compute on k4v4 at B = 8, S = 64K (``ncu --set full`` over
-  ``bench/ncu_decode.py``, clocks locked at 1.32 GHz): 250 registers per thread, so 8 one-warp programs per SM (12.5%
-  occupancy, 1024 programs: 0.97 waves); issue slots 64% busy, the integer ALU pipe 62%
-  (~110M of 232M warp instructions; the FMA pipe 25%, tensor cores 5%), DRAM 22%; shared
-  loads of the pipelined codes with 4-way bank conflicts. So the lookup is most of the
+  ``bench/ncu_decode.py``, clocks locked at 1.32 GHz): 250 registers per thread, so 8
+  one-warp programs per SM (12.5% occupancy, 1024 programs: 0.97 waves); issue slots
+  64% busy, the integer ALU pipe 62% (~110M of 232M warp instructions; the FMA pipe
+  25%, tensor cores 5%), DRAM 22%; shared loads of the pipelined codes with 4-way bank
+  conflicts. The registers add up to the tile: acc 64, the query 32, the looked-up key
+  and value tiles 64 each ([32, 128] float16 per warp), the logits 16. So the lookup is most of the
   work after all: 22 PTX integer instructions per 8 codes on a pipe of 64 lanes per clock
   per SM is ~150-180 us of the H200's ALU time for the 1.07G codes of that shape, which
   is already the 3.3x target (145 us); the target needs lookups off the integer pipe
