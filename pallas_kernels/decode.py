@@ -90,14 +90,14 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   jax 0.11 also warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
 * session 8, Nsight Compute on k4v4 at B = 8, S = 64K (``ncu --set full`` over
   ``bench/ncu_decode.py``, clocks locked at 1.32 GHz): 250 registers per thread, so 8
-  one-warp programs per SM (12.5% occupancy, 1024 programs: 0.97 waves); issue slots
-  64% busy, the integer ALU pipe 62% (~110M of 232M warp instructions; the FMA pipe
-  25%, tensor cores 5%), DRAM 22%; shared loads of the pipelined codes with 4-way bank
-  conflicts. The registers are about what a tile holds: acc 64, the query 32, the key
-  and value tiles 64 each ([32, 128] float16 per warp), the logits 16. So the lookup is
-  most of the work after all: 22 PTX integer instructions per 8 codes on a pipe of 64
-  lanes per clock per SM is ~150-180 us of the H200's ALU time for the 1.07G codes of that shape, which
-  is already the 3.3x target (145 us); the target needs lookups off the integer pipe
+  one-warp programs per SM (12.5% occupancy, 1024 programs: 0.97 waves); issue slots 64%
+  busy, the integer ALU pipe 62% (~110M of 232M warp instructions; the FMA pipe 25%,
+  tensor cores 5%), DRAM 22%; shared loads of the pipelined codes with 4-way bank
+  conflicts. The registers are about what a tile holds: acc 64, the query 32, the key and
+  value tiles 64 each ([32, 128] float16 per warp), the logits 16. So the lookup is most
+  of the work after all: 22 PTX integer instructions per 8 codes on a pipe of 64 lanes per
+  clock per SM is ~150-180 us of the H200's ALU time for the 1.07G codes of that shape,
+  which is already the 3.3x target (145 us); the target needs lookups off the integer pipe
   (fewer instructions per code, or the tensor cores), not only a better tiling. Looking
   tiles up and meeting the query in 2 or 4 column chunks (so fewer looked-up values are
   live) left 234 registers and was slower (k4v4 391 -> 398 / 446 us; branch
