@@ -734,8 +734,9 @@ class StackedCache:
   ``layers`` is a `TurboQuantCache` whose every array has a leading layer axis [L, ...].
   A jitted decode step pays host time for each array it takes: a tuple of L per-layer
   caches passes ~20 arrays per layer (codes, scales, windows, sinks, transforms, folded
-  maps, tables: 22 for k4v4), this one the same ~20 for the whole model. Measured on the H200 at Qwen2.5-7B shapes
-  (28 layers, batch 1, 32K tokens, `bench/e2e.py`): the synced k4v4 step took 11.1 ms over
+  maps, tables: 22 for k4v4), this one the same ~20 for the whole model. Measured on the
+  H200 at Qwen2.5-7B shapes (28 layers, batch 1, 32K tokens, `bench/e2e.py`, with ~17
+  arrays per layer then): the synced k4v4 step took 11.1 ms over
   per-layer caches and 8.4 ms stacked (bf16 8.5 ms; pipelined, where the host's work hides
   behind the device's, 6.1 and 6.4 ms).
 
