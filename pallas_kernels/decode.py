@@ -23,7 +23,13 @@ Design:
   tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel
   body on CPU, so every configuration is tested here and lowered for CUDA in CI.
   Mosaic GPU was not measured: its Pallas lowering has no gather and no interpret path
-  for this body, which would leave the kernel untested off the GPU.
+  for this body, which would leave the kernel untested off the GPU. (Session 8, read and
+  lowered on CPU, not run: a Mosaic GPU kernel can take the dequantized key tile as a
+  register operand of wgmma with tokens as M and the query as an [8, D] shared-memory
+  operand, and ``plgpu.inline_mgpu`` admits the same PTX byte-permute lookup; such a
+  kernel lowers for CUDA on CPU under jax 0.10 and 0.11, but its interpret mode does not
+  run register-operand wgmma or ``inline_mgpu``, so numerics would be checked on the GPU
+  only.)
 * One program per (batch row, KV head, split of S): all G query heads of the KV head
   (or the T*G query rows of a chunk) are rows of one small matrix, so each code is read
   from memory once. Query rows are padded to 16 for the tensor-core ``dot``.
