@@ -1132,9 +1132,7 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
     accs = [jnp.swapaxes(a, -1, -2) for a in accs]
   # The splits merged first (the rows past G were never written), then the small result
   # put into coordinate order: in parts, [B, K, P, G, d / P] -> [B, K, G, d] (permuted).
-  m = m[..., :G]
-  m_max = jnp.max(m, axis=2)
-  w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max)[:, :, None])  # [B, K, splits, G]
+  m_max, w = _merge_weights(m[..., :G], axis=2)  # [B, K, G], [B, K, splits, G]
   out = []
   for a, seg, lut in zip(accs, value_segs, value_lut):
     # Products and a sum, not a dot: float32 dots may run at TF32 on the GPU.
@@ -1152,6 +1150,13 @@ def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_cent
 # Combining partials.
 
 
+def _merge_weights(m: Array, axis: int) -> tuple[Array, Array]:
+  """The merged row max over `axis` of partials' maxima m, and each partial's weight
+  exp(m - max) (0 for a partial that saw no token; a row that saw none keeps -inf)."""
+  top = jnp.max(m, axis=axis)
+  return top, jnp.exp(m - jnp.expand_dims(jnp.where(top == -jnp.inf, 0.0, top), axis))
+
+
 def merge_partials(*parts: Partial, axis: int | None = None) -> Partial:
   """Merges flash-decoding partials over disjoint token sets.
 
@@ -1164,9 +1169,7 @@ def merge_partials(*parts: Partial, axis: int | None = None) -> Partial:
       raise ValueError(f"merge over an axis takes one Partial, got {len(parts)}")
     (p,) = parts
     axis = axis % p.m.ndim
-    m = jnp.max(p.m, axis=axis)
-    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-    w = jnp.exp(p.m - jnp.expand_dims(m_safe, axis))
+    m, w = _merge_weights(p.m, axis)
     l = jnp.sum(w * p.l, axis=axis)
     acc = tuple(jnp.sum(w[..., None] * a, axis=axis) for a in p.acc)
     return Partial(m, l, acc)
