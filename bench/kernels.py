@@ -12,7 +12,8 @@ fused decode per preset against the fp16 baselines measured in the same run: jax
 Pallas ``decode_attention.gqa`` (on its own [B, S, K, D] layout, which it transposes per
 call), the same Pallas kernel (``mqa``) on a [B, K, S, D] cache, the XLA reference
 (einsum), ``jax.nn.dot_product_attention(implementation="cudnn")`` and torch SDPA
-(each backend that accepts the shape). Also encode throughput.
+(each backend that accepts the shape); k4v4 at D = 128 also by the Mosaic GPU kernel
+(rows ".../mosaic", `pallas_kernels.decode_mosaic`). Also encode throughput.
 
 Timing: each jax function is jitted as a chain of n dependent calls (an optimization
 barrier between them) and timed by the device-synchronized wall clock for two chain
@@ -290,24 +291,24 @@ def check_decode(key, results, impl_kwargs) -> bool:
   return ok
 
 
-def bench_decode(B, S, D, preset, key, **kw):
+def bench_decode(B, S, D, preset, key, implementation="pallas", **kw):
   keys, values = presets(D)[preset]
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(key, B, S, keys, values)
   # Centroids are closed over: constants of the compiled program, as in the cache.
   fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
-      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="pallas", **kw)
+      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw)
   t = time_jax(fn, (qk, kc, kn, vc, vn, lengths))
   return t, compressed_bytes(B, S, keys, values)
 
 
-def check_variant(key, preset, **kw) -> float:
+def check_variant(key, preset, implementation="pallas", **kw) -> float:
   keys, values = presets(128)[preset]
-  B, S = 2, 2048 + 37
+  B, S = 2, 2048 + (64 if implementation == "mosaic" else 37)  # mosaic: whole 64-token steps
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
       key, B, S, keys, values, lengths=jnp.asarray([S, 999], jnp.int32))
   ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla")
   out = jax.jit(lambda qk, kc, kn, vc, vn, lengths: dk.decode(
-      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="pallas", **kw))(
+      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw))(
           qk, kc, kn, vc, vn, lengths)
   return max(rel_err(a, b) for a, b in zip(finalize(out), finalize(ref)))
 
@@ -389,10 +390,13 @@ def main(argv=None):
       else:
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
-      for lookup in lookups:
-        kw = {"lookup": lookup} if lookup else {}
+      # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 at D = 128.
+      mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)])
+      for lookup in lookups + (["mosaic"] if mosaic else []):
+        kw = {"implementation": "mosaic"} if lookup == "mosaic" else (
+            {"lookup": lookup} if lookup else {})
         label = f"{name}/{lookup}" if lookup else name
-        lut = lut_bits(B, S, *presets(D)[name], **kw)
+        lut = [] if lookup == "mosaic" else lut_bits(B, S, *presets(D)[name], **kw)
         try:
           err = check_variant(key, name, **kw) if lookup else None  # else checked above
           t, nbytes = bench_decode(B, S, D, name, key, **kw)

@@ -17,19 +17,14 @@ window (:func:`merge_partials`) and rotates the output back (``out = sum_j acc_j
 
 Design:
 
-* Triton-lowered Pallas (``plgpu.CompilerParams``), not Mosaic GPU. The body is integer
-  unpacking and a per-element table lookup followed by a small matrix product; the
-  Triton lowering gives masked loads, ``join``-based interleaving, integer ops on any
-  tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel
-  body on CPU, so every configuration is tested here and lowered for CUDA in CI.
-  Mosaic GPU was not measured: its Pallas lowering has no gather and no interpret path
-  for this body, which would leave the kernel untested off the GPU. (Session 8, read and
-  lowered on CPU, not run: a Mosaic GPU kernel can take the dequantized key tile as a
-  register operand of wgmma with tokens as M and the query as an [8, D] shared-memory
-  operand, and ``plgpu.inline_mgpu`` admits the same PTX byte-permute lookup; such a
-  kernel lowers for CUDA on CPU under jax 0.10 and 0.11, but its interpret mode does not
-  run register-operand wgmma or ``inline_mgpu``, so numerics would be checked on the GPU
-  only.)
+* Triton-lowered Pallas (``plgpu.CompilerParams``) for every preset; for k4v4 also a Mosaic
+  GPU kernel (``implementation="mosaic"``, :mod:`pallas_kernels.decode_mosaic`), chosen
+  by measurement (session 9, below): 1.44x faster than this kernel at B = 8, S = 64K.
+  The Triton lowering gives masked loads, ``join``-based interleaving, integer ops on any
+  tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel body
+  on CPU, so every configuration is tested here; Mosaic GPU's interpreter runs neither
+  register-operand wgmma nor ``inline_mgpu``, so that kernel's asm and register layouts
+  are checked on CPU by a PTX emulation and its numerics on the GPU only.
 * One program per (batch row, KV head, split of S): all G query heads of the KV head
   (or the T*G query rows of a chunk) are rows of one small matrix, so each code is read
   from memory once. Query rows are padded to 16 for the tensor-core ``dot``.
@@ -108,6 +103,18 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   tiles up and meeting the query in 2 or 4 column chunks (so fewer looked-up values are
   live) left 234 registers and was slower (k4v4 391 -> 398 / 446 us; branch
   ``wip/chunks``).
+* session 9: register-pressure variants (the value lookup after the softmax; lazy
+  rescaling) and a cheaper 4-bit lookup (sign-magnitude, 18 instead of 22 instructions)
+  moved this kernel by -2% to +7% (``ncu``: 224-254 registers, still 11% occupancy; the
+  grid, 1024 one-warp programs, caps it too). SASS: per 32-token tile 1768 instructions
+  per thread (6.9 per code): PRMT 26%, IMAD 22% (register moves and the tables'
+  re-materialization), LOP3 11%, and byte loads + PRMTs that assemble each lookup word
+  from 4 tokens (Triton's layout conversion). The Mosaic GPU kernel (same run,
+  ``bench/kernels.py --quick --presets k4v4``, fastest fp16 481 us, torch cuDNN): 279 us
+  at B = 8 (1.72x) against 401 us (1.20x) here; B = 1 (fastest fp16 68 us): 52 against
+  46 us. Its profile:
+  94-112 registers, 4 warpgroups per SM, ~165M warp instructions, the integer pipe ~69%
+  busy: the lookup is its limit.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from tqjax import packing
-from pallas_kernels import inline_asm, tuned_block_sizes
+from pallas_kernels import decode_mosaic, inline_asm, tuned_block_sizes
 
 Array = jax.Array
 
@@ -496,8 +503,12 @@ def lut_eligible(seg: SegmentLayout, centroids: tuple[float, ...] | None, *,
     elements, per_thread = (4 * words, 4) if layout == "nibbles" else (words, 2)
     if block_s * elements < per_thread * 32 * num_warps:
       return False
-  if seg.bits < 4:
-    return True
+  return seg.bits < 4 or symmetric_codebook(centroids)
+
+
+def symmetric_codebook(centroids: Sequence[float]) -> bool:
+  """Whether sorted centroids are symmetric about 0 (c[k] = -c[-1 - k]; the sign trick of
+  the 4- and 5-bit lookups)."""
   c = np.asarray(centroids, np.float64)
   return bool(np.all(np.abs(c + c[::-1]) <= 1e-6 * np.abs(c).max()))
 
@@ -950,7 +961,10 @@ def decode(
     k_centroids: per key segment, [2**b_i] float32.
     v_codes, v_scales, v_centroids: the same for the value segments (dims d_j).
     lengths: [B] int32, valid compressed tokens per row (tokens >= length are ignored).
-    implementation: "xla" (the jnp reference) or "pallas" (the fused kernel).
+    implementation: "xla" (the jnp reference), "pallas" (the fused Triton-lowered kernel)
+      or "mosaic" (the fused Mosaic GPU kernel of `pallas_kernels.decode_mosaic`: one
+      4-bit key and one 4-bit value segment of 128 coordinates, symmetric codebooks, at
+      most 16 rows; sm_90 only; an error otherwise).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes`.
@@ -977,8 +991,9 @@ def decode(
     :class:`Partial` with m, l: [B, K, G] and acc_j: [B, K, G, d_j] (rotated domain,
     unnormalized).
   """
-  if implementation not in ("xla", "pallas"):
-    raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}')
+  if implementation not in ("xla", "pallas", "mosaic"):
+    raise ValueError(f'implementation must be "xla", "pallas" or "mosaic", got '
+                     f'{implementation!r}')
   qk, k_codes, k_scales, k_centroids = map(tuple, (qk, k_codes, k_scales, k_centroids))
   v_codes, v_scales, v_centroids = map(tuple, (v_codes, v_scales, v_centroids))
   if not qk:
@@ -1011,6 +1026,13 @@ def decode(
 
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
+  if implementation == "mosaic":
+    _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret,
+                  dict(block_s=block_s, num_warps=num_warps, lookup=lookup, orient=orient))
+    return decode_mosaic.decode_mosaic(
+        qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids, lengths,
+        start=start, layer=None if layer is None else int(layer), num_splits=num_splits,
+        num_stages=num_stages)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
   if lookup not in ("lut", "lut-gather", "lut-joined", "lut-parts", "select", "gather", "none"):
@@ -1053,6 +1075,30 @@ def decode(
       num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, lookup=lookup,
       orient=orient, interpret=interpret, key_lut=key_lut, value_lut=value_lut,
       start=start, layer=None if layer is None else int(layer))
+
+
+def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, other) -> None:
+  """What `implementation="mosaic"` (`pallas_kernels.decode_mosaic`) takes, else an error."""
+  segs = ((key_segs, static_ck, "key"), (value_segs, static_cv, "value"))
+  for segments, centroids, name in segs:
+    if len(segments) != 1 or segments[0].bits != 4 or segments[0].dim != decode_mosaic.DIM:
+      raise ValueError(f'implementation="mosaic" takes one 4-bit {name} segment of '
+                       f'{decode_mosaic.DIM} coordinates (the k4v4 preset), got '
+                       f'{[(s.dim, s.bits) for s in segments]} (dim, bits)')
+    if centroids[0] is None or not symmetric_codebook(centroids[0]):
+      raise ValueError(f'implementation="mosaic" bakes a symmetric {name} codebook into the '
+                       f'kernel; got {"traced" if centroids[0] is None else "asymmetric"} '
+                       f'centroids')
+  if G > decode_mosaic.MAX_ROWS:
+    raise ValueError(f'implementation="mosaic" takes at most {decode_mosaic.MAX_ROWS} query '
+                     f'rows per KV head, got G = {G}')
+  if interpret:
+    raise ValueError('implementation="mosaic" has no interpret mode (Mosaic GPU\'s '
+                     'interpreter runs no inline asm); test it on a GPU')
+  given = sorted(k for k, v in other.items() if v is not None)
+  if given:
+    raise ValueError(f'implementation="mosaic" has its own tiling; {given} apply to '
+                     f'"pallas" only')
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,

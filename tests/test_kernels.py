@@ -16,6 +16,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import decode as dk
+from pallas_kernels import decode_mosaic as dm
 from pallas_kernels import encode as ek
 from tqjax import packing
 from tqjax import quantizer as qz
@@ -194,7 +195,7 @@ def _run_ptx(asm: str, inputs: list[np.ndarray], outputs: int) -> list[np.ndarra
 
   ops = {
       "not.b32": lambda a: ~a, "and.b32": np.bitwise_and, "or.b32": np.bitwise_or,
-      "xor.b32": np.bitwise_xor, "shr.u32": lambda a, b: a >> b,
+      "xor.b32": np.bitwise_xor, "shr.u32": lambda a, b: a >> b, "shr.b32": lambda a, b: a >> b,
       "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
       "mov.b32": lambda a: np.uint32(a), "prmt.b32": prmt, "lop3.b32": lop3,
   }
@@ -421,6 +422,104 @@ def test_decode_lowers_to_triton_for_cuda(preset):
       assert (mark in default) == eligible, (d, b)
       assert b != 4 or _LUT_MARKS[4] not in default
 
+
+
+# --- The Mosaic GPU decode kernel (pallas_kernels.decode_mosaic). The register layout of a
+# wgmma A operand (PTX ISA, m64nNk16): warpgroup thread t, warp w = t // 32, lane l holds
+# rows 16 w + l // 4 + 8 h (h = 0, 1) of each 64-row tile and columns 8 j + 2 (l % 4) + e
+# (e = 0, 1: the low and high half of register j).
+
+
+def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
+  # Keys: thread t reads words 4q .. 4q+3 of its rows (q = l % 4); output j of word i is its
+  # register 4i + j. Values: the thread's 16-bit slot 8w + l // 4 of tokens 8J + 2q + e,
+  # read from the tile as TMA's 64-byte swizzle stores it; output j is register (J, code j
+  # = 2 mg + h of the slot) of V^T. Every code value occurs in every position.
+  rng = np.random.default_rng(21)
+  centroids = _centroids(rng, 128, 4)
+  lo, hi = dm.tables(tuple(float(x) for x in centroids))
+  table = np.asarray(centroids, np.float16)
+  T = 128
+  kc, vc = rng.integers(0, 16, (2, T, 128))
+  kc[:16], vc[:16] = np.arange(16)[:, None], np.arange(16)[:, None]
+  words = lambda c: np.asarray(packing.pack(jnp.asarray(c), 4)).view(np.uint32)  # [T, 16]
+  t = np.arange(128)
+  w, l4, q = t // 32, (t % 32) // 4, t % 4
+  f16 = lambda x: np.stack([x & 0xFFFF, x >> 16], -1).astype(np.uint16).view(np.float16)
+
+  key_words, got = words(kc), np.full((T, 128), np.nan, np.float16)
+  for rt in range(T // 64):
+    for h in range(2):
+      row = 64 * rt + 16 * w + l4 + 8 * h
+      for i in range(4):
+        outs = _run_ptx(dm.word_asm(lo, hi, pair=False), [key_words[row, 4 * q + i]], 4)
+        for j, out in enumerate(outs):
+          for e in range(2):
+            got[row, 8 * (4 * i + j) + 2 * q + e] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, table[kc][:, dm.k_perm()])
+
+  natural = words(vc)
+  swizzled = np.empty_like(natural.reshape(T, 4, 4))
+  for row in range(T):  # 16-byte chunk c of a 64-byte row goes to c ^ (row >> 1) & 3
+    for chunk in range(4):
+      swizzled[row, chunk ^ ((row >> 1) & 3)] = natural.reshape(T, 4, 4)[row, chunk]
+  swizzled = swizzled.reshape(T, 16)
+  word = 4 * (w ^ q) + l4 // 2
+  sel = np.where(l4 % 2, 0x7632, 0x5410).astype(np.uint32)
+  got = np.full((128, T), np.nan, np.float16)
+  for J in range(T // 8):
+    t0 = 8 * J + 2 * q
+    outs = _run_ptx(dm.word_asm(lo, hi, pair=True),
+                    [swizzled[t0, word], swizzled[t0 + 1, word], sel], 4)
+    for j, out in enumerate(outs):
+      mg, h = divmod(j, 2)
+      for e in range(2):
+        got[64 * mg + 16 * w + l4 + 8 * h, t0 + e] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, table[vc][:, dm.v_perm()].T)
+  assert sorted(dm.k_perm()) == sorted(dm.v_perm()) == list(range(128))
+  # The count the module's docstring gives: 21 per 8 codes (and the move of the input).
+  assert len(_ptx_instructions(dm.word_asm(lo, hi, pair=False))) == 22
+
+
+def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, "lut4", B=2, K=2, G=4, S=256)
+  text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
+                                       implementation="mosaic", start=3),
+                  qk, kc, kn, vc, vn, lengths)
+  assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
+  stacked = [jnp.stack([x, x]) for x in (kc[0], kn[0], vc[0], vn[0])]
+  text = _lowered(lambda q, kc, kn, vc, vn, lengths: dk.decode(
+      [q], [kc], [kn], kcb, [vc], [vn], vcb, lengths, implementation="mosaic", layer=1),
+      qk[0], *stacked, lengths)
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="one 4-bit key segment of 128"):
+    dk.decode(*make_case(6, "k3v3", S=256), implementation="mosaic")
+  with pytest.raises(ValueError, match="at most 16 query rows"):
+    dk.decode(*make_case(6, "lut4", G=17, S=256), implementation="mosaic")
+  with pytest.raises(ValueError, match="no interpret mode"):
+    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", interpret=True)
+  with pytest.raises(ValueError, match=r"\['block_s'\] apply to \"pallas\" only"):
+    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", block_s=32)
+  asym = make_case(6, "lut4", S=256)
+  asym[3][0] = asym[3][0] + np.eye(1, 16, 0, np.float32)[0] * 0.01
+  with pytest.raises(ValueError, match="symmetric key codebook into the kernel; got asymmetric"):
+    dk.decode(*asym, implementation="mosaic")
+  with pytest.raises(ValueError, match="divide S"):
+    dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("G,start,layer", [(4, 0, None), (7, 5, None), (12, 0, 1)])
+def test_decode_mosaic_gpu_matches_reference(G, start, layer):
+  args = make_case(8, "lut4", B=3, K=2, G=G, S=4096, lengths=[4096, 1000, 0])
+  ref = dk.decode(*args, implementation="xla", start=start)
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = args
+  if layer is not None:  # the same region as layer 1 of 2, read in place
+    kc, kn, vc, vn = ([jnp.stack([x[0] * 0, x[0]])] for x in (kc, kn, vc, vn))
+  got = jax.jit(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="mosaic",
+                                     start=start, layer=layer))(qk, kc, kn, vc, vn, lengths)
+  assert_partials_close(got, ref, 4096)
 
 
 ENCODE_CONFIGS = {

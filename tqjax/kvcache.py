@@ -25,7 +25,8 @@ more bits.
 Attention works in the rotated domain: the query is projected once per key segment, the
 output accumulated per value segment and rotated back once. The jnp path here is the
 reference; ``implementation="pallas"`` runs the fused decode kernel of `pallas_kernels`
-for the compressed region and merges it with the window the same way.
+for the compressed region and merges it with the window the same way (``"mosaic"``: the
+Mosaic GPU kernel, k4v4 caches only).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from tqjax.dense_cache import DenseCache
 
 KeyTransform = Literal["none", "center", "center_scale"]
 KEY_TRANSFORMS = ("none", "center", "center_scale")
-IMPLEMENTATIONS = ("xla", "pallas", "pallas-interpret")  # the last: CPU testing
+# "mosaic": the Mosaic GPU decode kernel (k4v4 only; `pallas_kernels.decode_mosaic`);
+# "pallas-interpret": the Triton kernel in interpret mode (CPU testing).
+IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "pallas-interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -714,7 +717,8 @@ class TurboQuantCache:
     part = decode_kernel.decode(
         qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
         self.v_codes, self.v_scales, as32(qz.segment_centroids(vq.config)), self.compressed,
-        implementation="pallas", interpret=self.implementation == "pallas-interpret",
+        implementation="mosaic" if self.implementation == "mosaic" else "pallas",
+        interpret=self.implementation == "pallas-interpret",
         start=self.sink_tokens, layer=self.region_layer)
     acc = sum(jnp.einsum("bktgj,kjD->btkgD", a.reshape(b, kh, t, g, -1), m)
               for a, m in zip(part.acc, self.value_maps))  # [B, T, K, G, D] original channels

@@ -1,0 +1,359 @@
+"""Fused 4-bit dequantize + attention decode as a Mosaic GPU (Hopper wgmma) kernel.
+
+The same computation as :func:`pallas_kernels.decode.decode` (``implementation="mosaic"``
+there) for one 4-bit key segment and one 4-bit value segment of 128 coordinates with a
+symmetric codebook (the k4v4 preset), at most 16 query rows per KV head. It reads the
+cache as it is: tqjax's packing (byte j = code 2j | code 2j+1 << 4), sorted codes.
+
+Why a second kernel: the Triton-lowered one is bound by its structure (16-row query
+padding, a shared-memory round trip of the dequantized tiles, 250 registers and one warp
+per program), not by the bytes it reads; see the profile in `pallas_kernels.decode`. Here:
+
+* Tokens are the wgmma M (a warpgroup, 128 threads, takes 64- or 128-token steps), the
+  query rows the N (8 or 16), so padding costs at most 2x on tiny tensor-core work.
+* Codes are dequantized straight into the wgmma's register A operand by an inline PTX
+  byte-permute lookup (`word_asm`: 21 instructions per 8 codes, 3 of them relabelling
+  the sorted codes to sign-magnitude, 3 shifts and a multiply that can go to the FMA
+  pipe), never through shared memory:
+  S^T [T, N] = K [T, 128] @ Q^T and O^T [128, N] += V^T [128, T] @ P^T.
+* K: a thread's 4 words (one 16-byte load) of two token rows become 16 columns of its
+  fragment; the columns are a fixed permutation of the coordinates (`k_perm`), undone by
+  permuting the query. V^T: a thread holds 4 coordinates x 16 tokens; it takes the
+  16-bit slot of its 4 coordinates from two tokens' words (the value codes are read with
+  a 64-byte swizzle so the 4 token pairs of a warp hit distinct banks); the rows are a
+  fixed permutation of the coordinates (`v_perm`), undone on the output.
+* Online softmax over the tokens (a cross-warp max per step), flash-decoding splits
+  merged by the wrapper.
+
+Measured on the H200 in one call (`bench/kernels.py --quick --no-encode --presets k4v4`,
+Hq = 32, Hkv = 8, S = 64K, random codes, session 9): B = 8: 279 us, 1.72x the fastest fp16
+baseline (481 us, torch cuDNN), against 401 us (1.20x) for the Triton kernel; B = 1:
+52 us (1.30x of 68 us, jax cuDNN) against 46 us. In the model (`bench/e2e.py
+--implementation mosaic`, Qwen2.5-7B shapes, 32K) it was slower than the Triton path in
+the same call (B = 8: 11.45 against 8.89 ms per step; B = 1: 11.88 against 6.65 ms), for
+a reason not yet found. The prototype's profile (Nsight Compute): 94-112 registers,
+4 warpgroups per SM, the integer pipe ~69% busy (the lookup is the limit), the 64-byte
+swizzle of the value codes took bank conflicts off (294 -> 282 us at the same tiling).
+
+Limits: whole splits past a row's length are skipped, but a split that holds the length
+runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
+sm_90 GPU (no interpret mode: Mosaic GPU's interpreter has no inline asm).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+Array = jax.Array
+
+DIM = 128  # coordinates per segment
+ROW_BYTES = DIM // 2  # bytes of 4-bit codes per token
+MAX_ROWS = 16  # query rows per KV head (the wgmma N: 8 or 16)
+
+
+def word_asm(table_lo: tuple[int, int], table_hi: tuple[int, int], pair: bool) -> str:
+  """PTX: a word of 8 sorted 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3, output j =
+  (value(n_j), value(n_{j+4})).
+
+  Input $4 is the word or, with `pair`, $4 and $5 are two tokens' words and $6 a `prmt`
+  selector that takes the same 16-bit half of each (nibbles 0-3 from the first token).
+  Sorted code k is +c[k - 8] for k >= 8 and -c[7 - k] below (a symmetric codebook); the
+  magnitude index goes through two byte-permute tables (`table_lo`, `table_hi`: the low
+  and high bytes of the 8 positive centroids as float16) and the sign is XORed in.
+  """
+  lines = ["{", ".reg .b32 W, m, sa, sb, la, ha, lb, hb, x, t;",
+           "prmt.b32 W, $4, $5, $6;" if pair else "mov.b32 W, $4;",
+           "shr.b32 t, W, 3;",
+           "lop3.b32 t, t, 0x11111111, 0, 0x0C;",  # 1 in each negative code's low bit
+           "mul.lo.u32 t, t, 7;",
+           "lop3.b32 m, W, t, 0x77777777, 0x28;",  # magnitude index (W ^ t) & 7 per code
+           "prmt.b32 sa, m, 0, 0x3120;",  # codes 0, 1, 4, 5 as selector nibbles
+           "prmt.b32 sb, m, 0, 0x3131;",  # codes 2, 3, 6, 7
+           f"prmt.b32 la, {table_lo[0]}, {table_lo[1]}, sa;",
+           f"prmt.b32 ha, {table_hi[0]}, {table_hi[1]}, sa;",
+           f"prmt.b32 lb, {table_lo[0]}, {table_lo[1]}, sb;",
+           f"prmt.b32 hb, {table_hi[0]}, {table_hi[1]}, sb;",
+           "prmt.b32 $0, la, ha, 0x6240;", "prmt.b32 $1, la, ha, 0x7351;",
+           "prmt.b32 $2, lb, hb, 0x6240;", "prmt.b32 $3, lb, hb, 0x7351;"]
+  # The sign (bit 3 of a sorted code is clear for a negative value) of code j, bit 3 + 4j,
+  # and of code j + 4 into bits 15 and 31 of output j.
+  for j in range(4):
+    shift = 12 - 4 * j
+    if shift:
+      lines.append(f"shl.b32 x, W, {shift};")
+    lines.append(f"lop3.b32 ${j}, ${j}, {'x' if shift else 'W'}, 0x80008000, 0xD2;")
+  lines.append("}")
+  return "\n".join(lines)
+
+
+def tables(centroids: tuple[float, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The low and high bytes of the 8 positive centroids (float16), 4 to a word: the
+  Triton kernel's tables (`decode._lut_tables`) as (low words, high words)."""
+  from pallas_kernels.decode import _lut_tables
+  lo0, lo1, hi0, hi1 = _lut_tables(centroids)
+  return (lo0, lo1), (hi0, hi1)
+
+
+def k_perm() -> np.ndarray:
+  """Column c of a dequantized key tile holds coordinate k_perm()[c].
+
+  Thread lane q (of 4) loads words 4q..4q+3 of its rows; output j of word i goes to
+  column block 4i + j, columns 8(4i + j) + 2q + e, and holds code j + 4e of the word,
+  coordinate 8(4q + i) + j + 4e."""
+  i, j, q, e = np.meshgrid(*(np.arange(n) for n in (4, 4, 4, 2)), indexing="ij")
+  perm = np.empty(DIM, np.int64)
+  perm[(8 * (4 * i + j) + 2 * q + e).ravel()] = (32 * q + 8 * i + j + 4 * e).ravel()
+  return perm
+
+
+def v_perm() -> np.ndarray:
+  """Row R of the dequantized V^T tile holds coordinate v_perm()[R].
+
+  Warp w, lane group l4 = lane // 4 holds rows 64 mg + 16 w + l4 + 8 h; it reads the
+  16-bit slot 8 w + l4 (coordinates 4 slot .. 4 slot + 3), code 2 mg + h of it."""
+  mg, w, l4, h = np.meshgrid(*(np.arange(n) for n in (2, 4, 8, 2)), indexing="ij")
+  perm = np.empty(DIM, np.int64)
+  perm[(64 * mg + 16 * w + l4 + 8 * h).ravel()] = (4 * (8 * w + l4) + 2 * mg + h).ravel()
+  return perm
+
+
+# Each thread: 16 consecutive bytes (one load; 4 words) of the two token rows it holds in
+# the wgmma fragment (rows r and r + 8 of its warp's 16), lane q of 4 the bytes 16q ...
+def _code_layout():
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  return fa.TiledLayout(fa.Tiling(((64, ROW_BYTES), (16, ROW_BYTES), (8, ROW_BYTES), (16,))),
+                        warp_dims=(-7,), lane_dims=(-3, -2), vector_dim=-1)
+
+
+def _mlir():
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, llvm, vector
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  return ir, arith, llvm, vector, mgpu, fa
+
+
+def _key_tile(lo, hi, steps_rows: int):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> f16 [T, 128] wgmma A operand."""
+  def body(ctx, codes_ref):
+    del ctx
+    ir, _, llvm, vector, mgpu, fa = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    words = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
+                                            optimized=False)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((steps_rows, DIM)), dtype=object)
+    asm, out_ty = word_asm(lo, hi, pair=False), llvm.StructType.get_literal([i32] * 4)
+    for rt in range(steps_rows // 64):
+      for mg in range(2):
+        vec = vector.bitcast(ir.VectorType.get((4,), i32),
+                             words.registers[rt, 0, 0, 0, mg, 0, 0, 0, 0])
+        for i in range(4):
+          w = vector.extract(vec, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([i]))
+          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,=r,=r,r", has_side_effects=False)
+          for j in range(4):
+            regs[rt, 4 * i + j, 0, 0, mg, 0, 0, 0, 0] = mgpu.utils.bitcast(
+                llvm.extractvalue(i32, out, [j]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
+def _value_tile(lo, hi, steps_rows: int):
+  """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
+  -> f16 V^T [128, T] wgmma A operand."""
+  def body(ctx, codes_ref):
+    del ctx
+    ir, arith, llvm, vector, mgpu, fa = _mlir()
+    i32, idx = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    c = lambda v: mgpu.utils.c(v, i32)
+    tid = mgpu.utils.thread_idx()
+    lane = arith.andi(tid, c(31))
+    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+    l4, q = arith.shrui(lane, c(2)), arith.andi(lane, c(3))
+    # Slot 8 warp + l4 is half of word 4 warp + l4 // 2; the swizzle XORs the 16-byte chunk
+    # (= warp) with bits 1-2 of the token row, which is q for tokens 8J + 2q + e.
+    byte = arith.index_cast(idx, arith.addi(arith.shli(arith.xori(warp, q), c(4)),
+                                            arith.shli(arith.shrui(l4, c(1)), c(2))))
+    odd = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(l4, c(1)), c(0))
+    sel = arith.select(odd, c(0x7632), c(0x5410))
+    rows = [arith.index_cast(idx, arith.addi(arith.shli(q, c(1)), c(e))) for e in (0, 1)]
+    zero = mgpu.utils.c(0, idx)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, steps_rows)), dtype=object)
+    asm, out_ty = word_asm(lo, hi, pair=True), llvm.StructType.get_literal([i32] * 4)
+    as_word = lambda v: vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v),
+                                       dynamic_position=[],
+                                       static_position=ir.DenseI64ArrayAttr.get([0]))
+    for J in range(steps_rows // 8):  # tokens 8J + 2q and 8J + 2q + 1
+      tile = mgpu.utils.c(J, idx)
+      w0, w1 = (as_word(vector.load(ir.VectorType.get((4,), ir.IntegerType.get_signless(8)),
+                                    codes_ref, [tile, zero, r, byte])) for r in rows)
+      out = llvm.inline_asm(out_ty, [w0, w1, sel], asm, "=r,=r,=r,=r,r,r,r",
+                            has_side_effects=False)
+      for j in range(4):  # code j = 2 mg + h of the slot
+        regs[j // 2, J, 0, 0, j % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
+            llvm.extractvalue(i32, out, [j]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
+@functools.lru_cache(maxsize=None)
+def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
+           start: int, layer: int | None, k_centroids: tuple[float, ...],
+           v_centroids: tuple[float, ...]):
+  split_len = S // splits
+  key_tile = _key_tile(*tables(k_centroids), step)
+  value_tile = _value_tile(*tables(v_centroids), step)
+  v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
+  N, T = rows, step
+
+  def kernel(ends_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, o_gmem, ml_gmem,
+             ends_smem, q_smem, p_smem, o_smem, ml_smem, bar):
+    b, k, split = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("split")
+    plgpu.copy_gmem_to_smem(ends_gmem.at[b], ends_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    end = ends_smem[0]
+    first = split * split_len
+
+    def step_fn(indices, kc_smem, vc_smem, kn_smem, vn_smem, carry):
+      acc, m, l = carry
+      keys = plgpu.inline_mgpu(
+          arg_types=(plgpu.RefType(),),
+          return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
+      )(key_tile)(kc_smem)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, keys, q_smem.T)
+        return acc_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
+      per_token = lambda ref: lax.broadcast_in_dim(plgpu.load(
+          ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32), (T, N), [0])
+      pos = (first + indices[0] * T
+             + plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA))
+      valid = (pos < end) & (pos >= start) if start else pos < end
+      s = jnp.where(valid, s * per_token(kn_smem), -jnp.inf)
+      m_next = jnp.maximum(m, s.max(axis=0))
+      m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+      corr = jnp.exp(m - m_safe)
+      p = jnp.exp(s - lax.broadcast_in_dim(m_safe, (T, N), [1]))
+      l = l * lax.broadcast_in_dim(corr, (T, N), [1]) + p
+      # Scales past the length may be garbage (inf/nan): select, do not multiply by 0.
+      pn = jnp.where(valid, p * per_token(vn_smem), 0.0).astype(jnp.float16)
+      p_smem.T[...] = plgpu.layout_cast(pn, plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      values = plgpu.inline_mgpu(
+          arg_types=(plgpu.RefType(transforms=v_transforms),),
+          return_type=plgpu.ShapeDtypeStruct((DIM, T), jnp.float16, layout=plgpu.Layout.WGMMA),
+      )(value_tile)(vc_smem)
+      acc = acc * lax.broadcast_in_dim(corr, (DIM, N), [1])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, values, p_smem.T)
+      return pl.run_state(pv)(plgpu.ACC.init(acc)), m_next, l
+
+    def write(acc, m, l):
+      o_smem[...] = acc
+      ml_smem.at[0][...] = m
+      ml_smem.at[1][...] = l
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, k, split])
+      plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[b, k, split])
+      plgpu.wait_smem_to_gmem(0)
+
+    at = lambda ref: ref.at[b, k] if layer is None else ref.at[layer, b, k]
+    tokens = pl.ds(first, split_len)
+    lay = plgpu.Layout.WGMMA
+
+    @pl.when((first < end) & (first + split_len > start))
+    def _():
+      init = (plgpu.layout_cast(jnp.full((DIM, N), 0.0, jnp.float32), lay),
+              plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), lay.reduce(0)),
+              plgpu.layout_cast(jnp.full((T, N), 0.0, jnp.float32), lay))
+      pipe = plgpu.emit_pipeline(
+          step_fn, grid=(split_len // T,), max_concurrent_steps=stages,
+          in_specs=[plgpu.BlockSpec((T, ROW_BYTES), lambda i: (i, 0)),
+                    plgpu.BlockSpec((T, ROW_BYTES), lambda i: (i, 0), transforms=v_transforms),
+                    plgpu.BlockSpec((T,), lambda i: (i,)),
+                    plgpu.BlockSpec((T,), lambda i: (i,))],
+          init_carry=init)
+      acc, m, l = pipe(at(kc_gmem).at[tokens], at(vc_gmem).at[tokens],
+                       at(kn_gmem).at[tokens], at(vn_gmem).at[tokens])
+      write(acc, m, l.sum(axis=0))
+
+    @pl.when((first >= end) | (first + split_len <= start))
+    def _():
+      write(plgpu.layout_cast(jnp.full((DIM, N), 0.0, jnp.float32), lay),
+            plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), lay.reduce(0)),
+            plgpu.layout_cast(jnp.full((N,), 0.0, jnp.float32), lay.reduce(0)))
+
+  swizzle = lambda nbytes: (plgpu.TilingTransform((8, nbytes // 2)),
+                            plgpu.SwizzleTransform(nbytes))
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, K, splits, DIM, N), jnp.float32),
+                jax.ShapeDtypeStruct((B, K, splits, 2, N), jnp.float32)),
+      grid=(B, K, splits), grid_names=("b", "k", "split"),
+      scratch_types=[
+          plgpu.SMEM((32,), jnp.int32),  # a 128-byte row: TMA copies whole warpgroup multiples
+          plgpu.SMEM((N, DIM), jnp.float16, transforms=swizzle(128)),
+          plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
+          plgpu.SMEM((DIM, N), jnp.float32),
+          plgpu.SMEM((2, N), jnp.float32),
+          plgpu.Barrier(num_arrivals=2, num_barriers=1),
+      ],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+
+
+def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
+  """(step, splits, stages): 128-token steps and ~1024 programs (measured best at B = 8
+  and 1, S = 64K); splits divide S / step."""
+  step = 128 if S % 128 == 0 else 64
+  splits = 1
+  while (splits * 2 * B * K <= 1024 and (S // step) % (splits * 2) == 0):
+    splits *= 2
+  return step, splits, 2
+
+
+def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
+                  lengths, *, start: int = 0, layer: int | None = None,
+                  step: int | None = None, num_splits: int | None = None,
+                  num_stages: int | None = None):
+  """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
+  there (this takes what that function passes, see its docstring). Returns a `Partial`."""
+  from pallas_kernels.decode import Partial, _merge_weights
+
+  (q,), (kc,), (kn,), (vc,), (vn,) = qk, k_codes, k_scales, v_codes, v_scales
+  ck, cv = (tuple(float(x) for x in np.asarray(c, np.float32)) for c in (k_centroids[0],
+                                                                         v_centroids[0]))
+  B, K, G, _ = q.shape
+  S = kc.shape[-2]
+  auto = default_tiling(B, K, S)
+  step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
+  if step not in (64, 128) or S % step:
+    raise ValueError(f"mosaic decode: step must be 64 or 128 and divide S = {S}, got {step}")
+  if num_splits < 1 or (S // step) % num_splits:
+    raise ValueError(f"mosaic decode: num_splits must divide S / step = {S // step}, "
+                     f"got {num_splits}")
+  rows = 8 if G <= 8 else 16
+  qp = jnp.zeros((B, K, rows, DIM), jnp.float16).at[:, :, :G].set(
+      q[..., k_perm()].astype(jnp.float16))
+  ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
+  # The cache's uint8 codes as they are (a bitcast to words here would copy every layer).
+  o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
+  m, w = _merge_weights(ml[:, :, :, 0], axis=2)  # [B, K, rows], [B, K, splits, rows]
+  l = jnp.sum(w * ml[:, :, :, 1], axis=2)
+  # A plain float32 sum (an einsum may take TF32 on the GPU).
+  acc = jnp.sum(o * w[:, :, :, None, :], axis=2)  # [B, K, 128, rows]
+  acc = jnp.swapaxes(acc, -1, -2)[..., :G, :][..., np.argsort(v_perm())]
+  return Partial(m[..., :G], l[..., :G], (acc,))
