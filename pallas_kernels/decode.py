@@ -112,9 +112,8 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   from 4 tokens (Triton's layout conversion). The Mosaic GPU kernel (same run,
   ``bench/kernels.py --quick --presets k4v4``, fastest fp16 481 us, torch cuDNN): 279 us
   at B = 8 (1.72x) against 401 us (1.20x) here; B = 1 (fastest fp16 68 us): 52 against
-  46 us. Its profile:
-  94-112 registers, 4 warpgroups per SM, ~165M warp instructions, the integer pipe ~69%
-  busy: the lookup is its limit.
+  46 us. Its profile (the prototype): 94-112 registers, 4 warpgroups per SM, ~165M warp
+  instructions, the integer pipe ~69% busy: the lookup is its limit.
 """
 
 from __future__ import annotations

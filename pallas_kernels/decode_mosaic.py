@@ -30,8 +30,9 @@ Hq = 32, Hkv = 8, S = 64K, random codes, session 9): B = 8: 279 us, 1.72x the fa
 baseline (481 us, torch cuDNN), against 401 us (1.20x) for the Triton kernel; B = 1:
 52 us (1.30x of 68 us, jax cuDNN) against 46 us. In the model (`bench/e2e.py
 --implementation mosaic`, Qwen2.5-7B shapes, 32K) it was slower than the Triton path in
-the same call (B = 8: 11.45 against 8.89 ms per step; B = 1: 11.88 against 6.65 ms), for
-a reason not yet found. The prototype's profile (Nsight Compute): 94-112 registers,
+the same call (B = 8: 11.45 against 8.89 ms per step; B = 1: 11.88 against 6.65 ms),
+most likely because its caches of 33,024 tokens (258 steps) left 2 splits that divide the
+steps (see `default_tiling`; fixed on branch wip/mosaic-layer, not yet measured). The prototype's profile (Nsight Compute): 94-112 registers,
 4 warpgroups per SM, the integer pipe ~69% busy (the lookup is the limit), the 64-byte
 swizzle of the value codes took bank conflicts off (294 -> 282 us at the same tiling).
 
@@ -316,7 +317,8 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
 def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
   """(step, splits, stages): 128-token steps and ~1024 programs (measured best at B = 8
-  and 1, S = 64K); splits divide S / step."""
+  and 1, S = 64K); splits divide S / step, a power of two (so S = 258 x 128 gets 2: slow).
+  """
   step = 128 if S % 128 == 0 else 64
   splits = 1
   while (splits * 2 * B * K <= 1024 and (S // step) % (splits * 2) == 0):
