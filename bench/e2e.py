@@ -22,7 +22,8 @@ decode step is the Runner's jitted step (`tqjax.models.generate`: the model over
 layers, greedy sampling, caches donated), one program per token, compiled ahead of time so
 that its compile time and memory analysis are known before anything is allocated;
 compressed caches run the fused Pallas kernel on the GPU (``implementation="pallas"``) and
-the jnp path on the CPU. Each row: warm-up steps, then ``--steps`` steps each timed from
+the jnp path on the CPU (``--implementation``; a preset written ``k4v4@mosaic`` takes the
+named implementation for its rows, so kernels compare in one run). Each row: warm-up steps, then ``--steps`` steps each timed from
 dispatch to the next token being ready; tokens/s = batch / median step time. The default
 32 steps hold exactly one window flush of a compressed cache (F = 32 tokens), so the mean
 is the amortized step time; the median leaves the flush step out. Then ``--steps`` more
@@ -233,9 +234,23 @@ def _path_keys(path) -> list[Any]:
 # ---- caches of a given context, random contents ----
 
 
+def split_preset(preset: str) -> tuple[str, str | None]:
+  """"k4v4@mosaic" -> ("k4v4", "mosaic"): a preset may name the implementation of its
+  compressed caches (Flax path), so one run compares kernels; plain names -> (name, None)."""
+  name, at, impl = preset.partition("@")
+  if not at:
+    return preset, None
+  if name == BF16 or impl not in kvcache.IMPLEMENTATIONS:
+    raise SystemExit(f"--presets: {preset!r}: a TurboQuant preset may take @ one of "
+                     f"{kvcache.IMPLEMENTATIONS} (bf16 none)")
+  return name, impl
+
+
 def cache_config(preset: str) -> kvcache.CacheConfig | None:
-  """None for the exact bf16 cache, else the named TurboQuant preset."""
-  return None if preset == BF16 else kvcache.preset(preset)
+  """None for the exact bf16 cache, else the named TurboQuant preset (any @implementation
+  stripped)."""
+  name, _ = split_preset(preset)
+  return None if name == BF16 else kvcache.preset(name)
 
 
 def _random_dense(key, context, *, batch: int, num_kv_heads: int, head_dim: int,
@@ -324,8 +339,9 @@ class CacheSpec:
     config = cache_config(self.preset)
     if config is None:
       return functools.partial(_random_dense, **shapes)
+    implementation = split_preset(self.preset)[1] or self.implementation
     return functools.partial(_random_turboquant, config=config, layer=layer,
-                             implementation=self.implementation, **shapes)
+                             implementation=implementation, **shapes)
 
   def builder_group(self, layer: int) -> Any:
     """Layers with equal groups share one compiled builder (equal quantizer configs)."""
@@ -939,7 +955,8 @@ class FlaxBench:
           spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation,
                            stack=self.stack)
           row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity,
-                     cache_layout=cache_layout(spec))
+                     cache_layout=cache_layout(spec),
+                     implementation=split_preset(preset)[1] or self.implementation)
           self.queue(cells, makers, row, spec, runner, step,
                      need=layouts[preset, batch].bytes(capacity), avail=self.available(),
                      free=lambda need, avail: (
@@ -1006,7 +1023,8 @@ class FlaxBench:
           capacity = context + MARGIN
           spec = CacheSpec(config, preset, batch, capacity, self.dtype, self.implementation,
                            mesh)
-          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity)
+          row = dict(base, batch=batch, context=context, preset=preset, capacity=capacity,
+                     implementation=split_preset(preset)[1] or self.implementation)
           self.queue(cells, makers, row, spec, sharded, step,
                      need=self.device_layout(spec).bytes(capacity),
                      avail=self.available(spec.devices),
@@ -1575,7 +1593,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--contexts", default=None, help=f"tokens, e.g. 32K (default {DEFAULTS['contexts']})")
   ap.add_argument("--presets", default=None,
                   help=f"bf16 (exact cache) and TurboQuant presets {sorted(kvcache.PRESETS)} "
-                  f"(default {DEFAULTS['presets']})")
+                  f"(default {DEFAULTS['presets']}); a preset@implementation (e.g. "
+                  f"k4v4@mosaic, Flax path) overrides --implementation for its rows")
   ap.add_argument("--paths", default=None, help=f"flax, bridge (default {DEFAULTS['paths']})")
   ap.add_argument("--verify", default=None,
                   help="presets allocated at their fitted longest context (default: all)")
@@ -1634,6 +1653,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     model_config(m)
   for p in args.presets:
     cache_config(p)
+  if "bridge" in args.paths and any(split_preset(p)[1] for p in args.presets):
+    raise SystemExit(f"--presets: preset@implementation is for the Flax path only, got "
+                     f"{args.presets} with --paths {','.join(args.paths)}")
   bad = sorted(set(args.paths) - set(PATHS))
   if bad:
     raise SystemExit(f"--paths: unknown {bad}; choose from {PATHS}")

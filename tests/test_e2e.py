@@ -130,6 +130,25 @@ def test_built_caches_hold_the_context_with_random_contents():
   assert q.memory_bytes() == e2e.CacheLayout.measure(quant).bytes(512) // 2
 
 
+def test_a_preset_may_name_its_implementation():
+  # "k4v4@mosaic": one run compares the kernels against bf16 (Flax path).
+  assert e2e.split_preset("k4v4@mosaic") == ("k4v4", "mosaic")
+  assert e2e.split_preset("k4v4") == ("k4v4", None)
+  config = e2e.tiny_config()
+  impl = lambda preset: e2e.CacheSpec(config, preset, 2, 512, jnp.bfloat16,
+                                      "pallas").builder(0).keywords["implementation"]
+  assert impl("k4v4@xla") == "xla" and impl("k4v4") == "pallas"
+  assert e2e.cache_config("k4v4@mosaic") == kvcache.preset("k4v4")
+  for bad in ("k4v4@cuda", "bf16@mosaic"):
+    with pytest.raises(SystemExit, match="may take @ one of"):
+      e2e.split_preset(bad)
+  parse = lambda *argv: e2e.resolve(e2e.build_parser().parse_args(list(argv)))
+  with pytest.raises(SystemExit, match="Flax path only"):
+    parse("--presets", "bf16,k4v4@mosaic", "--paths", "flax,bridge")
+  assert parse("--presets", "bf16,k4v4,k4v4@mosaic", "--paths", "flax").presets == [
+      "bf16", "k4v4", "k4v4@mosaic"]
+
+
 @pytest.mark.parametrize("model", ["qwen2.5-7b", "llama3-8b"])
 @pytest.mark.parametrize("preset", ["k4v4", "k3v3", "k5v3", "k2.5v2.5"])
 def test_layout_at_model_shapes(model, preset):
