@@ -52,8 +52,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-Array = jax.Array
-
 DIM = 128  # coordinates per segment
 ROW_BYTES = DIM // 2  # bytes of 4-bit codes per token
 MAX_ROWS = 16  # query rows per KV head (the wgmma N: 8 or 16)
