@@ -32,9 +32,10 @@ baseline (481 us, torch cuDNN), against 401 us (1.20x) for the Triton kernel; B 
 --implementation mosaic`, Qwen2.5-7B shapes, 32K) it was slower than the Triton path in
 the same call (B = 8: 11.45 against 8.89 ms per step; B = 1: 11.88 against 6.65 ms),
 most likely because its caches of 33,024 tokens (258 steps) left 2 splits that divide the
-steps (see `default_tiling`; fixed on branch wip/mosaic-layer, not yet measured). The prototype's profile (Nsight Compute): 94-112 registers,
-4 warpgroups per SM, the integer pipe ~69% busy (the lookup is the limit), the 64-byte
-swizzle of the value codes took bank conflicts off (294 -> 282 us at the same tiling).
+steps (see `default_tiling`; fixed on branch wip/mosaic-layer, not yet measured). The
+prototype's profile (Nsight Compute): 94-112 registers, 4 warpgroups per SM, the integer
+pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts off
+(294 -> 282 us at the same tiling).
 
 The lookup is now the limit: ~18 integer-pipe instructions per 8 codes are ~150 us of
 the H200's ALU time at B = 8, S = 64K, the whole budget of a 3.3x speedup. A way under
