@@ -349,8 +349,9 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   S = kc.shape[-2]
   auto = default_tiling(B, K, S)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
-  if step not in (64, 128) or S % step:
-    raise ValueError(f"mosaic decode: step must be 64 or 128 and divide S = {S}, got {step}")
+  if step not in (64, 128) or S % step or S == 0:
+    raise ValueError(f"mosaic decode: step must be 64 or 128 and divide S = {S} (> 0), got "
+                     f"{step}")
   if num_splits < 1 or (S // step) % num_splits:
     raise ValueError(f"mosaic decode: num_splits must divide S / step = {S // step}, "
                      f"got {num_splits}")
