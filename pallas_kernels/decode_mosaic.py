@@ -149,21 +149,21 @@ def _mlir():
   return ir, arith, llvm, vector, mgpu, fa
 
 
-def _key_tile(lo, hi, steps_rows: int):
+def _key_tile(lo, hi, tokens: int):
   """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> f16 [T, 128] wgmma A operand."""
   def body(ctx, codes_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    words = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
-                                            optimized=False)
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((steps_rows, DIM)), dtype=object)
+    codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
+                                            optimized=False)  # 16 bytes per register
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
     asm, out_ty = word_asm(lo, hi, pair=False), llvm.StructType.get_literal([i32] * 4)
-    for rt in range(steps_rows // 64):
+    for rt in range(tokens // 64):
       for mg in range(2):
         vec = vector.bitcast(ir.VectorType.get((4,), i32),
-                             words.registers[rt, 0, 0, 0, mg, 0, 0, 0, 0])
+                             codes.registers[rt, 0, 0, 0, mg, 0, 0, 0, 0])
         for i in range(4):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
@@ -175,7 +175,7 @@ def _key_tile(lo, hi, steps_rows: int):
   return body
 
 
-def _value_tile(lo, hi, steps_rows: int):
+def _value_tile(lo, hi, tokens: int):
   """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
   -> f16 V^T [128, T] wgmma A operand."""
   def body(ctx, codes_ref):
@@ -196,12 +196,12 @@ def _value_tile(lo, hi, steps_rows: int):
     sel = arith.select(odd, c(0x7632), c(0x5410))
     rows = [arith.index_cast(idx, arith.addi(arith.shli(q, c(1)), c(e))) for e in (0, 1)]
     zero = mgpu.utils.c(0, idx)
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, steps_rows)), dtype=object)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
     asm, out_ty = word_asm(lo, hi, pair=True), llvm.StructType.get_literal([i32] * 4)
     as_word = lambda v: vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v),
                                        dynamic_position=[],
                                        static_position=ir.DenseI64ArrayAttr.get([0]))
-    for J in range(steps_rows // 8):  # tokens 8J + 2q and 8J + 2q + 1
+    for J in range(tokens // 8):  # tokens 8J + 2q and 8J + 2q + 1
       tile = mgpu.utils.c(J, idx)
       w0, w1 = (as_word(vector.load(ir.VectorType.get((4,), ir.IntegerType.get_signless(8)),
                                     codes_ref, [tile, zero, r, byte])) for r in rows)
@@ -360,7 +360,8 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
       q[..., k_perm()].astype(jnp.float16))
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
-  # The cache's uint8 codes as they are (a bitcast to words here would copy every layer).
+  # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
+  # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
   m, w = _merge_weights(ml[:, :, :, 0], axis=2)  # [B, K, rows], [B, K, splits, rows]
   l = jnp.sum(w * ml[:, :, :, 1], axis=2)
