@@ -105,7 +105,7 @@ D = 128, S = 64K; the fastest fp16 decode in the same run 478 us, torch cuDNN):
   ``wip/chunks``).
 * session 9: register-pressure variants (the value lookup after the softmax; lazy
   rescaling) and a cheaper 4-bit lookup (sign-magnitude, 18 instead of 22 instructions)
-  moved this kernel by -2% to +7% (``ncu``: 224-254 registers, still 11% occupancy; the
+  moved this kernel by -4% to +7% (``ncu``: 224-254 registers, still 11% occupancy; the
   grid, 1024 one-warp programs, caps it too). SASS: per 32-token tile 1768 instructions
   per thread (6.9 per code): PRMT 26%, IMAD 22% (register moves and the tables'
   re-materialization), LOP3 11%, and byte loads + PRMTs that assemble each lookup word
