@@ -356,8 +356,7 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
     raise ValueError(f"mosaic decode: num_splits must divide S / step = {S // step}, "
                      f"got {num_splits}")
   rows = 8 if G <= 8 else 16
-  qp = jnp.zeros((B, K, rows, DIM), jnp.float16).at[:, :, :G].set(
-      q[..., k_perm()].astype(jnp.float16))
+  qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), ((0, 0), (0, 0), (0, rows - G), (0, 0)))
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
