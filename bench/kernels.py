@@ -3,6 +3,8 @@
     PYTHONPATH=. python bench/kernels.py --out DIR            # full grid
     PYTHONPATH=. python bench/kernels.py --quick --out DIR    # B=8/1, S=64K, D=128
     PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
+    PYTHONPATH=. python bench/kernels.py --sweep --quick --presets k4v4 \
+        --implementations mosaic --out DIR                     # the Mosaic kernel's tilings
     PYTHONPATH=. python bench/kernels.py --quick --presets k3v3,k2v2 --lookups select,lut \
         --out DIR                                              # lookups side by side
 
@@ -303,7 +305,9 @@ def bench_decode(B, S, D, preset, key, implementation="pallas", **kw):
 
 def check_variant(key, preset, implementation="pallas", **kw) -> float:
   keys, values = presets(128)[preset]
-  B, S = 2, 2048 + (64 if implementation == "mosaic" else 37)  # mosaic: whole 64-token steps
+  B, S = 2, 2048 + (128 if implementation == "mosaic" else 37)  # mosaic: whole 128-token steps
+  if implementation == "mosaic" and "num_splits" in kw:  # a sweep's splits are for S = 64K
+    kw = dict(kw, num_splits=min(kw["num_splits"], S // kw.get("block_s", 128)))
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
       key, B, S, keys, values, lengths=jnp.asarray([S, 999], jnp.int32))
   ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla")
@@ -326,7 +330,14 @@ def main(argv=None):
   ap.add_argument("--lookups", default="",
                   help='comma list of decode lookups to time per preset, e.g. "select,lut" '
                        '(default: the kernel\'s default)')
+  ap.add_argument("--implementations", default="pallas,mosaic",
+                  help='comma list of decode kernels to time: "pallas" (Triton-lowered) and '
+                       '"mosaic" (Mosaic GPU, k4v4 at D = 128 only)')
   args = ap.parse_args(argv)
+  impls = args.implementations.split(",")
+  if not impls or set(impls) - {"pallas", "mosaic"}:
+    ap.error(f'--implementations: a comma list of "pallas" and "mosaic", got '
+             f'{args.implementations!r}')
   os.makedirs(args.out, exist_ok=True)
   results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                    "rows": [], "sweep": []}
@@ -360,12 +371,21 @@ def main(argv=None):
       configs = [(B, 65536, p, tile(*t)) for p in args.presets.split(",") for B in (8, 1)
                  for t in ((32, 1, 2), (32, 1, 3), (32, 2, 2), (32, 2, 3), (64, 2, 2),
                            (64, 4, 2), (16, 1, 2))]
+    if not args.presets or "k4v4" in args.presets.split(","):
+      # The Mosaic GPU kernel: step (block_s) x stages x splits (programs = 8 B splits).
+      configs += [(B, 65536, "k4v4", dict(implementation="mosaic", block_s=bs, num_stages=st,
+                                          num_splits=n))
+                  for B, splits in ((8, (8, 16, 32)), (1, (64, 128, 256)))
+                  for bs in (128, 64) for st in (2, 3) for n in splits]
+    configs = [c for c in configs if c[3].get("implementation", "pallas") in impls]
     for B, S, preset, kw in configs:
       try:
         err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None
         t, nbytes = bench_decode(B, S, 128, preset, key, **kw)
+        lut = [] if kw.get("implementation") == "mosaic" else lut_bits(
+            B, S, *presets(128)[preset], **kw)
         row = dict(B=B, S=S, preset=preset, us=round(t, 1), tbps=nbytes / t * 1e-6, err=err,
-                   lut_bits=lut_bits(B, S, *presets(128)[preset], **kw), **kw)
+                   lut_bits=lut, **kw)
       except Exception as e:
         row = dict(B=B, S=S, preset=preset, error=repr(e)[:300], **kw)
       results["sweep"].append(row)
@@ -391,8 +411,8 @@ def main(argv=None):
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
       # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 at D = 128.
-      mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)])
-      for lookup in lookups + (["mosaic"] if mosaic else []):
+      mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)]) and "mosaic" in impls
+      for lookup in (lookups if "pallas" in impls else []) + (["mosaic"] if mosaic else []):
         kw = {"implementation": "mosaic"} if lookup == "mosaic" else (
             {"lookup": lookup} if lookup else {})
         label = f"{name}/{lookup}" if lookup else name

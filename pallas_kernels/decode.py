@@ -966,7 +966,8 @@ def decode(
       most 16 rows; sm_90 only; an error otherwise).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
-      :mod:`pallas_kernels.tuned_block_sizes`.
+      :mod:`pallas_kernels.tuned_block_sizes` ("mosaic": block_s is the step of 64 or 128
+      tokens, no num_warps).
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
     lookup: "lut" (2-, 3- and 4-bit segments of 64 or 128 coordinates, 4 bits with a
       symmetric codebook, look codes up 4 at a time with byte permutes, see
@@ -1027,11 +1028,11 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if implementation == "mosaic":
     _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret,
-                  dict(block_s=block_s, num_warps=num_warps, lookup=lookup, orient=orient))
+                  dict(num_warps=num_warps, lookup=lookup, orient=orient))
     return decode_mosaic.decode_mosaic(
         qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids, lengths,
-        start=start, layer=None if layer is None else int(layer), num_splits=num_splits,
-        num_stages=num_stages)
+        start=start, layer=None if layer is None else int(layer), step=block_s,
+        num_splits=num_splits, num_stages=num_stages)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
   if lookup not in ("lut", "lut-gather", "lut-joined", "lut-parts", "select", "gather", "none"):

@@ -214,11 +214,19 @@ def _value_tile(lo, hi, tokens: int):
   return body
 
 
+def split_window(split, split_len: int, S: int):
+  """(first, read): split `split` owns tokens [first, min(first + split_len, S)) and reads
+  the window [read, read + split_len), which stays inside S: the last split's moves back
+  and its tokens before `first` (the split before's) are masked."""
+  first = split * split_len
+  return first, jnp.minimum(first, S - split_len)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
            v_centroids: tuple[float, ...]):
-  split_len = S // splits
+  split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   key_tile = _key_tile(*tables(k_centroids), step)
   value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
@@ -231,7 +239,8 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
     plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
     end = ends_smem[0]
-    first = split * split_len
+    first, read = split_window(split, split_len, S)
+    lower, stop = jnp.maximum(first, start), jnp.minimum(first + split_len, end)
 
     def step_fn(indices, kc_smem, vc_smem, kn_smem, vn_smem, carry):
       acc, m, l = carry
@@ -246,9 +255,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       s = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
       per_token = lambda ref: lax.broadcast_in_dim(plgpu.load(
           ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32), (T, N), [0])
-      pos = (first + indices[0] * T
+      pos = (read + indices[0] * T
              + plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA))
-      valid = (pos < end) & (pos >= start) if start else pos < end
+      valid = (pos >= lower) & (pos < stop)
       s = jnp.where(valid, s * per_token(kn_smem), -jnp.inf)
       m_next = jnp.maximum(m, s.max(axis=0))
       m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -279,7 +288,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       plgpu.wait_smem_to_gmem(0)
 
     at = lambda ref: ref.at[b, k] if layer is None else ref.at[layer, b, k]
-    tokens = pl.ds(first, split_len)
+    tokens = pl.ds(read, split_len)
     lay = plgpu.Layout.WGMMA
 
     @pl.when((first < end) & (first + split_len > start))
@@ -324,14 +333,15 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
 
 def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
-  """(step, splits, stages): 128-token steps and ~1024 programs (measured best at B = 8
-  and 1, S = 64K); splits divide S / step, a power of two (so S = 258 x 128 gets 2: slow).
-  """
-  step = 128 if S % 128 == 0 else 64
-  splits = 1
-  while (splits * 2 * B * K <= 1024 and (S // step) % (splits * 2) == 0):
-    splits *= 2
-  return step, splits, 2
+  """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE`: the tuned step (64 if
+  it does not divide S) and as many splits, of whole steps and all non-empty, as bring
+  B * K * splits to the tuned number of programs."""
+  from pallas_kernels import tuned_block_sizes
+  cfg = tuned_block_sizes.mosaic_decode_config()
+  step = cfg.step if S % cfg.step == 0 else 64
+  steps = S // step
+  per_split = max(1, -(-steps // max(1, min(steps, -(-cfg.target_programs // (B * K))))))
+  return step, -(-steps // per_split), cfg.num_stages
 
 
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
@@ -349,12 +359,16 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   S = kc.shape[-2]
   auto = default_tiling(B, K, S)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
+  if num_stages < 1:
+    raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")
   if step not in (64, 128) or S % step or S == 0:
     raise ValueError(f"mosaic decode: step must be 64 or 128 and divide S = {S} (> 0), got "
                      f"{step}")
-  if num_splits < 1 or (S // step) % num_splits:
-    raise ValueError(f"mosaic decode: num_splits must divide S / step = {S // step}, "
+  if not 1 <= num_splits <= S // step:
+    raise ValueError(f"mosaic decode: num_splits must be in [1, S / step = {S // step}], "
                      f"got {num_splits}")
+  # Splits of whole steps, none empty (7 splits of 8 steps are 4 of 2).
+  num_splits = -(-(S // step) // -(-(S // step) // num_splits))
   rows = 8 if G <= 8 else 16
   qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), ((0, 0), (0, 0), (0, rows - G), (0, 0)))
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))

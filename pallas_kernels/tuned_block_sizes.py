@@ -10,6 +10,9 @@ falls back to ``(device_kind, "*", key_bits, value_bits)``, then to
 data, not of implementations. The configs are for one query group (up to 16 query rows);
 the kernel adds warps for more rows (a chunk of query tokens).
 
+``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 only) has the key ``device_kind`` and the
+value :class:`MosaicDecodeConfig`.
+
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
 
 Numbers come from ``bench/kernels.py --tune`` on the named device.
@@ -38,6 +41,13 @@ class EncodeConfig:
   num_stages: int
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeConfig:
+  step: int  # tokens per pipeline step (64 or 128: the wgmma M)
+  num_stages: int
+  target_programs: int  # split S until batch * kv_heads * splits reaches this
+
+
 DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=528)
 ENCODE_DEFAULT = EncodeConfig(block_n=64, num_warps=4, num_stages=2)
 
@@ -64,6 +74,14 @@ DECODE: dict[tuple, DecodeConfig] = {
 
 ENCODE: dict[tuple, EncodeConfig] = {}
 
+MOSAIC_DEFAULT = MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024)
+MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
+    # Prototype sweep (session 9, B = 8 and 1, Hkv = 8, S = 64K): 128-token steps, 2
+    # stages and ~1024 programs: 245.5 us at B = 8 (16 splits); B = 1 best at 64 tokens
+    # and 128 splits (42 us).
+    "NVIDIA H200": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
+}
+
 
 def _device_kind() -> str:
   try:
@@ -82,6 +100,10 @@ def decode_config(*, batch: int, kv_heads: int, seq_len: int, head_dim: int,
     if key in DECODE:
       return DECODE[key]
   return DEFAULT
+
+
+def mosaic_decode_config() -> MosaicDecodeConfig:
+  return MOSAIC_DECODE.get(_device_kind(), MOSAIC_DEFAULT)
 
 
 def encode_config(*, head_dim: int) -> EncodeConfig:

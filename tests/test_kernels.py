@@ -498,8 +498,12 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
     dk.decode(*make_case(6, "lut4", G=17, S=256), implementation="mosaic")
   with pytest.raises(ValueError, match="no interpret mode"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", interpret=True)
-  with pytest.raises(ValueError, match=r"\['block_s'\] apply to \"pallas\" only"):
+  with pytest.raises(ValueError, match=r"\['num_warps'\] apply to \"pallas\" only"):
+    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", num_warps=2)
+  with pytest.raises(ValueError, match="step must be 64 or 128 .* got 32"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", block_s=32)
+  with pytest.raises(ValueError, match=r"num_splits must be in \[1, S / step = 2\], got 3"):
+    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", num_splits=3)
   asym = make_case(6, "lut4", S=256)
   asym[3][0] = asym[3][0] + np.eye(1, 16, 0, np.float32)[0] * 0.01
   with pytest.raises(ValueError, match="symmetric key codebook into the kernel; got asymmetric"):
@@ -508,18 +512,43 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
     dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
 
 
+# ~1024 programs (the tuned target) in splits of whole steps: the e2e cache of 33,024
+# tokens (258 steps of 128) gets 29 splits of 9 steps at B = 8, 4 heads (a power of two
+# dividing 258 gave 2) and 129 of 2 at B = 1.
+@pytest.mark.parametrize("B,K,S,want", [(8, 4, 33024, (128, 29)), (1, 4, 33024, (128, 129)),
+                                        (8, 8, 65536, (128, 16)), (1, 8, 65536, (128, 128)),
+                                        (2, 2, 4480, (128, 35)), (1, 1, 4160, (64, 65)),
+                                        (1, 1, 64, (64, 1))])
+def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, want):
+  step, splits, _ = dm.default_tiling(B, K, S)
+  assert (step, splits) == want
+  split_len = -(-S // step // splits) * step
+  first, read = (np.asarray(x) for x in dm.split_window(np.arange(splits), split_len, S))
+  owned = np.zeros(S, np.int64)
+  for f, r in zip(first, read):
+    assert 0 <= r <= f < S and r + split_len <= S  # every split non-empty, its window inside
+    owned[f:min(f + split_len, S)] += 1
+  assert (owned == 1).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("G,start,layer", [(4, 0, None), (7, 5, None), (12, 0, 1)])
-def test_decode_mosaic_gpu_matches_reference(G, start, layer):
-  args = make_case(8, "lut4", B=3, K=2, G=G, S=4096, lengths=[4096, 1000, 0])
+@pytest.mark.parametrize("G,start,layer,S,splits", [(4, 0, None, 4096, None),
+                                                    (7, 5, None, 4096, None),
+                                                    (12, 0, 1, 4096, None),
+                                                    (4, 3, None, 4480, 4)])
+def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits):
+  # S = 4480 in 4 splits: 9, 9, 9 and 8 steps of 128, the last read from token 3328; row 1
+  # ends inside that overlap.
+  args = make_case(8, "lut4", B=3, K=2, G=G, S=S, lengths=[S, 3400 if splits else 1000, 0])
   ref = dk.decode(*args, implementation="xla", start=start)
   qk, kc, kn, kcb, vc, vn, vcb, lengths = args
   if layer is not None:  # the same region as layer 1 of 2, read in place
     kc, kn, vc, vn = ([jnp.stack([x[0] * 0, x[0]])] for x in (kc, kn, vc, vn))
   got = jax.jit(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="mosaic",
-                                     start=start, layer=layer))(qk, kc, kn, vc, vn, lengths)
-  assert_partials_close(got, ref, 4096)
+                                     start=start, layer=layer, num_splits=splits))(
+                                         qk, kc, kn, vc, vn, lengths)
+  assert_partials_close(got, ref, S)
 
 
 ENCODE_CONFIGS = {
