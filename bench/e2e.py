@@ -1110,8 +1110,9 @@ class FlaxBench:
                                                 spec.model.vocab_size, jnp.int32))
       profile = None
       if args.profile_dir and not verify:
+        # "k4v4@mosaic" -> "k4v4-mosaic": a plain file name (copy tools refuse "@").
         profile = os.path.join(args.profile_dir, f"{row['model']}-b{spec.batch}-"
-                               f"s{row['context']}-{spec.preset}"
+                               f"s{row['context']}-{spec.preset.replace('@', '-')}"
                                f"{'' if spec.mesh is None else f'-d{len(devices)}'}")
       timings, caches, taken = time_steps(
         program.step, runner.params, tokens, caches, program.place(jax.random.key(1)),

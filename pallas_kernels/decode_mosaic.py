@@ -334,13 +334,15 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
 def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
   """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE`: the tuned step (64 if
-  it does not divide S) and as many splits, of whole steps and all non-empty, as bring
-  B * K * splits to the tuned number of programs."""
+  it does not divide S), the splits nearest the tuned number of programs for B * K
+  (at least 2 steps each: one-step splits pay a pipeline's start for one step) and then
+  evened out into whole steps, none empty."""
   from pallas_kernels import tuned_block_sizes
   cfg = tuned_block_sizes.mosaic_decode_config()
   step = cfg.step if S % cfg.step == 0 else 64
   steps = S // step
-  per_split = max(1, -(-steps // max(1, min(steps, -(-cfg.target_programs // (B * K))))))
+  splits = max(1, min(round(cfg.target_programs / (B * K)), steps // 2))
+  per_split = -(-steps // splits)
   return step, -(-steps // per_split), cfg.num_stages
 
 

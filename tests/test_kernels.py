@@ -512,14 +512,21 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
     dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
 
 
-# ~1024 programs (the tuned target) in splits of whole steps: the e2e cache of 33,024
-# tokens (258 steps of 128) gets 29 splits of 9 steps at B = 8, 4 heads (a power of two
-# dividing 258 gave 2) and 129 of 2 at B = 1.
-@pytest.mark.parametrize("B,K,S,want", [(8, 4, 33024, (128, 29)), (1, 4, 33024, (128, 129)),
-                                        (8, 8, 65536, (128, 16)), (1, 8, 65536, (128, 128)),
-                                        (2, 2, 4480, (128, 35)), (1, 1, 4160, (64, 65)),
-                                        (1, 1, 64, (64, 1))])
-def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, want):
+# The tuned number of programs (1056 on the H200, else 1024) in splits of whole steps, at
+# least 2 steps each where S has them: the e2e cache of 33,024 tokens (258 steps of 128)
+# gets 33 splits of 8 at B = 8, 4 heads on the H200 (a power of two dividing 258 gave 2),
+# 129 of 2 at B = 1; for 1024 programs 32 splits would be 9 steps each: 29 of them.
+@pytest.mark.parametrize("B,K,S,target,want", [
+    (8, 4, 33024, 1056, (128, 33)), (1, 4, 33024, 1056, (128, 129)),
+    (8, 4, 33024, 1024, (128, 29)), (8, 8, 65536, 1056, (128, 16)),
+    (1, 8, 65536, 1056, (128, 128)), (2, 2, 4480, 1024, (128, 12)),
+    (1, 1, 4160, 1024, (64, 22)), (1, 1, 64, 1024, (64, 1))])
+def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, target, want,
+                                                                    monkeypatch):
+  from pallas_kernels import tuned_block_sizes as tbs
+  monkeypatch.setattr(tbs, "mosaic_decode_config",
+                      lambda: tbs.MosaicDecodeConfig(step=128, num_stages=2,
+                                                     target_programs=target))
   step, splits, _ = dm.default_tiling(B, K, S)
   assert (step, splits) == want
   split_len = -(-S // step // splits) * step
