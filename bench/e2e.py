@@ -781,26 +781,30 @@ def annotate(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict]) -> dict[str, Any]:
-  """Issue 6's targets on the Flax path, per model present, for k4v4."""
+  """Issue 6's targets on the Flax path, per model present, for k4v4 and each k4v4@kernel
+  (e.g. k4v4@mosaic) present: {model: {preset: {target: {value, target, met}}}}."""
   out: dict[str, Any] = {}
   ok = [r for r in rows if r.get("status") == "ok" and r["path"] == "flax"]
   for model in sorted({r["model"] for r in ok}):
-    dec = {(r["batch"], r["context"]): r.get("speedup_vs_bf16") for r in ok
-           if r["kind"] == "decode" and r["model"] == model and r["preset"] == "k4v4"}
-    fit = {r["batch"]: r.get("context_ratio_vs_bf16") for r in ok
-           if r["kind"] == "fit" and r["model"] == model and r["preset"] == "k4v4"}
-    t: dict[str, Any] = {}
-    for name, context in (("b8_32k", 32768), ("b8_128k", 131072)):
-      value = dec.get((8, context))
-      t[name] = dict(value=value, target=TARGETS[name],
-                     met=None if value is None else value >= TARGETS[name])
-    b1 = [v for (b, _), v in dec.items() if b == 1 and v is not None]
-    t["b1_min"] = dict(value=min(b1) if b1 else None, target=TARGETS["b1_min"],
-                       met=min(b1) >= TARGETS["b1_min"] if b1 else None)
-    ratios = [v for v in fit.values() if v is not None]
-    t["context"] = dict(value=min(ratios) if ratios else None, target=TARGETS["context"],
-                        met=min(ratios) >= TARGETS["context"] if ratios else None)
-    out[model] = t
+    mine = [r for r in ok if r["model"] == model]
+    out[model] = {}
+    for preset in sorted({r["preset"] for r in mine if split_preset(r["preset"])[0] == "k4v4"}):
+      dec = {(r["batch"], r["context"]): r.get("speedup_vs_bf16") for r in mine
+             if r["kind"] == "decode" and r["preset"] == preset}
+      fit = {r["batch"]: r.get("context_ratio_vs_bf16") for r in mine
+             if r["kind"] == "fit" and r["preset"] == preset}
+      t: dict[str, Any] = {}
+      for name, context in (("b8_32k", 32768), ("b8_128k", 131072)):
+        value = dec.get((8, context))
+        t[name] = dict(value=value, target=TARGETS[name],
+                       met=None if value is None else value >= TARGETS[name])
+      b1 = [v for (b, _), v in dec.items() if b == 1 and v is not None]
+      t["b1_min"] = dict(value=min(b1) if b1 else None, target=TARGETS["b1_min"],
+                         met=min(b1) >= TARGETS["b1_min"] if b1 else None)
+      ratios = [v for v in fit.values() if v is not None]
+      t["context"] = dict(value=min(ratios) if ratios else None, target=TARGETS["context"],
+                          met=min(ratios) >= TARGETS["context"] if ratios else None)
+      out[model][preset] = t
   return out
 
 
@@ -1557,14 +1561,15 @@ def table(doc: dict) -> str:
         f"{r['step_ms']:8.2f} {r['tokens_per_s']:8.1f} "
         f"{fmt(r.get('speedup_vs_stock_static')):>8s} {fmt(r.get('speedup_vs_stock_dynamic')):>6s} "
         f"{r['kv_bytes'] / GIB:7.2f}")
-  for model, t in doc.get("targets", {}).items():
-    parts = []
-    for name, label in (("b8_32k", "B8 32K x"), ("b8_128k", "B8 128K x"),
-                        ("b1_min", "B1 min x"), ("context", "context x")):
-      v = t[name]
-      mark = {True: "ok", False: "MISS", None: "n/a"}[v["met"]]
-      parts.append(f"{label} {fmt(v['value'])} (>= {v['target']}) {mark}")
-    lines.append(f"targets k4v4 {model}: " + "; ".join(parts))
+  for model, per_preset in doc.get("targets", {}).items():
+    for preset, t in per_preset.items():
+      parts = []
+      for name, label in (("b8_32k", "B8 32K x"), ("b8_128k", "B8 128K x"),
+                          ("b1_min", "B1 min x"), ("context", "context x")):
+        v = t[name]
+        mark = {True: "ok", False: "MISS", None: "n/a"}[v["met"]]
+        parts.append(f"{label} {fmt(v['value'])} (>= {v['target']}) {mark}")
+      lines.append(f"targets {preset} {model}: " + "; ".join(parts))
   return "\n".join(lines)
 
 

@@ -149,6 +149,27 @@ def test_a_preset_may_name_its_implementation():
       "bf16", "k4v4", "k4v4@mosaic"]
 
 
+def test_targets_are_judged_per_4bit_kernel():
+  row = lambda preset, batch, context, x: dict(
+      status="ok", path="flax", kind="decode", model="m", preset=preset, batch=batch,
+      context=context, speedup_vs_bf16=x)
+  fit = lambda preset, batch, x: dict(status="ok", path="flax", kind="fit", model="m",
+                                      preset=preset, batch=batch, context_ratio_vs_bf16=x)
+  rows = [row("bf16", 8, 32768, 1.0), row("k4v4", 8, 32768, 1.19),
+          row("k4v4@mosaic", 8, 32768, 1.41), row("k4v4@mosaic", 8, 131072, 1.71),
+          row("k4v4@mosaic", 1, 32768, 1.23), row("k4v4@mosaic", 1, 131072, 0.99),
+          row("k3v3", 8, 32768, 2.0), fit("k4v4@mosaic", 8, 3.89), fit("k4v4@mosaic", 1, 3.95)]
+  t = e2e.targets(rows)["m"]
+  assert set(t) == {"k4v4", "k4v4@mosaic"}
+  assert t["k4v4"]["b8_32k"] == dict(value=1.19, target=1.4, met=False)
+  assert t["k4v4"]["b8_128k"]["met"] is None and t["k4v4"]["context"]["value"] is None
+  mosaic = t["k4v4@mosaic"]
+  assert mosaic["b8_32k"]["met"] is True and mosaic["b8_128k"] == dict(value=1.71,
+                                                                        target=2.5, met=False)
+  assert mosaic["b1_min"] == dict(value=0.99, target=1.0, met=False)
+  assert mosaic["context"] == dict(value=3.89, target=3.8, met=True)
+
+
 @pytest.mark.parametrize("model", ["qwen2.5-7b", "llama3-8b"])
 @pytest.mark.parametrize("preset", ["k4v4", "k3v3", "k5v3", "k2.5v2.5"])
 def test_layout_at_model_shapes(model, preset):
@@ -300,7 +321,8 @@ def test_fit_rows_are_consistent_and_verified(flax_run):
   assert fits["bf16"]["context_ratio_vs_bf16"] == 1.0
   assert fits["k4v4"]["context_ratio_vs_bf16"] == pytest.approx(
     fits["k4v4"]["max_context"] / fits["bf16"]["max_context"])
-  assert set(doc["targets"]["tiny-tp"]) == {"b8_32k", "b8_128k", "b1_min", "context"}
+  assert set(doc["targets"]["tiny-tp"]) == {"k4v4"}
+  assert set(doc["targets"]["tiny-tp"]["k4v4"]) == {"b8_32k", "b8_128k", "b1_min", "context"}
 
 
 def test_table_is_printed_last(flax_run):
