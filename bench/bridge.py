@@ -291,7 +291,7 @@ def main(argv=None) -> None:
   ap.add_argument("--contexts", default=None, help="comma-separated S (default 8K..64K)")
   ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
   ap.add_argument("--presets", default="k4v4", help="comma-separated compression presets")
-  ap.add_argument("--implementation", default=None, choices=["xla", "pallas"],
+  ap.add_argument("--implementation", default=None, choices=list(bridge_cache.IMPLEMENTATIONS),
                   help="default: pallas on GPU, xla on CPU")
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--warmup", type=int, default=3)

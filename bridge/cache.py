@@ -37,7 +37,10 @@ from tqjax.kvcache import CacheConfig, TurboQuantCache, preset as named_preset
 ATTENTION_NAME = "tqjax"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-IMPLEMENTATIONS = ("xla", "pallas")
+# "mosaic": the Mosaic GPU decode kernel (the k4v4 preset at head_dim 128, at most 16 query
+# heads per KV head, sm_90; `pallas_kernels.decode_mosaic`).
+IMPLEMENTATIONS = ("xla", "pallas", "mosaic")
+_MOSAIC_STEP = 128  # a mosaic cache's capacity is whole steps of the kernel
 _CAPACITY_BLOCK = 256  # capacities are multiples of this (fewer recompiles)
 
 
@@ -359,6 +362,8 @@ class TurboQuantHFCache(Cache):
       if needed > self.token_limit:
         raise ValueError(f"the cache holds max_cache_len={self.token_limit} tokens, "
                          f"{needed} arrived (prompt and new tokens, padding included)")
+      if self.implementation == "mosaic":  # slots past the limit stay unused
+        return _round_up(self.token_limit, _MOSAIC_STEP)
       return self.token_limit
     return _round_up(max(needed + _CAPACITY_BLOCK, 2 * current), _CAPACITY_BLOCK)
 

@@ -271,6 +271,9 @@ def test_capacity_policy():
   assert fixed.get_max_length() == PROMPT + 3
   with pytest.raises(ValueError, match="max_cache_len=16 tokens, 17 arrived"):
     generate(model, prompts(6), fixed, max_new_tokens=5)
+  mosaic = bridge.TurboQuantHFCache.from_model(model, max_cache_len=700,
+                                               implementation="mosaic")
+  assert mosaic.capacity_for(13) == 768  # the Mosaic kernel reads whole 128-token steps
 
 
 # ---- errors ----
@@ -336,8 +339,10 @@ def test_smollm2_end_to_end():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
-@pytest.mark.parametrize("preset,capacity", [("k4v4", 768), ("k5v3", 777)])
-def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity):
+@pytest.mark.parametrize("preset,capacity,impl", [("k4v4", 768, "pallas"),
+                                                 ("k5v3", 777, "pallas"),
+                                                 ("k4v4", 709, "mosaic")])
+def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity, impl):
   # Real head shapes (D = 128, G = 7) in bfloat16 on the GPU, teacher-forced (the same
   # tokens for every cache: free generation of a random model diverges at the first
   # flipped argmax): the fused kernel's logits equal the jnp path's, and both stay near
@@ -350,14 +355,14 @@ def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity):
   ids = torch.randint(0, VOCAB, (2, 708), generator=torch.Generator().manual_seed(4)).cuda()
   logits = {}
   with bridge.tqjax_attention(model), torch.no_grad():
-    for impl in ("exact", "xla", "pallas"):
+    for run in ("exact", "xla", impl):
       cache = bridge.TurboQuantHFCache.from_model(
-        model, None if impl == "exact" else preset, max_cache_len=capacity,
-        implementation="pallas" if impl == "exact" else impl)
+        model, None if run == "exact" else preset, max_cache_len=capacity,
+        implementation="pallas" if run == "exact" else run)
       model(ids[:, :700], past_key_values=cache)
       steps = [model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1]
                for t in range(700, 708)]
-      logits[impl] = torch.stack(steps).float().cpu().numpy()
+      logits[run] = torch.stack(steps).float().cpu().numpy()
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
-  assert rel(logits["pallas"], logits["xla"]) < 0.02, rel(logits["pallas"], logits["xla"])
+  assert rel(logits[impl], logits["xla"]) < 0.02, rel(logits[impl], logits["xla"])
   assert rel(logits["xla"], logits["exact"]) < 0.1, rel(logits["xla"], logits["exact"])
