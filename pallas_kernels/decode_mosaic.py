@@ -22,17 +22,21 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
   16-bit slot of its 4 coordinates from two tokens' words (the value codes are read with
   a 64-byte swizzle so the 4 token pairs of a warp hit distinct banks); the rows are a
   fixed permutation of the coordinates (`v_perm`), undone on the output.
-* Online softmax over the tokens (a cross-warp max per step), flash-decoding splits
-  merged by the wrapper.
+* Online softmax over the tokens (a cross-warp max per step), flash-decoding splits of
+  whole steps merged by the wrapper. The splits are as many as bring B * K * splits
+  nearest the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`: 1056, two
+  waves of 4 warpgroups on the H200's 132 SMs), at least 2 steps each, evened out; the
+  last split's window moves back to stay inside S (`split_window`) and masks the tokens
+  of the split before, so any multiple of the step works.
 
 Measured on the H200 in one call (`bench/kernels.py --quick --no-encode --presets k4v4`,
-Hq = 32, Hkv = 8, S = 64K, random codes, session 9): B = 8: 279 us, 1.72x the fastest fp16
-baseline (481 us, torch cuDNN), against 401 us (1.20x) for the Triton kernel; B = 1:
-52 us (1.30x of 68 us, jax cuDNN) against 46 us. In the model (`bench/e2e.py
---implementation mosaic`, Qwen2.5-7B shapes, 32K) it was slower than the Triton path in
-the same call (B = 8: 11.45 against 8.89 ms per step; B = 1: 11.88 against 6.65 ms),
-most likely because its caches of 33,024 tokens (258 steps) left 2 splits that divide the
-steps (see `default_tiling`; fixed on branch wip/mosaic-layer, not yet measured). The
+Hq = 32, Hkv = 8, S = 64K, random codes, session 10): B = 8: 297 us, 1.61x the fastest fp16
+baseline (478 us, jax cuDNN), against 388 us (1.23x) for the Triton kernel (session 9: 279
+against 401 us); B = 1: 51 us (0.99x of 51 us, jax Pallas `mqa`) against 59 us. At the
+e2e model's layer (Hkv = 4, G = 7, 33,024 slots): 73 us with 33 splits, 92.7 us with 29
+(two waves but for 128 programs), 112 us for the Triton kernel; in the model
+(`bench/e2e.py --presets bf16,k4v4,k4v4@mosaic`, Qwen2.5-7B shapes, 32K) 1.31x the bf16
+step at B = 8 (Triton 1.20x), 1.19x at B = 1 (1.16x), and 1.71x at B = 8, 128K. The
 prototype's profile (Nsight Compute): 94-112 registers, 4 warpgroups per SM, the integer
 pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts off
 (294 -> 282 us at the same tiling).
@@ -48,7 +52,8 @@ packing), not this kernel.
 
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
-sm_90 GPU (no interpret mode: Mosaic GPU's interpreter has no inline asm).
+sm_90 GPU (no interpret mode: Mosaic GPU's interpreter has no inline asm); a stacked
+cache's layer is static (one kernel per layer, the same code).
 """
 
 from __future__ import annotations
