@@ -109,7 +109,11 @@ def test_shipped_tables_valid_and_stationary(head_dim):
 
 
 def test_solver_matches_shipped():
-  assert lloyd_max(128, 8) == get_codebook(128, 8)
+  # To the last bits: numpy's float64 sin/cos differ between builds and CPUs.
+  fresh, shipped = lloyd_max(128, 8), get_codebook(128, 8)
+  np.testing.assert_allclose(fresh.centroids, shipped.centroids, rtol=0,
+                             atol=codebook.REGENERATE_RTOL * shipped.centroids[-1])
+  assert fresh.distortion == pytest.approx(shipped.distortion, rel=codebook.REGENERATE_RTOL)
 
 
 def test_generate_check_passes():
@@ -119,9 +123,22 @@ def test_generate_check_passes():
 def test_generate_check_detects_difference(tmp_path):
   for d in codebook.SHIPPED_HEAD_DIMS:
     shutil.copy(_shipped_path(d), tmp_path / codebook.file_name(d))
+  assert codebook.generate(tmp_path, check=True) == []
+  # Layout alone is no difference; a centroid off by 1e-10 of the largest, or another
+  # method text, is.
   path = tmp_path / "d80.json"
   path.write_text(path.read_text().replace('"schema": 1', '"schema":  1'))
+  assert codebook.generate(tmp_path, check=True, head_dims=(64, 80)) == []
+  doc = json.loads(path.read_text())
+  table = doc["tables"][3]
+  table["centroids"][-1] += 1e-10 * table["centroids"][-1]
+  path.write_text(json.dumps(doc))
   assert codebook.generate(tmp_path, check=True, head_dims=(64, 80)) == [str(path)]
+  other = tmp_path / "d96.json"
+  doc = json.loads(other.read_text())
+  doc["method"] += " "
+  other.write_text(json.dumps(doc))
+  assert codebook.generate(tmp_path, check=True, head_dims=(96,)) == [str(other)]
   assert codebook.main(["generate", "--check", "--out", str(tmp_path)]) == 1
 
 
@@ -218,3 +235,48 @@ def test_codebook_is_read_only():
     cb.centroids[0] = 0.0
   with pytest.raises(dataclasses.FrozenInstanceError):
     cb.bits = 3
+
+
+# ---- codebooks on the float8 e4m3 grid
+
+
+@pytest.mark.parametrize("head_dim,bits,most", [(128, 1, 0.0), (128, 2, 1e-4), (128, 3, 0.003),
+                                                (128, 4, 0.01), (64, 4, 0.013)])
+def test_e4m3_codebook_is_on_the_grid_and_near_lloyd_max(head_dim, bits, most):
+  import ml_dtypes
+  e4m3 = codebook.get_codebook(head_dim, bits, grid="e4m3")
+  lloyd = codebook.get_codebook(head_dim, bits)
+  scale = codebook.e4m3_scale(head_dim, bits)
+  c = e4m3.centroids
+  # float8 values times the scale (float64 rounding aside), symmetric, ascending.
+  units = c / scale
+  on_grid = units.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  np.testing.assert_allclose(units, on_grid, rtol=1e-12, atol=0)
+  np.testing.assert_array_equal(c, -c[::-1])
+  assert np.all(np.diff(c) > 0)
+  np.testing.assert_array_equal(e4m3.boundaries, (c[:-1] + c[1:]) / 2)
+  assert e4m3.distortion == pytest.approx(codebook.expected_distortion(head_dim, c), rel=1e-12)
+  # Lloyd-Max is the optimum; the grid costs at most `most` of it (measured: 1 bit 0,
+  # 2 bits 4e-6, 3 bits 0.0017, 4 bits 0.0091 at d = 128 and 0.0125 at d = 64).
+  assert lloyd.distortion <= e4m3.distortion * (1 + 1e-12)
+  assert e4m3.distortion <= lloyd.distortion * (1 + most)
+  # A local optimum on the grid: no magnitude moved to a neighbouring grid value helps.
+  grid = codebook.e4m3_values()
+  idx = np.searchsorted(grid, on_grid[2 ** (bits - 1):])
+  for k in range(len(idx)):
+    for move in (-1, 1):
+      cand = idx.copy()
+      cand[k] += move
+      if cand[k] < 0 or cand[k] >= len(grid) or np.any(np.diff(cand) <= 0):
+        continue
+      mags = scale * grid[cand]
+      moved = codebook.expected_distortion(head_dim, np.concatenate([-mags[::-1], mags]))
+      assert moved >= e4m3.distortion * (1 - 1e-12), (k, move)
+
+
+def test_e4m3_grid_values_and_bad_grid():
+  grid = codebook.e4m3_values()
+  assert len(grid) == 126 and grid[0] == 2.0 ** -9 and grid[-1] == 448.0
+  assert np.all(np.diff(grid) > 0)
+  with pytest.raises(ValueError, match="grid must be one of .* got 'e5m2'"):
+    codebook.get_codebook(128, 4, grid="e5m2")

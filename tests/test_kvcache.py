@@ -258,7 +258,7 @@ def test_bad_input_raises():
 
 
 @pytest.mark.parametrize("name,t", [("k4v4", 2), ("k5v3", 2), ("k4v4-prod", 2), ("k4v4", 1),
-                                    ("k5v3", 1)])
+                                    ("k5v3", 1), ("k4v4-e4m3", 1)])
 def test_pallas_kernel_matches_xla_path(name, t):
   # t = 2: a chunk of query tokens; t = 1: a decode step.
   rng = np.random.default_rng(6)

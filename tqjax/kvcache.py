@@ -57,6 +57,7 @@ class TensorSpec:
   kind: qz.Kind = "mse"
   outlier_fraction: float = 0.0  # share of channels (the largest) quantized at outlier_bits
   outlier_bits: int | None = None
+  codebook: str = "lloyd-max"  # or "e4m3" (`tqjax.quantizer.QuantizerConfig.codebook`)
 
   def quantizer(self, head_dim: int, *, seed: int, rotation: str, norm_correction: bool,
                 scale_dtype: str) -> qz.QuantizerConfig:
@@ -64,7 +65,8 @@ class TensorSpec:
     return qz.QuantizerConfig(
         head_dim, self.bits, kind=self.kind, rotation=rotation, seed=seed,
         norm_correction=norm_correction, outlier_channels=outliers,
-        outlier_bits=self.outlier_bits if outliers else None, scale_dtype=scale_dtype)
+        outlier_bits=self.outlier_bits if outliers else None, scale_dtype=scale_dtype,
+        codebook=self.codebook)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,16 @@ class CacheConfig:
     return cls(TensorSpec(4), TensorSpec(4), name="k4v4", **kw)
 
   @classmethod
+  def k4v4_e4m3(cls, **kw) -> CacheConfig:
+    """k4v4 with codebooks on the float8 e4m3 grid times one scale
+    (`tqjax.codebook.get_codebook(..., grid="e4m3")`): the same bytes, distortion +0.91%
+    at head_dim 128 and +1.25% at 64 against Lloyd–Max (0.009399 vs 0.009315 at 128), so
+    a kernel can look codes up into float8 for the tensor cores. Every implementation
+    takes it (its codebooks are symmetric like Lloyd–Max's)."""
+    spec = TensorSpec(4, codebook="e4m3")
+    return cls(spec, spec, name="k4v4-e4m3", **kw)
+
+  @classmethod
   def k5v3(cls, **kw) -> CacheConfig:
     """4 bits on average, spent where softmax needs them: keys at 5, values at 3 (the
     bytes of k4v4). Measured, `tqjax niah --presets baseline,k4v4,k5v3,k4v2 --window 128`
@@ -227,7 +239,8 @@ class CacheConfig:
 
 
 PRESETS = {
-    "k4v4": CacheConfig.k4v4, "k5v3": CacheConfig.k5v3, "k4v2": CacheConfig.k4v2,
+    "k4v4": CacheConfig.k4v4, "k4v4-e4m3": CacheConfig.k4v4_e4m3,
+    "k5v3": CacheConfig.k5v3, "k4v2": CacheConfig.k4v2,
     "k3v3": CacheConfig.k3v3, "k2v2": CacheConfig.k2v2,
     "k3.5v3.5": CacheConfig.k3p5v3p5, "k3.5v2.5": CacheConfig.k3p5v2p5,
     "k2.5v2.5": CacheConfig.k2p5v2p5,

@@ -9,7 +9,8 @@ each of d_i coordinates, packed) and one per-vector scale ``n_i``:
 so attention rotates the query once per segment and never rebuilds a key.
 
 * ``kind="mse"`` (TurboQuant_mse): one segment, A = Π (a random rotation), codes the
-  nearest Lloyd–Max centroids of the coordinates of Πx/‖x‖, n = ‖x‖, or
+  nearest Lloyd–Max centroids (or, with ``codebook="e4m3"``, centroids on the float8 e4m3
+  grid times one scale) of the coordinates of Πx/‖x‖, n = ‖x‖, or
   ‖x‖ / ‖c[codes]‖ with ``norm_correction`` (the rebuilt unit vector gets norm 1).
 * ``kind="prod"`` (TurboQuant_prod): the mse segment at b−1 bits plus a 1-bit QJL
   segment: A = S (i.i.d. N(0, 1)), codes sign(S r) of the unit residual
@@ -38,7 +39,7 @@ import numpy as np
 
 from tqjax import packing
 from tqjax import rotation as rotation_lib
-from tqjax.codebook import get_codebook
+from tqjax.codebook import GRIDS, get_codebook
 
 Kind = Literal["mse", "prod"]
 KINDS = ("mse", "prod")
@@ -83,6 +84,9 @@ class QuantizerConfig:
   outlier_channels: int = 0
   outlier_bits: int | None = None
   scale_dtype: str = "float32"
+  # "lloyd-max", or "e4m3": centroids on the float8 e4m3 grid times one scale
+  # (`tqjax.codebook.get_codebook`), for kernels that look codes up into float8.
+  codebook: str = "lloyd-max"
 
   def __post_init__(self):
     _check_int(self.head_dim, "head_dim", 2)
@@ -104,6 +108,8 @@ class QuantizerConfig:
       raise ValueError(f"outlier_bits={self.outlier_bits} given without outlier_channels")
     if self.scale_dtype not in SCALE_DTYPES:
       raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if self.codebook not in GRIDS:
+      raise ValueError(f"codebook must be one of {GRIDS}, got {self.codebook!r}")
     if self.rotation == "hadamard":
       for start, stop, _ in self.groups:
         if not rotation_lib.is_power_of_two(stop - start):
@@ -157,7 +163,7 @@ def segment_centroids(config: QuantizerConfig) -> tuple[np.ndarray, ...]:
   out = []
   for seg in config.segments:
     if seg.kind == "codebook":
-      out.append(get_codebook(seg.dim, seg.bits).centroids)
+      out.append(get_codebook(seg.dim, seg.bits, config.codebook).centroids)
     else:
       level = math.sqrt(math.pi / 2) / seg.dim
       out.append(np.array([-level, level]))
@@ -174,7 +180,7 @@ def _segment_tables(config: QuantizerConfig):
       full = np.zeros((dim, config.head_dim))
       if seg.kind == "codebook":
         full[:, start:stop] = rotation_lib.rotation(config.rotation, dim, int(seeds[0]))
-        boundaries.append(get_codebook(dim, seg.bits).boundaries)
+        boundaries.append(get_codebook(dim, seg.bits, config.codebook).boundaries)
       else:
         full[:, start:stop] = rotation_lib.gaussian(dim, dim, int(seeds[1]))
         boundaries.append(np.array([0.0]))
@@ -304,6 +310,8 @@ class MinMaxConfig:
       raise ValueError(f"head_dim={self.head_dim} must be a multiple of group_size={self.group_size}")
     if self.scale_dtype not in SCALE_DTYPES:
       raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if self.codebook not in GRIDS:
+      raise ValueError(f"codebook must be one of {GRIDS}, got {self.codebook!r}")
 
   @property
   def bytes_per_vector(self) -> int:
