@@ -14,7 +14,8 @@ Jobs:
   kernels  bench/kernels.py --quick (B = 8 and 1, S = 64K, D = 128, every preset against
            the fp16 baselines of the same run) plus the tiling sweep with --sweep
   bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
-  e2e      bench/e2e.py --quick (the Flax model end to end; several minutes with its
+  e2e      bench/e2e.py --quick --presets bf16,k4v4,k4v4@mosaic (the Flax model end to
+           end, the Triton and the Mosaic kernel; several minutes with its
            compiles: give it a call of its own, `--jobs e2e --budget 540`, for the full grid
            see bench/e2e.py)
   e2e2     the same with --devices 1,2 on two GPUs (sharded rows, scaling vs one GPU)
@@ -34,7 +35,9 @@ JOBS = {
              "tests/test_kvcache.py", "tests/test_kernels.py", "tests/test_bridge.py"], None),
   "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
   "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
-  "e2e": (["bench/e2e.py", "--quick", "--compile-cache", "out/jax-cache"], "e2e.json"),
+  # The quick rows plus the Mosaic kernel's (k4v4@mosaic) on the same shapes.
+  "e2e": (["bench/e2e.py", "--quick", "--presets", "bf16,k4v4,k4v4@mosaic",
+           "--compile-cache", "out/jax-cache"], "e2e.json"),
   # Two GPUs (nvidia-h200-x2): the quick rows on one, then tensor-parallel over both.
   "e2e2": (["bench/e2e.py", "--quick", "--devices", "1,2", "--compile-cache", "out/jax-cache"],
            "e2e.json"),

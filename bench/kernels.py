@@ -5,6 +5,8 @@
     PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
     PYTHONPATH=. python bench/kernels.py --sweep --quick --presets k4v4 \
         --implementations mosaic --out DIR                     # the Mosaic kernel's tilings
+    PYTHONPATH=. python bench/kernels.py --layer-sweep --quick --presets k4v4 --out DIR
+                                                # ... and its splits at the e2e model's layer
     PYTHONPATH=. python bench/kernels.py --quick --presets k3v3,k2v2 --lookups select,lut \
         --out DIR                                              # lookups side by side
 
@@ -74,21 +76,21 @@ def centroids(dim: int, bits: int) -> np.ndarray:
   return c.astype(np.float16).astype(np.float32)
 
 
-def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None):
+def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV):
   ks = jax.random.split(key, 16)
   qk, kc, kn, kcb, vc, vn, vcb = [], [], [], [], [], [], []
   for i, (d, b) in enumerate(keys):
-    qk.append(jax.random.normal(ks[i], (B, HKV, rows, d), jnp.float32)
+    qk.append(jax.random.normal(ks[i], (B, kv_heads, rows, d), jnp.float32)
               .astype(jnp.float16).astype(jnp.float32) * 2)
-    kc.append(jax.random.randint(ks[4 + i], (B, HKV, S, packing.packed_size(d, b)), 0, 256,
+    kc.append(jax.random.randint(ks[4 + i], (B, kv_heads, S, packing.packed_size(d, b)), 0, 256,
                                  jnp.int32).astype(jnp.uint8))
-    kn.append(jax.random.uniform(ks[8 + i], (B, HKV, S), jnp.float32, 0.5, 2.0)
+    kn.append(jax.random.uniform(ks[8 + i], (B, kv_heads, S), jnp.float32, 0.5, 2.0)
               .astype(jnp.float16))
     kcb.append(centroids(d, b))
   for j, (d, b) in enumerate(values):
-    vc.append(jax.random.randint(ks[12 + j], (B, HKV, S, packing.packed_size(d, b)), 0, 256,
+    vc.append(jax.random.randint(ks[12 + j], (B, kv_heads, S, packing.packed_size(d, b)), 0, 256,
                                  jnp.int32).astype(jnp.uint8))
-    vn.append(jax.random.uniform(ks[14 + j], (B, HKV, S), jnp.float32, 0.5, 2.0)
+    vn.append(jax.random.uniform(ks[14 + j], (B, kv_heads, S), jnp.float32, 0.5, 2.0)
               .astype(jnp.float16))
     vcb.append(centroids(d, b))
   if lengths is None:
@@ -96,9 +98,9 @@ def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None):
   return qk, kc, kn, kcb, vc, vn, vcb, lengths
 
 
-def compressed_bytes(B, S, keys, values, scale_bytes=2) -> int:
+def compressed_bytes(B, S, keys, values, scale_bytes=2, kv_heads=HKV) -> int:
   per_token = sum(packing.packed_size(d, b) + scale_bytes for d, b in keys + values)
-  return B * HKV * S * per_token
+  return B * kv_heads * S * per_token
 
 
 def lut_bits(B, S, keys, values, **kw) -> list[int]:
@@ -293,14 +295,41 @@ def check_decode(key, results, impl_kwargs) -> bool:
   return ok
 
 
-def bench_decode(B, S, D, preset, key, implementation="pallas", **kw):
+def bench_decode(B, S, D, preset, key, implementation="pallas", shape=None, **kw):
+  """(us, bytes read) of one decode call; `shape`: dict(kv_heads, rows, valid) instead of
+  the module's Hkv = 8, G = 4 and every slot valid."""
   keys, values = presets(D)[preset]
-  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(key, B, S, keys, values)
+  shape = shape or {}
+  lengths = (jnp.full((B,), shape["valid"], jnp.int32) if "valid" in shape else None)
+  qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
+      key, B, S, keys, values, rows=shape.get("rows", G), lengths=lengths,
+      kv_heads=shape.get("kv_heads", HKV))
   # Centroids are closed over: constants of the compiled program, as in the cache.
   fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
       qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw)
   t = time_jax(fn, (qk, kc, kn, vc, vn, lengths))
-  return t, compressed_bytes(B, S, keys, values)
+  return t, compressed_bytes(B, S, keys, values, kv_heads=shape.get("kv_heads", HKV))
+
+
+# One attention layer of the e2e model at Qwen2.5-7B shapes: 4 KV heads of 7 query heads,
+# a 32K context in a cache of 33,024 slots (`bench/e2e.py`'s capacity).
+E2E_LAYER = dict(kv_heads=4, rows=7, valid=32768)
+E2E_SLOTS = 33024
+
+
+def layer_sweep(key, results, dump) -> None:
+  """The Triton kernel and Mosaic splits at the e2e layer (`E2E_LAYER`), B = 8 and 1."""
+  for B, splits in ((8, (None, 16, 29, 33, 43, 65)), (1, (None, 64, 129, 258))):
+    for kw in [dict(implementation="pallas")] + [
+        dict(implementation="mosaic", num_splits=n) for n in splits]:
+      try:
+        t, nbytes = bench_decode(B, E2E_SLOTS, 128, "k4v4", key, shape=E2E_LAYER, **kw)
+        row = dict(B=B, S=E2E_SLOTS, **E2E_LAYER, us=round(t, 1), tbps=nbytes / t * 1e-6, **kw)
+      except Exception as e:
+        row = dict(B=B, S=E2E_SLOTS, **E2E_LAYER, error=repr(e)[:300], **kw)
+      results["layer_sweep"].append(row)
+      print("layer", row, flush=True)
+      dump()
 
 
 def check_variant(key, preset, implementation="pallas", **kw) -> float:
@@ -322,6 +351,9 @@ def main(argv=None):
   ap.add_argument("--out", default=".")
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--layer-sweep", action="store_true",
+                  help="k4v4 at the e2e model's layer (Qwen2.5-7B: Hkv 4, G 7, 32K of 33,024 "
+                       "slots): the Triton kernel and Mosaic splits (default = None)")
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--no-encode", action="store_true", help="skip the encode throughput")
   ap.add_argument("--presets", default="",
@@ -340,7 +372,7 @@ def main(argv=None):
              f'{args.implementations!r}')
   os.makedirs(args.out, exist_ok=True)
   results: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "rows": [], "sweep": []}
+                   "rows": [], "sweep": [], "layer_sweep": []}
   key = jax.random.key(0)
   copy_bandwidth(results)  # warms the clocks up
   bw = copy_bandwidth(results)
@@ -391,6 +423,9 @@ def main(argv=None):
       results["sweep"].append(row)
       print("sweep", row, flush=True)
       dump()
+
+  if args.layer_sweep:
+    layer_sweep(key, results, dump)
 
   shapes = ([(8, 128, 65536), (1, 128, 65536)] if args.quick else
             [(B, D, S) for D in (128, 64) for B in (8, 1)

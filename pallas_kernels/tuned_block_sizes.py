@@ -45,7 +45,7 @@ class EncodeConfig:
 class MosaicDecodeConfig:
   step: int  # tokens per pipeline step (64 or 128: the wgmma M)
   num_stages: int
-  target_programs: int  # split S until batch * kv_heads * splits reaches this
+  target_programs: int  # batch * kv_heads * splits nearest this (`decode_mosaic.default_tiling`)
 
 
 DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=528)
@@ -77,8 +77,9 @@ ENCODE: dict[tuple, EncodeConfig] = {}
 MOSAIC_DEFAULT = MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024)
 MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
     # 4 warpgroups fit an SM (registers), so 528 programs are one wave on the H200's 132
-    # SMs; two whole waves measured best at the e2e layer (session 10, `.scratch`-style
-    # timing, B = 8, Hkv = 4, G = 7, 33,024 slots, 32,768 valid): 33 splits (1056
+    # SMs; two whole waves measured best at the e2e layer (session 10, timed as
+    # `bench/kernels.py --layer-sweep` does, B = 8, Hkv = 4, G = 7, 33,024 slots, 32,768
+    # valid; one call): 33 splits (1056
     # programs) 73.0 us, 16 (512) 76.3, 29 (928) 92.7, 43 (1376) 91.2, 65 (2080) 93.6;
     # 64-token steps 88-106 us, 3 stages 102.8. At S = 64K, Hkv = 8 (`bench/kernels.py
     # --sweep --quick --presets k4v4 --implementations mosaic`): B = 8 16 splits 284.6 us,
