@@ -62,21 +62,25 @@ def presets(head_dim: int) -> dict[str, tuple[list[tuple[int, int]], list[tuple[
       "k3.5v3.5": ([(h, 4), (h, 3)], [(h, 4), (h, 3)]),  # the outlier-split preset
       "k5v3": ([(head_dim, 5)], [(head_dim, 3)]),  # the 4-bit preset NIAH keeps lossless
       "k3.5v2.5": ([(h, 4), (h, 3)], [(h, 3), (h, 2)]),  # the 3-bit NIAH preset
+      "k4v4-e4m3": ([(head_dim, 4)], [(head_dim, 4)]),  # codebooks on the float8 grid
   }
 
 
-def centroids(dim: int, bits: int) -> np.ndarray:
-  """The project's Lloyd-Max codebook when available, else sorted Gaussian draws."""
-  try:
-    from tqjax import codebook
-    c = np.asarray(codebook.get_codebook(dim, bits).centroids, np.float32)
-  except Exception:  # the codebook module may not exist yet on this checkout
-    c = np.sort(np.random.default_rng(bits).normal(size=2**bits) / math.sqrt(dim))
-  # f16-exact, so the kernel's f16 table equals the reference's f32 one.
-  return c.astype(np.float16).astype(np.float32)
+# Presets whose codebooks are not Lloyd-Max's (`tqjax.codebook.get_codebook`'s grid).
+GRIDS = {"k4v4-e4m3": "e4m3"}
 
 
-def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV):
+def centroids(dim: int, bits: int, grid: str = "lloyd-max", f16: bool = True) -> np.ndarray:
+  """The project's codebook (Lloyd-Max, or on the e4m3 grid), float16-exact with `f16`
+  (so a kernel's float16 table equals the reference's float32 one; the e4m3 key lookup
+  takes the grid's values as they are)."""
+  from tqjax import codebook
+  c = np.asarray(codebook.get_codebook(dim, bits, grid).centroids, np.float32)
+  return c.astype(np.float16).astype(np.float32) if f16 else c
+
+
+def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV,
+                grid="lloyd-max"):
   ks = jax.random.split(key, 16)
   qk, kc, kn, kcb, vc, vn, vcb = [], [], [], [], [], [], []
   for i, (d, b) in enumerate(keys):
@@ -86,13 +90,13 @@ def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV):
                                  jnp.int32).astype(jnp.uint8))
     kn.append(jax.random.uniform(ks[8 + i], (B, kv_heads, S), jnp.float32, 0.5, 2.0)
               .astype(jnp.float16))
-    kcb.append(centroids(d, b))
+    kcb.append(centroids(d, b, grid, f16=grid == "lloyd-max"))
   for j, (d, b) in enumerate(values):
     vc.append(jax.random.randint(ks[12 + j], (B, kv_heads, S, packing.packed_size(d, b)), 0, 256,
                                  jnp.int32).astype(jnp.uint8))
     vn.append(jax.random.uniform(ks[14 + j], (B, kv_heads, S), jnp.float32, 0.5, 2.0)
               .astype(jnp.float16))
-    vcb.append(centroids(d, b))
+    vcb.append(centroids(d, b, grid))
   if lengths is None:
     lengths = jnp.full((B,), S, jnp.int32)
   return qk, kc, kn, kcb, vc, vn, vcb, lengths
@@ -277,7 +281,8 @@ def check_decode(key, results, impl_kwargs) -> bool:
     for name, (keys, values) in presets(D).items():
       B, S = 3, 4096 + 37
       lengths = jnp.asarray([S, 1000, 0], jnp.int32)
-      args = make_inputs(key, B, S, keys, values, lengths=lengths)
+      args = make_inputs(key, B, S, keys, values, lengths=lengths,
+                         grid=GRIDS.get(name, "lloyd-max"))
       ref = dk.decode(*args, implementation="xla")
       out = dk.decode(*args, implementation="pallas", **impl_kwargs)
       rows = [0, 1]  # row 2 is empty: l = 0
@@ -303,7 +308,7 @@ def bench_decode(B, S, D, preset, key, implementation="pallas", shape=None, **kw
   lengths = (jnp.full((B,), shape["valid"], jnp.int32) if "valid" in shape else None)
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
       key, B, S, keys, values, rows=shape.get("rows", G), lengths=lengths,
-      kv_heads=shape.get("kv_heads", HKV))
+      kv_heads=shape.get("kv_heads", HKV), grid=GRIDS.get(preset, "lloyd-max"))
   # Centroids are closed over: constants of the compiled program, as in the cache.
   fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
       qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw)
@@ -338,7 +343,8 @@ def check_variant(key, preset, implementation="pallas", **kw) -> float:
   if implementation == "mosaic" and "num_splits" in kw:  # a sweep's splits are for S = 64K
     kw = dict(kw, num_splits=min(kw["num_splits"], S // kw.get("block_s", 128)))
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_inputs(
-      key, B, S, keys, values, lengths=jnp.asarray([S, 999], jnp.int32))
+      key, B, S, keys, values, lengths=jnp.asarray([S, 999], jnp.int32),
+      grid=GRIDS.get(preset, "lloyd-max"))
   ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla")
   out = jax.jit(lambda qk, kc, kn, vc, vn, lengths: dk.decode(
       qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw))(
@@ -446,12 +452,16 @@ def main(argv=None):
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
       # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 at D = 128.
+      # k4v4-e4m3 also with its keys into float8 ("mosaic-e4m3").
       mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)]) and "mosaic" in impls
-      for lookup in (lookups if "pallas" in impls else []) + (["mosaic"] if mosaic else []):
-        kw = {"implementation": "mosaic"} if lookup == "mosaic" else (
-            {"lookup": lookup} if lookup else {})
+      kernels = (["mosaic"] + (["mosaic-e4m3"] if GRIDS.get(name) == "e4m3" else [])
+                 if mosaic else [])
+      for lookup in (lookups if "pallas" in impls else []) + kernels:
+        kw = ({"implementation": "mosaic", "lookup": lookup[7:] or None}
+              if lookup and lookup.startswith("mosaic") else
+              {"lookup": lookup} if lookup else {})
         label = f"{name}/{lookup}" if lookup else name
-        lut = [] if lookup == "mosaic" else lut_bits(B, S, *presets(D)[name], **kw)
+        lut = [] if lookup in kernels else lut_bits(B, S, *presets(D)[name], **kw)
         try:
           err = check_variant(key, name, **kw) if lookup else None  # else checked above
           t, nbytes = bench_decode(B, S, D, name, key, **kw)

@@ -191,6 +191,99 @@ def _key_tile(lo, hi, tokens: int):
   return body
 
 
+def e4m3_key_asm(tables: tuple[int, int]) -> str:
+  """PTX: a word of 8 sorted 4-bit codes n0..n7 ($2) -> two words of float8 e4m3 bytes,
+  $0 = codes 0-3 and $1 = codes 4-7 (byte j of each = code j of its half).
+
+  Sorted code k is +g[k - 8] for k >= 8 and -g[7 - k] below, g the 8 magnitudes of an
+  e4m3-grid codebook over its scale (`e4m3_tables`): the magnitude index goes through
+  one byte-permute table (`tables`: g's e4m3 bytes, 4 to a word), the sign byte (0x80
+  for a negative code) through a second permute of the constant 0x8000 by each code's
+  negative flag. 11 integer instructions and a multiply per 8 codes."""
+  t0, t1 = tables
+  return "\n".join([
+      "{", ".reg .b32 t, m, mh, th, a, b, sa, sb;",
+      "shr.b32 t, $2, 3;",
+      "lop3.b32 t, t, 0x11111111, 0, 0x0C;",  # 1 in each negative code's low bit
+      "mul.lo.u32 m, t, 7;",
+      "lop3.b32 m, $2, m, 0x77777777, 0x28;",  # magnitude index (W ^ 7 t) & 7 per code
+      "shr.b32 mh, m, 16;", "shr.b32 th, t, 16;",
+      f"prmt.b32 a, {t0}, {t1}, m;", f"prmt.b32 b, {t0}, {t1}, mh;",
+      "prmt.b32 sa, 0x8000, 0, t;", "prmt.b32 sb, 0x8000, 0, th;",  # flag 1 -> byte 0x80
+      "or.b32 $0, a, sa;", "or.b32 $1, b, sb;", "}"])
+
+
+def e4m3_tables(centroids: tuple[float, ...]) -> tuple[float, tuple[int, int]] | None:
+  """(scale, byte tables) when a 16-entry symmetric codebook is a scale times float8 e4m3
+  values (`tqjax.codebook.get_codebook(..., grid="e4m3")`, up to float32 rounding), else
+  None. The tables hold the e4m3 bytes of the 8 positive magnitudes over the scale."""
+  import ml_dtypes
+  c = np.asarray(centroids, np.float64)
+  if c.shape != (16,) or not np.all(c[8:] > 0) or not np.allclose(c[8:], -c[7::-1],
+                                                                   rtol=1e-6, atol=0):
+    return None
+  grid = np.arange(1, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  for top in grid[::-1]:  # the scale puts the largest magnitude on a grid value
+    scale = c[15] / top
+    units = c[8:] / scale
+    on = units.astype(ml_dtypes.float8_e4m3fn)
+    if np.all(np.isfinite(on.astype(np.float64))) and np.allclose(
+        on.astype(np.float64), units, rtol=1e-6, atol=0):
+      b = on.view(np.uint8).astype(np.uint32)
+      return float(scale), tuple(int(b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16
+                                     | b[4 * i + 3] << 24) for i in range(2))
+  return None
+
+
+def kf8_perm() -> np.ndarray:
+  """Column c of a float8 key tile holds coordinate kf8_perm()[c]: lane q (of 4) loads
+  words 4q..4q+3 of its rows; the low (codes 0-3) and high half of word i go to the 8-bit
+  fragment's 16-column tiles 2i and 2i + 1, columns 16 tile + 4q + e."""
+  i, half, q, e = np.meshgrid(*(np.arange(n) for n in (4, 2, 4, 4)), indexing="ij")
+  perm = np.empty(DIM, np.int64)
+  perm[(16 * (2 * i + half) + 4 * q + e).ravel()] = (32 * q + 8 * i + 4 * half + e).ravel()
+  return perm
+
+
+def _key_tile_e4m3(tables, tokens: int):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> float8 e4m3 [T, 128] wgmma A
+  operand (8-bit layout), columns in `kf8_perm` order."""
+  def body(ctx, codes_ref):
+    del ctx
+    ir, _, llvm, vector, mgpu, fa = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    f8x4 = ir.VectorType.get((4,), ir.Float8E4M3FNType.get())
+    codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
+                                            optimized=False)  # 16 bytes per register
+    regs = np.empty(fa.WGMMA_LAYOUT_8BIT.registers_shape((tokens, DIM)), dtype=object)
+    asm, out_ty = e4m3_key_asm(tables), llvm.StructType.get_literal([i32] * 2)
+    for rt in range(tokens // 64):
+      for h in range(2):
+        vec = vector.bitcast(ir.VectorType.get((4,), i32),
+                             codes.registers[rt, 0, 0, 0, h, 0, 0, 0, 0])
+        for i in range(4):
+          w = vector.extract(vec, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([i]))
+          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,r", has_side_effects=False)
+          for half in range(2):
+            regs[rt, 2 * i + half, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
+                llvm.extractvalue(i32, out, [half]), f8x4)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=None)
+  return body
+
+
+def e4m3_parts(x: jax.Array, parts: int = 3) -> jax.Array:
+  """[..., parts, R, D] float8 e4m3 values whose sum is x [..., R, D] to ~2^(-4 parts)
+  relative per element (each part rounds what the ones before left); x should be scaled
+  so that its largest magnitudes are near 256 (the format's top is 448)."""
+  out, rest = [], x.astype(jnp.float32)
+  for _ in range(parts):
+    part = rest.astype(jnp.float8_e4m3fn)
+    out.append(part)
+    rest = rest - part.astype(jnp.float32)
+  return jnp.stack(out, axis=-3)
+
+
 def _value_tile(lo, hi, tokens: int):
   """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
   -> f16 V^T [128, T] wgmma A operand."""
@@ -241,9 +334,14 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...]):
+           v_centroids: tuple[float, ...], e4m3_keys: bool = False):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
-  key_tile = _key_tile(*tables(k_centroids), step)
+  if e4m3_keys:  # float8 keys, the query in 3 e4m3 parts: 3 wgmmas into one accumulator
+    key_tile, key_dtype = _key_tile_e4m3(e4m3_tables(k_centroids)[1], step), jnp.float8_e4m3fn
+    key_layout, q_type = plgpu.Layout.WGMMA_8BIT, ((3, rows, DIM), jnp.float8_e4m3fn)
+  else:
+    key_tile, key_dtype = _key_tile(*tables(k_centroids), step), jnp.float16
+    key_layout, q_type = plgpu.Layout.WGMMA, ((rows, DIM), jnp.float16)
   value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
@@ -255,6 +353,8 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
     plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
     end = ends_smem[0]
+    # e4m3 keys: the query was scaled by 1 / inv (a power of two) for the float8 range.
+    inv = lax.bitcast_convert_type(ends_smem[1 + k], jnp.float32) if e4m3_keys else None
     first, read = split_window(split, split_len, S)
     lower, stop = jnp.maximum(first, start), jnp.minimum(first + split_len, end)
 
@@ -262,15 +362,18 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       acc, m, l = carry
       keys = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(),),
-          return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
+          return_type=plgpu.ShapeDtypeStruct((T, DIM), key_dtype, layout=key_layout),
       )(key_tile)(kc_smem)
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, keys, q_smem.T)
+        for part in range(3) if e4m3_keys else [None]:
+          plgpu.wgmma(acc_ref, keys, (q_smem if part is None else q_smem.at[part]).T)
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
       per_token = lambda ref: lax.broadcast_in_dim(plgpu.load(
           ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32), (T, N), [0])
+      if e4m3_keys:
+        s = s * inv
       pos = (read + indices[0] * T
              + plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA))
       valid = (pos >= lower) & (pos < stop)
@@ -338,7 +441,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       grid=(B, K, splits), grid_names=("b", "k", "split"),
       scratch_types=[
           plgpu.SMEM((32,), jnp.int32),  # a 128-byte row: TMA copies whole warpgroup multiples
-          plgpu.SMEM((N, DIM), jnp.float16, transforms=swizzle(128)),
+          plgpu.SMEM(*q_type, transforms=(plgpu.TilingTransform((8, DIM)),
+                                          plgpu.SwizzleTransform(128)) if e4m3_keys
+                     else swizzle(128)),
           plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
           plgpu.SMEM((DIM, N), jnp.float32),
           plgpu.SMEM((2, N), jnp.float32),
@@ -365,9 +470,14 @@ def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, lookup: str = "f16"):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
-  there (this takes what that function passes, see its docstring). Returns a `Partial`."""
+  there (this takes what that function passes, see its docstring). Returns a `Partial`.
+
+  lookup: "f16" (the codes into float16 for float16 wgmmas) or "e4m3" (keys into float8
+  e4m3 for FP8 wgmmas with the query in 3 e4m3 parts, values as "f16"; needs an
+  e4m3-grid key codebook, the `k4v4-e4m3` preset, and at most 31 KV heads).
+  """
   from pallas_kernels.decode import Partial, _merge_weights
 
   (q,), (kc,), (kn,), (vc,), (vn,) = qk, k_codes, k_scales, v_codes, v_scales
@@ -388,9 +498,27 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   # Splits of whole steps, none empty (7 splits of 8 steps are 4 of 2).
   num_splits = -(-(S // step) // -(-(S // step) // num_splits))
   rows = 8 if G <= 8 else 16
-  qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), ((0, 0), (0, 0), (0, rows - G), (0, 0)))
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
+  pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
+  if lookup == "e4m3":
+    found = e4m3_tables(ck)
+    if found is None or K > 31:
+      raise ValueError(f'mosaic decode: lookup="e4m3" takes an e4m3-grid key codebook '
+                       f'(the k4v4-e4m3 preset) and at most 31 KV heads, got '
+                       f'{"K = " + str(K) if found else "key centroids off the grid"}')
+    # The codebook's scale into the query; a power of two per (row, head) takes its
+    # largest magnitude to [128, 256) and is undone on the scores (ends[:, 1 + k]).
+    x = q[..., kf8_perm()].astype(jnp.float32) * jnp.float32(found[0])
+    top = jnp.max(jnp.abs(x), axis=(2, 3))  # [B, K]
+    shift = jnp.where(top > 0, 7 - jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))), 0.0)
+    qp = e4m3_parts(jnp.pad(x * jnp.exp2(shift)[..., None, None], pad))  # [B, K, 3, rows, D]
+    ends = ends.at[:, 1:1 + K].set(lax.bitcast_convert_type(jnp.exp2(-shift), jnp.int32))
+  elif lookup == "f16":
+    qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
+  else:
+    raise ValueError(f'mosaic decode: lookup must be "f16" or "e4m3", got {lookup!r}')
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv,
+                  lookup == "e4m3")
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]

@@ -159,8 +159,12 @@ class CacheConfig:
     """k4v4 with codebooks on the float8 e4m3 grid times one scale
     (`tqjax.codebook.get_codebook(..., grid="e4m3")`): the same bytes, distortion +0.91%
     at head_dim 128 and +1.25% at 64 against Lloyd–Max (0.009399 vs 0.009315 at 128), so
-    a kernel can look codes up into float8 for the tensor cores. Every implementation
-    takes it (its codebooks are symmetric like Lloyd–Max's)."""
+    a kernel can look codes up into float8 for the tensor cores (the Mosaic kernel's
+    ``lookup="e4m3"``, `pallas_kernels.decode_mosaic`). Every implementation takes it (its
+    codebooks are symmetric like Lloyd–Max's). Measured with k4v4 in one run (`tqjax niah
+    --presets baseline,k4v4,k4v4-e4m3`, SmolLM2-135M, 1K/2K/4K x 5 depths, window 128):
+    both 14/15, the same miss (4K, depth 0%), min margins -0.94 (e4m3) and -1.34, median
+    margin vs the baseline -0.06 and -0.10."""
     spec = TensorSpec(4, codebook="e4m3")
     return cls(spec, spec, name="k4v4-e4m3", **kw)
 
