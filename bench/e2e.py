@@ -1623,7 +1623,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the reference), then for each count N > 1 the same rows "
                        "tensor-parallel over N devices (kind 'sharded', scaling and "
                        "tokens_match vs 1 device)")
-  ap.add_argument("--implementation", default=None, choices=["xla", "pallas", "mosaic"],
+  ap.add_argument("--implementation", default=None,
+                  choices=[i for i in kvcache.IMPLEMENTATIONS if i != "pallas-interpret"],
                   help="of compressed caches (default: pallas on GPU, xla on CPU; mosaic: "
                        "the Mosaic GPU kernel, k4v4 only)")
   ap.add_argument("--per-layer-caches", action="store_true",

@@ -42,24 +42,26 @@ pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts o
 (294 -> 282 us at the same tiling).
 
 The lookup is now the limit: ~18 integer-pipe instructions per 8 codes are ~150 us of
-the H200's ALU time at B = 8, S = 64K, the whole budget of a 3.3x speedup. The plan under
-it (not built): the `k4v4-e4m3` preset (`tqjax.kvcache`) has centroids = scale x float8
-e4m3 values (distortion +0.9% at head_dim 128), so codes can become e4m3 bytes for an FP8
-wgmma (m64nNk32), the scale folded into the query.
+the H200's ALU time at B = 8, S = 64K, the whole budget of a 3.3x speedup. Under it: the
+`k4v4-e4m3` preset (`tqjax.kvcache`) has centroids = scale x float8 e4m3 values
+(distortion +0.9% at head_dim 128, NIAH as k4v4), so codes can become e4m3 bytes for FP8
+wgmmas (m64nNk32), the scale folded into the query.
 
-* Keys: a token's word of 8 coordinates maps onto the 8-bit A fragment's 4-coordinate
-  registers as it is. On the cache's sorted codes the lookup takes ~13 integer ops and a
-  multiply per 8 codes (relabel to magnitudes, one byte permute per 4 codes into an
-  8-entry byte table, the sign as a permute in sign-replicate mode + shift + lop3) against
-  18 + 1 into float16 now; a sign-magnitude layout (magnitude in a nibble's low 3 bits,
-  code i's sign at bit 8i + 7 of the word and code 4 + i's at 8i + 3) takes 7 + 1 shift.
-* The query as 3 e4m3 parts (N = 3 x rows, the parts summed in registers, ~2^-12
-  relative), a power-of-two scale per row applied to the scores.
-* Values are the hard part: an 8-bit A fragment holds 4 consecutive tokens of one
-  coordinate per register, so token-major codes need a nibble transpose (~8 ops per 16
-  codes), and FP8 B operands must be K-major, so values cannot enter from shared memory
-  untransposed either: a value layout transposed in blocks of tokens (the window is
-  flushed in blocks) or values kept on float16 are the options.
+* Keys (built, ``lookup="e4m3"``; lowered and PTX-emulated, not yet run on a GPU): a
+  token's word of 8 coordinates gives two registers of the 8-bit A fragment (4
+  coordinates each, columns in `kf8_perm` order); `e4m3_key_asm` takes the cache's
+  sorted codes to e4m3 bytes in 11 integer ops and a multiply per 8 codes (18 + 1 into
+  float16). The query goes in as 3 e4m3 parts (`e4m3_parts`, ~2^-12 relative), three
+  wgmmas into one accumulator, scaled per (row, head) by a power of two that the scores
+  undo (passed as float bits in ``ends[:, 1 + k]``).
+* Values (the plan): an 8-bit A fragment of V^T holds 4 consecutive tokens of one
+  coordinate per register. From the 16-bit slots of 4 tokens: two byte permutes
+  (tokens 0, 2 and 1, 3, the slot's bytes interleaved), then ``lop3(Wa, Wb << 4,
+  0x0F0F0F0F)`` and ``lop3(Wa >> 4, Wb, ...)`` put the 4 tokens of coordinates 0 and 2
+  (1 and 3) in the low and high halves: 6 ops per 16 codes before the key lookup, ~15 per
+  8 codes in all. The probabilities (times the value norms) must then be e4m3 parts too,
+  scaled into the format's range (448 at most) per step, and stored K-major for the B
+  operand.
 
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an

@@ -45,8 +45,10 @@ from tqjax.dense_cache import DenseCache
 KeyTransform = Literal["none", "center", "center_scale"]
 KEY_TRANSFORMS = ("none", "center", "center_scale")
 # "mosaic": the Mosaic GPU decode kernel (k4v4 only; `pallas_kernels.decode_mosaic`);
-# "pallas-interpret": the Triton kernel in interpret mode (CPU testing).
-IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "pallas-interpret")
+# "mosaic-e4m3": the same with the keys looked up into float8 for FP8 wgmmas (k4v4-e4m3
+# only; not yet run on a GPU); "pallas-interpret": the Triton kernel in interpret mode
+# (CPU testing).
+IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "mosaic-e4m3", "pallas-interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -734,7 +736,8 @@ class TurboQuantCache:
     part = decode_kernel.decode(
         qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
         self.v_codes, self.v_scales, as32(qz.segment_centroids(vq.config)), self.compressed,
-        implementation="mosaic" if self.implementation == "mosaic" else "pallas",
+        implementation="mosaic" if self.implementation.startswith("mosaic") else "pallas",
+        lookup="e4m3" if self.implementation == "mosaic-e4m3" else None,
         interpret=self.implementation == "pallas-interpret",
         start=self.sink_tokens, layer=self.region_layer)
     acc = sum(jnp.einsum("bktgj,kjD->btkgD", a.reshape(b, kh, t, g, -1), m)
