@@ -589,7 +589,6 @@ def same_tables(doc: dict, fresh: dict) -> bool:
   return True
 
 
-
 def generate(out_dir: os.PathLike | str | None = None, check: bool = False,
              head_dims=SHIPPED_HEAD_DIMS) -> list[str]:
   """Write (or with check=True, compare) the shipped files; returns the names that differ."""

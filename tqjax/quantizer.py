@@ -310,8 +310,6 @@ class MinMaxConfig:
       raise ValueError(f"head_dim={self.head_dim} must be a multiple of group_size={self.group_size}")
     if self.scale_dtype not in SCALE_DTYPES:
       raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
-    if self.codebook not in GRIDS:
-      raise ValueError(f"codebook must be one of {GRIDS}, got {self.codebook!r}")
 
   @property
   def bytes_per_vector(self) -> int:
