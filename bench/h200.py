@@ -11,6 +11,8 @@ Jobs:
   tests    the GPU tests of the cache's kernel path and the bridge's kernel path vs its
            jnp path (`pytest -m gpu`; the kernels' own GPU tests are in
            tests/test_kernels.py, and `kernels` checks every preset before timing)
+  mosaic-tests  the GPU tests of the Mosaic kernel alone (`-k "mosaic or e4m3"`: the
+           kernel, the cache and the bridge on it, float16 and float8 keys)
   kernels  bench/kernels.py --quick (B = 8 and 1, S = 64K, D = 128, every preset against
            the fp16 baselines of the same run) plus the tiling sweep with --sweep
   bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
@@ -33,6 +35,10 @@ import time
 JOBS = {
   "tests": (["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
              "tests/test_kvcache.py", "tests/test_kernels.py", "tests/test_bridge.py"], None),
+  # The Mosaic kernel's GPU tests alone (~50 s): its float16 and float8-key paths.
+  "mosaic-tests": (["-m", "pytest", "-q", "-m", "gpu", "-k", "mosaic or e4m3", "-p",
+                    "no:cacheprovider", "tests/test_kvcache.py", "tests/test_kernels.py",
+                    "tests/test_bridge.py"], None),
   "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
   "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
   # The quick rows plus the Mosaic kernel's (k4v4@mosaic) on the same shapes.
@@ -47,12 +53,13 @@ JOBS = {
 # before they finished; session 6: 27 of 51 in 370 s — give them a call of their own,
 # `--jobs tests --budget 560`), kernels --quick 117-140 s, e2e --quick 110 s (session 4, weights
 # drawn per layer; 206 s before), bridge 95 s.
-SHARE = {"tests": 0.45, "kernels": 0.25, "bridge": 0.2, "e2e": 0.3, "e2e2": 0.6}
+SHARE = {"tests": 0.45, "mosaic-tests": 0.15, "kernels": 0.25, "bridge": 0.2, "e2e": 0.3,
+         "e2e2": 0.6}
 
 
 def headline(job: str, path: str | None, log: str) -> str:
   """A few numbers from a job's JSON (or the tail of its log)."""
-  if job == "tests":
+  if job.endswith("tests"):
     lines = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l]
     return lines[-1].strip() if lines else log.strip().splitlines()[-1:][0] if log else ""
   if path is None or not os.path.exists(path):
@@ -77,7 +84,7 @@ def headline(job: str, path: str | None, log: str) -> str:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
-  ap.add_argument("--jobs", default=",".join(JOBS))
+  ap.add_argument("--jobs", default=",".join(j for j in JOBS if j != "mosaic-tests"))
   ap.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
   ap.add_argument("--sweep", action="store_true", help="kernels: the tiling sweep too")
   args = ap.parse_args(argv)
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
   for i, job in enumerate(jobs):
     cmd, json_name = JOBS[job]
     cmd = [sys.executable, *cmd]
-    if job != "tests":
+    if not job.endswith("tests"):
       cmd += ["--out", args.out]
     if job == "kernels" and args.sweep:
       cmd.append("--sweep")
