@@ -167,29 +167,35 @@ def _mlir():
   return ir, arith, llvm, vector, mgpu, fa
 
 
-def _key_tile(lo, hi, tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> f16 [T, 128] wgmma A operand."""
+def _key_tile(asm: str, outputs: int, float8: bool, tokens: int):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> the [T, 128] wgmma A operand,
+  float16 (`word_asm`, 4 outputs of f16x2 per word) or float8 e4m3 (`e4m3_key_asm`, 2
+  outputs of 4 bytes, the 8-bit layout). Each thread loads the 4 words of its two rows
+  (`_code_layout`); output j of word i is register column outputs * i + j."""
   def body(ctx, codes_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
-    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    element = (ir.VectorType.get((4,), ir.Float8E4M3FNType.get()) if float8
+               else ir.VectorType.get((2,), ir.F16Type.get()))
+    layout = fa.WGMMA_LAYOUT_8BIT if float8 else fa.WGMMA_LAYOUT
     codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
                                             optimized=False)  # 16 bytes per register
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
-    asm, out_ty = word_asm(lo, hi, pair=False), llvm.StructType.get_literal([i32] * 4)
+    regs = np.empty(layout.registers_shape((tokens, DIM)), dtype=object)
+    out_ty = llvm.StructType.get_literal([i32] * outputs)
+    constraints = ",".join(["=r"] * outputs + ["r"])
     for rt in range(tokens // 64):
-      for mg in range(2):
+      for h in range(2):  # rows r and r + 8
         vec = vector.bitcast(ir.VectorType.get((4,), i32),
-                             codes.registers[rt, 0, 0, 0, mg, 0, 0, 0, 0])
+                             codes.registers[rt, 0, 0, 0, h, 0, 0, 0, 0])
         for i in range(4):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
-          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,=r,=r,r", has_side_effects=False)
-          for j in range(4):
-            regs[rt, 4 * i + j, 0, 0, mg, 0, 0, 0, 0] = mgpu.utils.bitcast(
-                llvm.extractvalue(i32, out, [j]), f16x2)
-    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+          out = llvm.inline_asm(out_ty, [w], asm, constraints, has_side_effects=False)
+          for j in range(outputs):
+            regs[rt, outputs * i + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
+                llvm.extractvalue(i32, out, [j]), element)
+    return fa.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
   return body
 
 
@@ -245,33 +251,6 @@ def kf8_perm() -> np.ndarray:
   perm = np.empty(DIM, np.int64)
   perm[(16 * (2 * i + half) + 4 * q + e).ravel()] = (32 * q + 8 * i + 4 * half + e).ravel()
   return perm
-
-
-def _key_tile_e4m3(tables, tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> float8 e4m3 [T, 128] wgmma A
-  operand (8-bit layout), columns in `kf8_perm` order."""
-  def body(ctx, codes_ref):
-    del ctx
-    ir, _, llvm, vector, mgpu, fa = _mlir()
-    i32 = ir.IntegerType.get_signless(32)
-    f8x4 = ir.VectorType.get((4,), ir.Float8E4M3FNType.get())
-    codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
-                                            optimized=False)  # 16 bytes per register
-    regs = np.empty(fa.WGMMA_LAYOUT_8BIT.registers_shape((tokens, DIM)), dtype=object)
-    asm, out_ty = e4m3_key_asm(tables), llvm.StructType.get_literal([i32] * 2)
-    for rt in range(tokens // 64):
-      for h in range(2):
-        vec = vector.bitcast(ir.VectorType.get((4,), i32),
-                             codes.registers[rt, 0, 0, 0, h, 0, 0, 0, 0])
-        for i in range(4):
-          w = vector.extract(vec, dynamic_position=[],
-                             static_position=ir.DenseI64ArrayAttr.get([i]))
-          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,r", has_side_effects=False)
-          for half in range(2):
-            regs[rt, 2 * i + half, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
-                llvm.extractvalue(i32, out, [half]), f8x4)
-    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=None)
-  return body
 
 
 def e4m3_parts(x: jax.Array, parts: int = 3) -> jax.Array:
@@ -339,10 +318,12 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
            v_centroids: tuple[float, ...], e4m3_keys: bool = False):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   if e4m3_keys:  # float8 keys, the query in 3 e4m3 parts: 3 wgmmas into one accumulator
-    key_tile, key_dtype = _key_tile_e4m3(e4m3_tables(k_centroids)[1], step), jnp.float8_e4m3fn
+    key_tile = _key_tile(e4m3_key_asm(e4m3_tables(k_centroids)[1]), 2, True, step)
+    key_dtype = jnp.float8_e4m3fn
     key_layout, q_type = plgpu.Layout.WGMMA_8BIT, ((3, rows, DIM), jnp.float8_e4m3fn)
   else:
-    key_tile, key_dtype = _key_tile(*tables(k_centroids), step), jnp.float16
+    key_tile, key_dtype = _key_tile(word_asm(*tables(k_centroids), pair=False), 4, False,
+                                    step), jnp.float16
     key_layout, q_type = plgpu.Layout.WGMMA, ((rows, DIM), jnp.float16)
   value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
