@@ -230,8 +230,8 @@ def e4m3_tables(centroids: tuple[float, ...]) -> tuple[float, tuple[int, int]] |
   if c.shape != (16,) or not np.all(c[8:] > 0) or not np.allclose(c[8:], -c[7::-1],
                                                                    rtol=1e-6, atol=0):
     return None
-  grid = np.arange(1, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
-  for top in grid[::-1]:  # the scale puts the largest magnitude on a grid value
+  from tqjax.codebook import e4m3_values
+  for top in e4m3_values()[::-1]:  # the scale puts the largest magnitude on a grid value
     scale = c[15] / top
     units = c[8:] / scale
     on = units.astype(ml_dtypes.float8_e4m3fn)
