@@ -457,7 +457,7 @@ def main(argv=None):
       kernels = (["mosaic"] + (["mosaic-e4m3"] if GRIDS.get(name) == "e4m3" else [])
                  if mosaic else [])
       for lookup in (lookups if "pallas" in impls else []) + kernels:
-        kw = ({"implementation": "mosaic", "lookup": lookup[7:] or None}
+        kw = ({"implementation": "mosaic", "lookup": lookup.partition("-")[2] or None}
               if lookup and lookup.startswith("mosaic") else
               {"lookup": lookup} if lookup else {})
         label = f"{name}/{lookup}" if lookup else name

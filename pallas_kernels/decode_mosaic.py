@@ -221,6 +221,7 @@ def e4m3_key_asm(tables: tuple[int, int]) -> str:
       "or.b32 $0, a, sa;", "or.b32 $1, b, sb;", "}"])
 
 
+@functools.lru_cache(maxsize=None)  # the wrapper and the kernel's build both ask
 def e4m3_tables(centroids: tuple[float, ...]) -> tuple[float, tuple[int, int]] | None:
   """(scale, byte tables) when a 16-entry symmetric codebook is a scale times float8 e4m3
   values (`tqjax.codebook.get_codebook(..., grid="e4m3")`, up to float32 rounding), else
@@ -446,8 +447,12 @@ def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
   step = cfg.step if S % cfg.step == 0 else 64
   steps = S // step
   splits = max(1, min(round(cfg.target_programs / (B * K)), steps // 2))
-  per_split = -(-steps // splits)
-  return step, -(-steps // per_split), cfg.num_stages
+  return step, whole_splits(steps, splits), cfg.num_stages
+
+
+def whole_splits(steps: int, splits: int) -> int:
+  """`splits` evened out into splits of whole steps, none empty (7 of 8 steps: 4 of 2)."""
+  return -(-steps // -(-steps // splits))
 
 
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
@@ -478,8 +483,7 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   if not 1 <= num_splits <= S // step:
     raise ValueError(f"mosaic decode: num_splits must be in [1, S / step = {S // step}], "
                      f"got {num_splits}")
-  # Splits of whole steps, none empty (7 splits of 8 steps are 4 of 2).
-  num_splits = -(-(S // step) // -(-(S // step) // num_splits))
+  num_splits = whole_splits(S // step, num_splits)
   rows = 8 if G <= 8 else 16
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
