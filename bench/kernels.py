@@ -149,19 +149,27 @@ def _chain(fn, n):
   return jax.jit(run)
 
 
-def time_jax(fn, args, *, n_small=2, n_big=8, reps=5) -> float:
-  """Microseconds per call of ``fn(*args)`` (args[0] must be an array)."""
-  small, big = _chain(fn, n_small), _chain(fn, n_big)
-  jax.block_until_ready(small(*args))
-  jax.block_until_ready(big(*args))
-  samples = []
-  for _ in range(reps):
+def time_jax(fn, args, *, n_small=2, span_s=4e-3, max_calls=32, reps=7) -> float:
+  """Microseconds per call of ``fn(*args)`` (args[0] must be an array): the difference of
+  two chains of dependent calls over the calls between them, the long chain sized to run
+  about `span_s` (at most `max_calls`; host-timer jitter of tens of microseconds then
+  moves a 50 us kernel by a few percent, against ~20% with a fixed 8), median of `reps`."""
+  def per_call(small, big, n_big):
     t0 = time.perf_counter()
     jax.block_until_ready(small(*args))
     t1 = time.perf_counter()
     jax.block_until_ready(big(*args))
     t2 = time.perf_counter()
-    samples.append(((t2 - t1) - (t1 - t0)) / (n_big - n_small) * 1e6)
+    return ((t2 - t1) - (t1 - t0)) / (n_big - n_small)
+
+  small, probe = _chain(fn, n_small), _chain(fn, 8)
+  jax.block_until_ready(small(*args))
+  jax.block_until_ready(probe(*args))
+  guess = max(statistics.median(per_call(small, probe, 8) for _ in range(3)), 1e-6)
+  n_big = int(min(max_calls, max(8, n_small + math.ceil(span_s / guess))))
+  big = probe if n_big == 8 else _chain(fn, n_big)
+  jax.block_until_ready(big(*args))
+  samples = [per_call(small, big, n_big) * 1e6 for _ in range(reps)]
   if statistics.median(samples) <= 0:
     raise RuntimeError(f"timing failed (non-positive): {samples}")
   return statistics.median(samples)
