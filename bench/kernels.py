@@ -70,13 +70,12 @@ def presets(head_dim: int) -> dict[str, tuple[list[tuple[int, int]], list[tuple[
 GRIDS = {"k4v4-e4m3": "e4m3"}
 
 
-def centroids(dim: int, bits: int, grid: str = "lloyd-max", f16: bool = True) -> np.ndarray:
-  """The project's codebook (Lloyd-Max, or on the e4m3 grid), float16-exact with `f16`
-  (so a kernel's float16 table equals the reference's float32 one; the e4m3 key lookup
-  takes the grid's values as they are)."""
+def centroids(dim: int, bits: int, grid: str = "lloyd-max") -> np.ndarray:
+  """The project's codebook (Lloyd-Max, or on the e4m3 grid), float16-exact (so a
+  kernel's float16 table equals the reference's float32 one)."""
   from tqjax import codebook
   c = np.asarray(codebook.get_codebook(dim, bits, grid).centroids, np.float32)
-  return c.astype(np.float16).astype(np.float32) if f16 else c
+  return c.astype(np.float16).astype(np.float32)
 
 
 def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV,
@@ -90,7 +89,7 @@ def make_inputs(key, B, S, keys, values, *, rows=G, lengths=None, kv_heads=HKV,
                                  jnp.int32).astype(jnp.uint8))
     kn.append(jax.random.uniform(ks[8 + i], (B, kv_heads, S), jnp.float32, 0.5, 2.0)
               .astype(jnp.float16))
-    kcb.append(centroids(d, b, grid, f16=grid == "lloyd-max"))
+    kcb.append(centroids(d, b, grid))
   for j, (d, b) in enumerate(values):
     vc.append(jax.random.randint(ks[12 + j], (B, kv_heads, S, packing.packed_size(d, b)), 0, 256,
                                  jnp.int32).astype(jnp.uint8))
@@ -460,13 +459,10 @@ def main(argv=None):
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
       # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 at D = 128.
-      # k4v4-e4m3 also with its keys into float8 ("mosaic-e4m3").
       mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)]) and "mosaic" in impls
-      kernels = (["mosaic"] + (["mosaic-e4m3"] if GRIDS.get(name) == "e4m3" else [])
-                 if mosaic else [])
+      kernels = ["mosaic"] if mosaic else []
       for lookup in (lookups if "pallas" in impls else []) + kernels:
-        kw = ({"implementation": "mosaic", "lookup": lookup.partition("-")[2] or None}
-              if lookup and lookup.startswith("mosaic") else
+        kw = ({"implementation": "mosaic"} if lookup == "mosaic" else
               {"lookup": lookup} if lookup else {})
         label = f"{name}/{lookup}" if lookup else name
         lut = [] if lookup in kernels else lut_bits(B, S, *presets(D)[name], **kw)

@@ -982,9 +982,7 @@ def decode(
       kept for the benchmark's sweep; "lut-gather" is "lut" with "gather" for the segments
       that have no lut, e.g. 5-bit keys.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
-      bench/kernels.py only.) With "mosaic": "f16" (default) or "e4m3" (keys into float8
-      for FP8 wgmmas; an e4m3-grid key codebook, the k4v4-e4m3 preset; not yet run on a
-      GPU), see `pallas_kernels.decode_mosaic.decode_mosaic`.
+      bench/kernels.py only.) "mosaic" has its own lookup and takes none.
     start: compressed tokens before this position are ignored (e.g. attention-sink
       tokens kept exact elsewhere); a static int >= 0.
     layer: a static int: the codes and scales hold every layer of a model, with a leading
@@ -1033,11 +1031,11 @@ def decode(
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if implementation == "mosaic":
     _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret,
-                  dict(num_warps=num_warps, orient=orient))
+                  dict(num_warps=num_warps, orient=orient, lookup=lookup))
     return decode_mosaic.decode_mosaic(
         qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids, lengths,
         start=start, layer=None if layer is None else int(layer), step=block_s,
-        num_splits=num_splits, num_stages=num_stages, lookup=lookup or "f16")
+        num_splits=num_splits, num_stages=num_stages)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
   if lookup not in ("lut", "lut-gather", "lut-joined", "lut-parts", "select", "gather", "none"):
@@ -1102,8 +1100,8 @@ def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, othe
                      'interpreter runs no inline asm); test it on a GPU')
   given = sorted(k for k, v in other.items() if v is not None)
   if given:
-    raise ValueError(f'implementation="mosaic" has its own tiling; {given} apply to '
-                     f'"pallas" only')
+    raise ValueError(f'implementation="mosaic" has its own tiling and lookup; {given} apply '
+                     f'to "pallas" only')
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,

@@ -41,27 +41,30 @@ prototype's profile (Nsight Compute): 94-112 registers, 4 warpgroups per SM, the
 pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts off
 (294 -> 282 us at the same tiling).
 
-The lookup is now the limit: ~18 integer-pipe instructions per 8 codes are ~150 us of
-the H200's ALU time at B = 8, S = 64K, the whole budget of a 3.3x speedup. Under it: the
-`k4v4-e4m3` preset (`tqjax.kvcache`) has centroids = scale x float8 e4m3 values
-(distortion +0.9% at head_dim 128, NIAH as k4v4), so codes can become e4m3 bytes for FP8
-wgmmas (m64nNk32), the scale folded into the query.
+What limits it (session 11, Nsight Compute on the H200, `ncu -k regex:mosaic --set full`,
+the e2e layer, 33 splits): instruction issue. 168 registers and 47 KB of shared memory a
+block allow 3 blocks (warpgroups) per SM, not 4 (18.75% occupancy), so 1056 programs are
+2.67 waves of 396; issue slots 65% busy, IPC 2.7, ALU pipe 67%, DRAM 31% (1.5 TB/s);
+stalls: selected 28%, not selected 20%, wait 15%, math 13%, barrier 10%; ~5.3 thread
+instructions per code, half of them the lookup (PRMT 26%, IMAD 22%, LOP3 15% of all);
+shared-load bank conflicts 12% of wavefronts. Fewer instructions in all is the way on,
+not moving them to another pipe. Tried and measured slower (session 11, the timer of
+`bench/kernels.py`, ~2% spread):
 
-* Keys (built, ``lookup="e4m3"``; lowered and PTX-emulated, not yet run on a GPU): a
-  token's word of 8 coordinates gives two registers of the 8-bit A fragment (4
-  coordinates each, columns in `kf8_perm` order); `e4m3_key_asm` takes the cache's
-  sorted codes to e4m3 bytes in 11 integer ops and a multiply per 8 codes (18 + 1 into
-  float16). The query goes in as 3 e4m3 parts (`e4m3_parts`, ~2^-12 relative), three
-  wgmmas into one accumulator, scaled per (row, head) by a power of two that the scores
-  undo (passed as float bits in ``ends[:, 1 + k]``).
-* Values (the plan): an 8-bit A fragment of V^T holds 4 consecutive tokens of one
-  coordinate per register. From the 16-bit slots of 4 tokens: two byte permutes
-  (tokens 0, 2 and 1, 3, the slot's bytes interleaved), then ``lop3(Wa, Wb << 4,
-  0x0F0F0F0F)`` and ``lop3(Wa >> 4, Wb, ...)`` put the 4 tokens of coordinates 0 and 2
-  (1 and 3) in the low and high halves: 6 ops per 16 codes before the key lookup, ~15 per
-  8 codes in all. The probabilities (times the value norms) must then be e4m3 parts too,
-  scaled into the format's range (448 at most) per step, and stored K-major for the B
-  operand.
+* An odd quintic codebook (c = s u (1 + b u^2 + g u^4), u = (2k + 1 - 16) / 16; distortion
+  +0.16% at 4 bits) dequantized on the FP16 pipe (a code into float16 by a shift and a
+  `lop3` against 0x6408, then 4 half2 ops: 7 integer + 20 FP16 instructions per 8 codes):
+  5-8% slower (layer 82.9-86.9 against 79.5-80.7 us): the H200's FP16 FMA pipe issues at
+  the ALU's rate, and 27 instructions are more than 21.
+* Keys into float8 e4m3 for FP8 wgmmas (an e4m3-grid codebook, the `k4v4-e4m3` preset;
+  11 integer ops and a multiply per 8 codes, the query in 3 e4m3 parts): first built as 3
+  wgmmas on the parts of a [3, rows, 128] shared buffer, which on the H200 gave the first
+  part's scores alone (rel. error 0.075 against the reference); it also timed no faster
+  than the float16 lookup (B = 8, 64K: 276 against 267 us; B = 1: 55.7 against 39.5) for
+  the same MMA work a fixed version would do (one wgmma of contraction 3 x 128), and the
+  values' side would need the probabilities in e4m3 parts too. Removed (session 12).
+* 64-token steps (96 registers, 5 blocks an SM): layer 85-90 us, B = 8 64K 307-310; 3 or
+  4 stages at 128-token steps: 81.4 / 91.5 us at the layer.
 
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
@@ -167,23 +170,19 @@ def _mlir():
   return ir, arith, llvm, vector, mgpu, fa
 
 
-def _key_tile(asm: str, outputs: int, float8: bool, tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> the [T, 128] wgmma A operand,
-  float16 (`word_asm`, 4 outputs of f16x2 per word) or float8 e4m3 (`e4m3_key_asm`, 2
-  outputs of 4 bytes, the 8-bit layout). Each thread loads the 4 words of its two rows
-  (`_code_layout`); output j of word i is register column outputs * i + j."""
+def _key_tile(asm: str, tokens: int):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> the f16 [T, 128] wgmma A
+  operand. Each thread loads the 4 words of its two rows (`_code_layout`); output j of
+  word i (`word_asm`, 4 outputs of f16x2) is register column 4 i + j."""
   def body(ctx, codes_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
-    element = (ir.VectorType.get((4,), ir.Float8E4M3FNType.get()) if float8
-               else ir.VectorType.get((2,), ir.F16Type.get()))
-    layout = fa.WGMMA_LAYOUT_8BIT if float8 else fa.WGMMA_LAYOUT
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
                                             optimized=False)  # 16 bytes per register
-    regs = np.empty(layout.registers_shape((tokens, DIM)), dtype=object)
-    out_ty = llvm.StructType.get_literal([i32] * outputs)
-    constraints = ",".join(["=r"] * outputs + ["r"])
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
     for rt in range(tokens // 64):
       for h in range(2):  # rows r and r + 8
         vec = vector.bitcast(ir.VectorType.get((4,), i32),
@@ -191,79 +190,12 @@ def _key_tile(asm: str, outputs: int, float8: bool, tokens: int):
         for i in range(4):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
-          out = llvm.inline_asm(out_ty, [w], asm, constraints, has_side_effects=False)
-          for j in range(outputs):
-            regs[rt, outputs * i + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
-                llvm.extractvalue(i32, out, [j]), element)
-    return fa.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,=r,=r,r", has_side_effects=False)
+          for j in range(4):
+            regs[rt, 4 * i + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
+                llvm.extractvalue(i32, out, [j]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
   return body
-
-
-def e4m3_key_asm(tables: tuple[int, int]) -> str:
-  """PTX: a word of 8 sorted 4-bit codes n0..n7 ($2) -> two words of float8 e4m3 bytes,
-  $0 = codes 0-3 and $1 = codes 4-7 (byte j of each = code j of its half).
-
-  Sorted code k is +g[k - 8] for k >= 8 and -g[7 - k] below, g the 8 magnitudes of an
-  e4m3-grid codebook over its scale (`e4m3_tables`): the magnitude index goes through
-  one byte-permute table (`tables`: g's e4m3 bytes, 4 to a word), the sign byte (0x80
-  for a negative code) through a second permute of the constant 0x8000 by each code's
-  negative flag. 11 integer instructions and a multiply per 8 codes."""
-  t0, t1 = tables
-  return "\n".join([
-      "{", ".reg .b32 t, m, mh, th, a, b, sa, sb;",
-      "shr.b32 t, $2, 3;",
-      "lop3.b32 t, t, 0x11111111, 0, 0x0C;",  # 1 in each negative code's low bit
-      "mul.lo.u32 m, t, 7;",
-      "lop3.b32 m, $2, m, 0x77777777, 0x28;",  # magnitude index (W ^ 7 t) & 7 per code
-      "shr.b32 mh, m, 16;", "shr.b32 th, t, 16;",
-      f"prmt.b32 a, {t0}, {t1}, m;", f"prmt.b32 b, {t0}, {t1}, mh;",
-      "prmt.b32 sa, 0x8000, 0, t;", "prmt.b32 sb, 0x8000, 0, th;",  # flag 1 -> byte 0x80
-      "or.b32 $0, a, sa;", "or.b32 $1, b, sb;", "}"])
-
-
-@functools.lru_cache(maxsize=None)  # the wrapper and the kernel's build both ask
-def e4m3_tables(centroids: tuple[float, ...]) -> tuple[float, tuple[int, int]] | None:
-  """(scale, byte tables) when a 16-entry symmetric codebook is a scale times float8 e4m3
-  values (`tqjax.codebook.get_codebook(..., grid="e4m3")`, up to float32 rounding), else
-  None. The tables hold the e4m3 bytes of the 8 positive magnitudes over the scale."""
-  import ml_dtypes
-  c = np.asarray(centroids, np.float64)
-  if c.shape != (16,) or not np.all(c[8:] > 0) or not np.allclose(c[8:], -c[7::-1],
-                                                                   rtol=1e-6, atol=0):
-    return None
-  from tqjax.codebook import e4m3_values
-  for top in e4m3_values()[::-1]:  # the scale puts the largest magnitude on a grid value
-    scale = c[15] / top
-    units = c[8:] / scale
-    on = units.astype(ml_dtypes.float8_e4m3fn)
-    if np.all(np.isfinite(on.astype(np.float64))) and np.allclose(
-        on.astype(np.float64), units, rtol=1e-6, atol=0):
-      b = on.view(np.uint8).astype(np.uint32)
-      return float(scale), tuple(int(b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16
-                                     | b[4 * i + 3] << 24) for i in range(2))
-  return None
-
-
-def kf8_perm() -> np.ndarray:
-  """Column c of a float8 key tile holds coordinate kf8_perm()[c]: lane q (of 4) loads
-  words 4q..4q+3 of its rows; the low (codes 0-3) and high half of word i go to the 8-bit
-  fragment's 16-column tiles 2i and 2i + 1, columns 16 tile + 4q + e."""
-  i, half, q, e = np.meshgrid(*(np.arange(n) for n in (4, 2, 4, 4)), indexing="ij")
-  perm = np.empty(DIM, np.int64)
-  perm[(16 * (2 * i + half) + 4 * q + e).ravel()] = (32 * q + 8 * i + 4 * half + e).ravel()
-  return perm
-
-
-def e4m3_parts(x: jax.Array, parts: int = 3) -> jax.Array:
-  """[..., parts, R, D] float8 e4m3 values whose sum is x [..., R, D] to ~2^(-4 parts)
-  relative per element (each part rounds what the ones before left); x should be scaled
-  so that its largest magnitudes are near 256 (the format's top is 448)."""
-  out, rest = [], x.astype(jnp.float32)
-  for _ in range(parts):
-    part = rest.astype(jnp.float8_e4m3fn)
-    out.append(part)
-    rest = rest - part.astype(jnp.float32)
-  return jnp.stack(out, axis=-3)
 
 
 def _value_tile(lo, hi, tokens: int):
@@ -316,16 +248,9 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...], e4m3_keys: bool = False):
+           v_centroids: tuple[float, ...]):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
-  if e4m3_keys:  # float8 keys, the query in 3 e4m3 parts: 3 wgmmas into one accumulator
-    key_tile = _key_tile(e4m3_key_asm(e4m3_tables(k_centroids)[1]), 2, True, step)
-    key_dtype = jnp.float8_e4m3fn
-    key_layout, q_type = plgpu.Layout.WGMMA_8BIT, ((3, rows, DIM), jnp.float8_e4m3fn)
-  else:
-    key_tile, key_dtype = _key_tile(word_asm(*tables(k_centroids), pair=False), 4, False,
-                                    step), jnp.float16
-    key_layout, q_type = plgpu.Layout.WGMMA, ((rows, DIM), jnp.float16)
+  key_tile = _key_tile(word_asm(*tables(k_centroids), pair=False), step)
   value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
@@ -337,8 +262,6 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
     plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
     end = ends_smem[0]
-    # e4m3 keys: the query was scaled by 1 / inv (a power of two) for the float8 range.
-    inv = lax.bitcast_convert_type(ends_smem[1 + k], jnp.float32) if e4m3_keys else None
     first, read = split_window(split, split_len, S)
     lower, stop = jnp.maximum(first, start), jnp.minimum(first + split_len, end)
 
@@ -346,18 +269,15 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       acc, m, l = carry
       keys = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(),),
-          return_type=plgpu.ShapeDtypeStruct((T, DIM), key_dtype, layout=key_layout),
+          return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
       )(key_tile)(kc_smem)
 
       def qk(acc_ref):
-        for part in range(3) if e4m3_keys else [None]:
-          plgpu.wgmma(acc_ref, keys, (q_smem if part is None else q_smem.at[part]).T)
+        plgpu.wgmma(acc_ref, keys, q_smem.T)
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
       per_token = lambda ref: lax.broadcast_in_dim(plgpu.load(
           ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32), (T, N), [0])
-      if e4m3_keys:
-        s = s * inv
       pos = (read + indices[0] * T
              + plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA))
       valid = (pos >= lower) & (pos < stop)
@@ -425,9 +345,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       grid=(B, K, splits), grid_names=("b", "k", "split"),
       scratch_types=[
           plgpu.SMEM((32,), jnp.int32),  # a 128-byte row: TMA copies whole warpgroup multiples
-          plgpu.SMEM(*q_type, transforms=(plgpu.TilingTransform((8, DIM)),
-                                          plgpu.SwizzleTransform(128)) if e4m3_keys
-                     else swizzle(128)),
+          plgpu.SMEM((N, DIM), jnp.float16, transforms=swizzle(128)),
           plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
           plgpu.SMEM((DIM, N), jnp.float32),
           plgpu.SMEM((2, N), jnp.float32),
@@ -458,13 +376,9 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None, lookup: str = "f16"):
+                  num_stages: int | None = None):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
-
-  lookup: "f16" (the codes into float16 for float16 wgmmas) or "e4m3" (keys into float8
-  e4m3 for FP8 wgmmas with the query in 3 e4m3 parts, values as "f16"; needs an
-  e4m3-grid key codebook, the `k4v4-e4m3` preset, and at most 31 KV heads).
   """
   from pallas_kernels.decode import Partial, _merge_weights
 
@@ -487,25 +401,8 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   rows = 8 if G <= 8 else 16
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
-  if lookup == "e4m3":
-    found = e4m3_tables(ck)
-    if found is None or K > 31:
-      raise ValueError(f'mosaic decode: lookup="e4m3" takes an e4m3-grid key codebook '
-                       f'(the k4v4-e4m3 preset) and at most 31 KV heads, got '
-                       f'{"K = " + str(K) if found else "key centroids off the grid"}')
-    # The codebook's scale into the query; a power of two per (row, head) takes its
-    # largest magnitude to [128, 256) and is undone on the scores (ends[:, 1 + k]).
-    x = q[..., kf8_perm()].astype(jnp.float32) * jnp.float32(found[0])
-    top = jnp.max(jnp.abs(x), axis=(2, 3))  # [B, K]
-    shift = jnp.where(top > 0, 7 - jnp.floor(jnp.log2(jnp.where(top > 0, top, 1.0))), 0.0)
-    qp = e4m3_parts(jnp.pad(x * jnp.exp2(shift)[..., None, None], pad))  # [B, K, 3, rows, D]
-    ends = ends.at[:, 1:1 + K].set(lax.bitcast_convert_type(jnp.exp2(-shift), jnp.int32))
-  elif lookup == "f16":
-    qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
-  else:
-    raise ValueError(f'mosaic decode: lookup must be "f16" or "e4m3", got {lookup!r}')
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv,
-                  lookup == "e4m3")
+  qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]

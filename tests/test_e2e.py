@@ -134,7 +134,9 @@ def test_a_preset_may_name_its_implementation():
   # "k4v4@mosaic": one run compares the kernels against bf16 (Flax path).
   assert e2e.split_preset("k4v4@mosaic") == ("k4v4", "mosaic")
   assert e2e.split_preset("k4v4") == ("k4v4", None)
-  assert e2e.split_preset("k4v4-e4m3@mosaic-e4m3") == ("k4v4-e4m3", "mosaic-e4m3")
+  assert e2e.split_preset("k4v4-e4m3@pallas") == ("k4v4-e4m3", "pallas")
+  with pytest.raises(SystemExit, match="may take @ one of"):
+    e2e.split_preset("k4v4@mosaic-e4m3")
   config = e2e.tiny_config()
   impl = lambda preset: e2e.CacheSpec(config, preset, 2, 512, jnp.bfloat16,
                                       "pallas").builder(0).keywords["implementation"]

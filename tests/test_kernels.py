@@ -483,54 +483,6 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
   assert len(_ptx_instructions(dm.word_asm(lo, hi, pair=False))) == 22
 
 
-def test_mosaic_e4m3_ptx_looks_keys_up_into_float8_in_the_8bit_wgmma_layout():
-  # The 8-bit A fragment (PTX ISA, m64nNk32): thread (warp w, lane l) holds rows
-  # 16 w + l // 4 + 8 h and, in 16-column tile c, columns 16 c + 4 (l % 4) + e (e = 0..3,
-  # the bytes of register c). Thread q = l % 4 reads words 4q .. 4q+3 of its rows; the
-  # halves of word i are its registers 2i and 2i + 1. Every code in every position.
-  import ml_dtypes
-  book = np.asarray(get_codebook(128, 4, "e4m3").centroids, np.float32)
-  scale, tables = dm.e4m3_tables(tuple(float(x) for x in book))
-  ratio = codebook.e4m3_scale(128, 4) / scale  # the grid's binades: any power of two
-  assert ratio == pytest.approx(2.0 ** round(math.log2(ratio)), rel=1e-6)
-  want_bytes = (book.astype(np.float64) / scale).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-  np.testing.assert_allclose(want_bytes.view(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale,
-                             book, rtol=1e-6)
-  rng = np.random.default_rng(23)
-  T = 128
-  kc = rng.integers(0, 16, (T, 128))
-  kc[:16] = np.arange(16)[:, None]
-  words = np.asarray(packing.pack(jnp.asarray(kc), 4)).view(np.uint32)  # [T, 16]
-  t = np.arange(128)
-  w, l4, q = t // 32, (t % 32) // 4, t % 4
-  got = np.zeros((T, 128), np.uint8)
-  asm = dm.e4m3_key_asm(tables)
-  for rt in range(T // 64):
-    for h in range(2):
-      row = 64 * rt + 16 * w + l4 + 8 * h
-      for i in range(4):
-        outs = _run_ptx(asm, [words[row, 4 * q + i]], 2)
-        for half, out in enumerate(outs):
-          for e in range(4):
-            got[row, 16 * (2 * i + half) + 4 * q + e] = (out >> np.uint32(8 * e)) & 0xFF
-  np.testing.assert_array_equal(got, want_bytes[kc][:, dm.kf8_perm()])
-  assert sorted(dm.kf8_perm()) == list(range(128))
-  assert len(_ptx_instructions(asm)) == 12  # 11 integer ops and a multiply per 8 codes
-  # Lloyd-Max centroids are off the float8 grid: no tables.
-  assert dm.e4m3_tables(tuple(float(x) for x in get_codebook(128, 4).centroids)) is None
-
-
-def test_e4m3_parts_sum_to_the_query():
-  x = jnp.asarray(np.random.default_rng(5).normal(size=(3, 8, 128)) * 60, jnp.float32)
-  parts = dm.e4m3_parts(x)
-  assert parts.shape == (3, 3, 8, 128) and parts.dtype == jnp.float8_e4m3fn
-  back = np.asarray(parts.astype(jnp.float32).sum(axis=-3))
-  # Three 4-bit significands: 2^-12 relative, and the subnormals' 2^-10 steps near zero.
-  x = np.asarray(x)
-  assert np.all(np.abs(back - x) <= 2.0 ** -12 * np.abs(x) + 2.0 ** -9)
-  assert np.abs(back - x).max() / np.abs(x).max() < 2.0 ** -12
-
-
 def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, "lut4", B=2, K=2, G=4, S=256)
   text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
@@ -560,16 +512,7 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
     dk.decode(*asym, implementation="mosaic")
   with pytest.raises(ValueError, match="divide S"):
     dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
-  # Keys into float8 (lookup="e4m3") for an e4m3-grid key codebook only.
-  qk, kc, kn, _, vc, vn, vcb, lengths = make_case(6, "lut4", B=2, K=2, G=4, S=256)
-  kcb = [np.asarray(get_codebook(128, 4, "e4m3").centroids, np.float32)]
-  text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="mosaic",
-                                       lookup="e4m3", start=3),
-                  qk, kc, kn, vc, vn, lengths)
-  assert "mosaic_gpu" in text
-  with pytest.raises(ValueError, match='lookup="e4m3" takes an e4m3-grid key codebook'):
-    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", lookup="e4m3")
-  with pytest.raises(ValueError, match='lookup must be "f16" or "e4m3", got \'lut\''):
+  with pytest.raises(ValueError, match=r"\['lookup'\] apply to \"pallas\" only"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", lookup="lut")
 
 
@@ -617,28 +560,6 @@ def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits):
                                      start=start, layer=layer, num_splits=splits))(
                                          qk, kc, kn, vc, vn, lengths)
   assert_partials_close(got, ref, S)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-def test_decode_mosaic_e4m3_keys_gpu_matches_reference():
-  # Keys into float8 (an e4m3-grid key codebook), the query in 3 e4m3 parts: scores to
-  # ~2^-12 relative instead of exact for a float16 query; uneven splits, a start offset.
-  qk, kc, kn, _, vc, vn, vcb, lengths = make_case(8, "lut4", B=3, K=2, G=7, S=4480,
-                                                  lengths=[4480, 3400, 0])
-  kcb = [np.asarray(get_codebook(128, 4, "e4m3").centroids, np.float32)]
-  ref = dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla", start=3)
-  got = jax.jit(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="mosaic",
-                                     lookup="e4m3", start=3, num_splits=4))(
-                                         qk, kc, kn, vc, vn, lengths)
-  m_got, m_ref = np.asarray(got.m), np.asarray(ref.m)
-  np.testing.assert_array_equal(np.isneginf(m_got), np.isneginf(m_ref))
-  fin = np.isfinite(m_ref)
-  np.testing.assert_allclose(m_got[fin], m_ref[fin], rtol=2e-3, atol=2e-3)
-  out = lambda p: np.asarray(p.acc[0]) / np.asarray(p.l)[..., None]
-  rows = np.asarray(lengths) > 0
-  err = np.linalg.norm(out(got) - out(ref), axis=-1) / np.linalg.norm(out(ref), axis=-1)
-  assert err[rows].max() < 5e-3, err[rows].max()
 
 
 ENCODE_CONFIGS = {

@@ -45,10 +45,8 @@ from tqjax.dense_cache import DenseCache
 KeyTransform = Literal["none", "center", "center_scale"]
 KEY_TRANSFORMS = ("none", "center", "center_scale")
 # "mosaic": the Mosaic GPU decode kernel (k4v4 only; `pallas_kernels.decode_mosaic`);
-# "mosaic-e4m3": the same with the keys looked up into float8 for FP8 wgmmas (k4v4-e4m3
-# only; not yet run on a GPU); "pallas-interpret": the Triton kernel in interpret mode
-# (CPU testing).
-IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "mosaic-e4m3", "pallas-interpret")
+# "pallas-interpret": the Triton kernel in interpret mode (CPU testing).
+IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "pallas-interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +158,12 @@ class CacheConfig:
   def k4v4_e4m3(cls, **kw) -> CacheConfig:
     """k4v4 with codebooks on the float8 e4m3 grid times one scale
     (`tqjax.codebook.get_codebook(..., grid="e4m3")`): the same bytes, distortion +0.91%
-    at head_dim 128 and +1.25% at 64 against Lloyd–Max (0.009399 vs 0.009315 at 128), so
-    a kernel can look codes up into float8 for the tensor cores (the Mosaic kernel's
-    ``lookup="e4m3"``, `pallas_kernels.decode_mosaic`). Every implementation takes it (its
-    codebooks are symmetric like Lloyd–Max's). Measured with k4v4 in one run (`tqjax niah
+    at head_dim 128 and +1.25% at 64 against Lloyd–Max (0.009399 vs 0.009315 at 128), made
+    so that a kernel could look codes up into float8 for the tensor cores; the Mosaic
+    kernel's float8 key lookup timed no faster than its float16 one and was removed
+    (`pallas_kernels.decode_mosaic`), so no kernel gains from it now and k4v4 is the
+    better choice. Every implementation takes it (its codebooks are symmetric like
+    Lloyd–Max's). Measured with k4v4 in one run (`tqjax niah
     --presets baseline,k4v4,k4v4-e4m3`, SmolLM2-135M, 1K/2K/4K x 5 depths, window 128):
     both 14/15, the same miss (4K, depth 0%), min margins -0.94 (e4m3) and -1.34, median
     margin vs the baseline -0.06 and -0.10."""
@@ -736,8 +736,7 @@ class TurboQuantCache:
     part = decode_kernel.decode(
         qk, self.k_codes, self.k_scales, as32(qz.segment_centroids(kq.config)),
         self.v_codes, self.v_scales, as32(qz.segment_centroids(vq.config)), self.compressed,
-        implementation="mosaic" if self.implementation.startswith("mosaic") else "pallas",
-        lookup="e4m3" if self.implementation == "mosaic-e4m3" else None,
+        implementation="mosaic" if self.implementation == "mosaic" else "pallas",
         interpret=self.implementation == "pallas-interpret",
         start=self.sink_tokens, layer=self.region_layer)
     acc = sum(jnp.einsum("bktgj,kjD->btkgD", a.reshape(b, kh, t, g, -1), m)

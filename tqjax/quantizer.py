@@ -85,7 +85,7 @@ class QuantizerConfig:
   outlier_bits: int | None = None
   scale_dtype: str = "float32"
   # "lloyd-max", or "e4m3": centroids on the float8 e4m3 grid times one scale
-  # (`tqjax.codebook.get_codebook`), for kernels that look codes up into float8.
+  # (`tqjax.codebook.get_codebook`; no kernel gains from it now: `CacheConfig.k4v4_e4m3`).
   codebook: str = "lloyd-max"
 
   def __post_init__(self):
