@@ -24,8 +24,9 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
   fixed permutation of the coordinates (`v_perm`), undone on the output.
 * Online softmax over the tokens (a cross-warp max per step), flash-decoding splits of
   whole steps merged by the wrapper. The splits are as many as bring B * K * splits
-  nearest the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`: 1056, two
-  waves of 4 warpgroups on the H200's 132 SMs), at least 2 steps each, evened out; the
+  nearest the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`: 1056 on the
+  H200, measured best among 16-65 splits at the e2e layer; 2.67 waves of the 3 blocks an
+  SM that fit, see below), at least 2 steps each, evened out; the
   last split's window moves back to stay inside S (`split_window`) and masks the tokens
   of the split before, so any multiple of the step works.
 

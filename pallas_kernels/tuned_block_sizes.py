@@ -76,11 +76,14 @@ ENCODE: dict[tuple, EncodeConfig] = {}
 
 MOSAIC_DEFAULT = MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024)
 MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
-    # 4 warpgroups fit an SM (registers), so 528 programs are one wave on the H200's 132
-    # SMs; two whole waves measured best at the e2e layer (session 10, timed as
+    # Session 10 took 4 warpgroups an SM (528 programs a wave on the H200's 132 SMs); Nsight
+    # Compute (session 11) shows 3 fit (168 registers, 47 KB of shared memory a block), so
+    # 1056 programs are 2.67 waves of 396: whole waves (B = 8, Hkv = 4: 12, 24 or 37
+    # splits; `bench/kernels.py --layer-sweep` times them) are not yet measured with the
+    # steadier timer. 1056 measured best at the e2e layer (session 10, timed as
     # `bench/kernels.py --layer-sweep` does, B = 8, Hkv = 4, G = 7, 33,024 slots, 32,768
-    # valid; one call): 33 splits (1056
-    # programs) 73.0 us, 16 (512) 76.3, 29 (928) 92.7, 43 (1376) 91.2, 65 (2080) 93.6;
+    # valid; one call): 33 splits (1056 programs) 73.0 us, 16 (512) 76.3, 29 (928) 92.7,
+    # 43 (1376) 91.2, 65 (2080) 93.6;
     # 64-token steps 88-106 us, 3 stages 102.8. At S = 64K, Hkv = 8 (`bench/kernels.py
     # --sweep --quick --presets k4v4 --implementations mosaic`): B = 8 16 splits 284.6 us,
     # 32 276.6, 8 302.1; B = 1 128 splits 46.3 us, 64 60.2, 256 69.8 (one-step splits).
