@@ -1,7 +1,7 @@
 """Everything that needs the GPU, checked and timed in one call; a short table last.
 
     PYTHONPATH=. python bench/h200.py --out DIR [--jobs tests,kernels,bridge,e2e]
-        [--budget 540]
+        [--budget 540] [--sweep] [--layer-sweep]
 
 Runs each job as its own process (one JAX/torch client at a time, a crash stays in its
 job) under a share of the time budget, writes each job's JSON and log to DIR, and ends
@@ -14,7 +14,8 @@ Jobs:
   mosaic-tests  the GPU tests of the Mosaic kernel alone (`-k mosaic`: the kernel, the
            cache and the bridge on it)
   kernels  bench/kernels.py --quick (B = 8 and 1, S = 64K, D = 128, every preset against
-           the fp16 baselines of the same run) plus the tiling sweep with --sweep
+           the fp16 baselines of the same run) plus the tiling sweep with --sweep and
+           the Mosaic splits at the e2e model's layer with --layer-sweep
   bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
   e2e      bench/e2e.py --quick --presets bf16,k4v4,k4v4@mosaic (the Flax model end to
            end, the Triton and the Mosaic kernel; several minutes with its
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
   ap.add_argument("--jobs", default=",".join(j for j in JOBS if j != "mosaic-tests"))
   ap.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
   ap.add_argument("--sweep", action="store_true", help="kernels: the tiling sweep too")
+  ap.add_argument("--layer-sweep", action="store_true",
+                  help="kernels: the Mosaic splits at the e2e layer too")
   args = ap.parse_args(argv)
   jobs = [j for j in args.jobs.split(",") if j]
   unknown = sorted(set(jobs) - set(JOBS))
@@ -103,8 +106,8 @@ def main(argv=None) -> int:
     cmd = [sys.executable, *cmd]
     if not job.endswith("tests"):
       cmd += ["--out", args.out]
-    if job == "kernels" and args.sweep:
-      cmd.append("--sweep")
+    if job == "kernels":
+      cmd += ["--sweep"] * args.sweep + ["--layer-sweep"] * args.layer_sweep
     share = sum(SHARE[j] for j in jobs[i:])
     limit = max(30.0, left * SHARE[job] / share)
     start = time.perf_counter()
