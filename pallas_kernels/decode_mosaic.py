@@ -49,7 +49,12 @@ block allow 3 blocks (warpgroups) per SM, not 4 (18.75% occupancy), so 1056 prog
 stalls: selected 28%, not selected 20%, wait 15%, math 13%, barrier 10%; ~5.3 thread
 instructions per code, half of them the lookup (PRMT 26%, IMAD 22%, LOP3 15% of all);
 shared-load bank conflicts 12% of wavefronts. Fewer instructions in all is the way on,
-not moving them to another pipe. Tried and measured slower (session 11, the timer of
+not moving them to another pipe. A lead not yet followed: a thread's step is ~1360
+instructions for 32 words of codes, ~690 of them the lookups (21 per word, and a permute
+per value word), and IMAD is ~300 where the lookups' shifts and multiplies explain ~130:
+the rest is likely address arithmetic, e.g. the value tile's 32 loads through the
+swizzled ref (`_value_tile`), which the ncu source page (`--page source --print-source
+sass`) would show. Tried and measured slower (session 11, the timer of
 `bench/kernels.py`, ~2% spread):
 
 * An odd quintic codebook (c = s u (1 + b u^2 + g u^4), u = (2k + 1 - 16) / 16; distortion
