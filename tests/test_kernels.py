@@ -18,10 +18,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import decode as dk
 from pallas_kernels import decode_mosaic as dm
 from pallas_kernels import encode as ek
-from tqjax import codebook
 from tqjax import packing
 from tqjax import quantizer as qz
-from tqjax.codebook import get_codebook
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 
