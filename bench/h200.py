@@ -106,8 +106,10 @@ def main(argv=None) -> int:
     cmd = [sys.executable, *cmd]
     if not job.endswith("tests"):
       cmd += ["--out", args.out]
-    if job == "kernels":
-      cmd += ["--sweep"] * args.sweep + ["--layer-sweep"] * args.layer_sweep
+    if job == "kernels" and args.sweep:
+      cmd.append("--sweep")
+    if job == "kernels" and args.layer_sweep:
+      cmd.append("--layer-sweep")
     share = sum(SHARE[j] for j in jobs[i:])
     limit = max(30.0, left * SHARE[job] / share)
     start = time.perf_counter()

@@ -5,7 +5,7 @@
     ncu --import DIR/k4v4.ncu-rep --page details      # registers, occupancy, pipes, stalls
     # the Mosaic kernel at the e2e model's layer (Hkv 4, G 7, 32K of 33,024 slots), and
     # per-instruction counts and stalls of its SASS:
-    PYTHONPATH=. ncu --target-processes all -k regex:mosaic -c 1 --set full -o DIR/layer \
+    PYTHONPATH=. ncu --target-processes all -k regex:mosaic -c 1 --set full -o DIR/layer \\
         python bench/ncu_decode.py --implementation mosaic --layer --batch 8
     ncu --import DIR/layer.ncu-rep --page source --print-source sass --csv > DIR/sass.csv
 
