@@ -243,6 +243,49 @@ def _value_tile(lo, hi, tokens: int):
   return body
 
 
+def _value_tile_ldmatrix(lo, hi, tokens: int):
+  """`_value_tile` with the codes read by `ldmatrix.x4.trans`: one instruction gives a
+  thread the 16-bit slot 8 warp + l4 of tokens 8J + 2q and 8J + 2q + 1 (low, high half)
+  for 4 tiles J, the pair `word_asm` takes, instead of 8 32-bit loads and 4 `prmt`s.
+
+  The 8 x 8 b16 matrix of tile J is its 8 token rows x the 16-byte chunk of slots 8 warp ..
+  8 warp + 7; lane L gives the row address of row L % 8 of matrix L // 8 (the 64-byte
+  swizzle puts chunk c of row r at c ^ (r >> 1)); .trans hands thread (l4, q) column l4,
+  rows 2q and 2q + 1."""
+  def body(ctx, codes_ref):
+    del ctx
+    ir, arith, llvm, _, mgpu, fa = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    c = lambda v: mgpu.utils.c(v, i32)
+    tid = mgpu.utils.thread_idx()
+    lane = arith.andi(tid, c(31))
+    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+    r = arith.andi(lane, c(7))
+    chunk = arith.xori(warp, arith.shrui(r, c(1)))
+    offset = arith.addi(arith.addi(arith.muli(arith.shrui(lane, c(3)), c(8 * ROW_BYTES)),
+                                   arith.muli(r, c(ROW_BYTES))), arith.shli(chunk, c(4)))
+    base = llvm.ptrtoint(i32, mgpu.utils.memref_ptr(codes_ref))
+    addr = arith.addi(base, offset)
+    load_ty = llvm.StructType.get_literal([i32] * 4)
+    load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
+            "%d];")
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
+    asm, out_ty = word_asm(lo, hi, pair=False), llvm.StructType.get_literal([i32] * 4)
+    for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3, 8 rows of 64 bytes each
+      words = llvm.inline_asm(load_ty, [addr], load % (g * 32 * ROW_BYTES),
+                              "=r,=r,=r,=r,r", has_side_effects=True)
+      for i in range(4):
+        J = 4 * g + i
+        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i])], asm,
+                              "=r,=r,=r,=r,r", has_side_effects=False)
+        for j in range(4):  # code j = 2 mg + h of the slot
+          regs[j // 2, J, 0, 0, j % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
+              llvm.extractvalue(i32, out, [j]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
 def split_window(split, split_len: int, S: int):
   """(first, read): split `split` owns tokens [first, min(first + split_len, S)) and reads
   the window [read, read + split_len), which stays inside S: the last split's moves back
@@ -254,10 +297,11 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...]):
+           v_centroids: tuple[float, ...], value_loads: str = "lds"):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   key_tile = _key_tile(word_asm(*tables(k_centroids), pair=False), step)
-  value_tile = _value_tile(*tables(v_centroids), step)
+  value_tile = (_value_tile_ldmatrix if value_loads == "ldmatrix" else _value_tile)(
+      *tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
 
@@ -382,7 +426,7 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, value_loads: str = "lds"):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
   """
@@ -408,7 +452,11 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
   qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
+  if value_loads not in ("lds", "ldmatrix"):
+    raise ValueError(f'mosaic decode: value_loads must be "lds" or "ldmatrix", got '
+                     f'{value_loads!r}')
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv,
+                  value_loads)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]

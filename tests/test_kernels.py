@@ -481,6 +481,38 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
   assert len(_ptx_instructions(dm.word_asm(lo, hi, pair=False))) == 22
 
 
+def test_mosaic_ldmatrix_addresses_give_each_thread_its_value_slot_pair():
+  # `_value_tile_ldmatrix`: lane L of warp w points at row L % 8 of matrix L // 8 (tile
+  # J = 4g + L // 8 of the swizzled value tile); `ldmatrix.x4.trans` (PTX ISA) hands thread
+  # (l4, q) of matrix i the 16-bit elements (row 2q, column l4) and (row 2q + 1, column
+  # l4) as the low and high half of its register i. That must be the slot 8w + l4 of
+  # tokens 8J + 2q and 8J + 2q + 1: the word `word_asm(pair=True)` builds from two loads.
+  rng = np.random.default_rng(5)
+  T = 128
+  vc = rng.integers(0, 16, (T, 128))
+  natural = np.asarray(packing.pack(jnp.asarray(vc), 4)).reshape(T, 4, 16)  # 16-byte chunks
+  tile = np.empty_like(natural)
+  for row in range(T):  # TMA's 64-byte swizzle: chunk c of row r at c ^ (r >> 1) & 3
+    for chunk in range(4):
+      tile[row, chunk ^ ((row >> 1) & 3)] = natural[row, chunk]
+  smem = tile.reshape(-1)
+  slots = natural.reshape(T, 64).view(np.uint16)  # [T, 32]: slot s = codes 4s .. 4s + 3
+  for w in range(4):
+    lane = np.arange(32)
+    r = lane % 8
+    offset = (lane // 8) * 8 * dm.ROW_BYTES + r * dm.ROW_BYTES + ((w ^ (r >> 1)) << 4)
+    for g in range(T // 32):
+      rows = [smem[o + g * 32 * dm.ROW_BYTES:][:16].view(np.uint16) for o in offset]
+      for i in range(4):
+        J = 4 * g + i
+        for t in range(32):
+          l4, q = t // 4, t % 4
+          got = int(rows[8 * i + 2 * q][l4]) | int(rows[8 * i + 2 * q + 1][l4]) << 16
+          want = int(slots[8 * J + 2 * q, 8 * w + l4]) | int(slots[8 * J + 2 * q + 1,
+                                                                   8 * w + l4]) << 16
+          assert got == want, (w, g, i, t)
+
+
 def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, "lut4", B=2, K=2, G=4, S=256)
   text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tqjax import packing
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(bits=st.integers(1, 8), n=st.integers(1, 41), lead=st.lists(st.integers(1, 5), max_size=2),
        seed=st.integers(0, 2**31 - 1))
 def test_round_trip(bits, n, lead, seed):
