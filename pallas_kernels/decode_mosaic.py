@@ -297,7 +297,7 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...], value_loads: str = "lds"):
+           v_centroids: tuple[float, ...], value_loads: str = "lds", mask: str = "always"):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   key_tile = _key_tile(word_asm(*tables(k_centroids), pair=False), step)
   value_tile = (_value_tile_ldmatrix if value_loads == "ldmatrix" else _value_tile)(
@@ -328,17 +328,27 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       s = pl.run_scoped(qk, plgpu.ACC((T, N), jnp.float32))
       per_token = lambda ref: lax.broadcast_in_dim(plgpu.load(
           ref, (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32), (T, N), [0])
-      pos = (read + indices[0] * T
-             + plgpu.broadcasted_iota(jnp.int32, (T, N), 0, layout=plgpu.Layout.WGMMA))
-      valid = (pos >= lower) & (pos < stop)
-      s = jnp.where(valid, s * per_token(kn_smem), -jnp.inf)
+      first_pos = read + indices[0] * T
+
+      def valid():
+        pos = first_pos + plgpu.broadcasted_iota(jnp.int32, (T, N), 0,
+                                                 layout=plgpu.Layout.WGMMA)
+        return (pos >= lower) & (pos < stop)
+      if mask == "edges":  # steps wholly inside [lower, stop) skip the mask
+        inside = (first_pos >= lower) & (first_pos + T <= stop)
+        masked = lambda x, fill: lax.cond(inside, lambda x: x,
+                                          lambda x: jnp.where(valid(), x, fill), x)
+      else:
+        every = valid()
+        masked = lambda x, fill: jnp.where(every, x, fill)
+      s = masked(s * per_token(kn_smem), -jnp.inf)
       m_next = jnp.maximum(m, s.max(axis=0))
       m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
       corr = jnp.exp(m - m_safe)
       p = jnp.exp(s - lax.broadcast_in_dim(m_safe, (T, N), [1]))
       l = l * lax.broadcast_in_dim(corr, (T, N), [1]) + p
       # Scales past the length may be garbage (inf/nan): select, do not multiply by 0.
-      pn = jnp.where(valid, p * per_token(vn_smem), 0.0).astype(jnp.float16)
+      pn = masked(p * per_token(vn_smem), 0.0).astype(jnp.float16)
       p_smem.T[...] = plgpu.layout_cast(pn, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       values = plgpu.inline_mgpu(
@@ -426,7 +436,8 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None, value_loads: str = "lds"):
+                  num_stages: int | None = None, value_loads: str = "lds",
+                  mask: str = "always"):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
   """
@@ -455,8 +466,10 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   if value_loads not in ("lds", "ldmatrix"):
     raise ValueError(f'mosaic decode: value_loads must be "lds" or "ldmatrix", got '
                      f'{value_loads!r}')
+  if mask not in ("always", "edges"):
+    raise ValueError(f'mosaic decode: mask must be "always" or "edges", got {mask!r}')
   kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv,
-                  value_loads)
+                  value_loads, mask)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
