@@ -18,11 +18,16 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
   S^T [T, N] = K [T, 128] @ Q^T and O^T [128, N] += V^T [128, T] @ P^T.
 * K: a thread's 4 words (one 16-byte load) of two token rows become 16 columns of its
   fragment; the columns are a fixed permutation of the coordinates (`k_perm`), undone by
-  permuting the query. V^T: a thread holds 4 coordinates x 16 tokens; it takes the
-  16-bit slot of its 4 coordinates from two tokens' words (the value codes are read with
-  a 64-byte swizzle so the 4 token pairs of a warp hit distinct banks); the rows are a
-  fixed permutation of the coordinates (`v_perm`), undone on the output.
-* Online softmax over the tokens (a cross-warp max per step), flash-decoding splits of
+  permuting the query. V^T: a thread holds 4 coordinates x 16 tokens; one
+  `ldmatrix.x4.trans` hands it the 16-bit slot of its 4 coordinates of two tokens, for 4
+  token pairs (the value codes sit in shared memory with a 64-byte swizzle, so the 8
+  rows of a matrix hit distinct banks); the rows are a fixed permutation of the
+  coordinates (`v_perm`), undone on the output. Session 13, H100, `bench/ab_mosaic.py`:
+  against 32 32-bit loads and 16 `prmt`s a step, 1-2% faster (e2e layer B = 8 83.6-84.3
+  against 85.1-86.0 us; B = 8 64K 271 against 275).
+* Online softmax over the tokens (a cross-warp max per step; the length mask only on
+  steps that cross a split's ends: another 1-3%, layer 82.7-82.8 us, B = 8 64K 264, same
+  call), flash-decoding splits of
   whole steps merged by the wrapper. The splits are as many as bring B * K * splits
   nearest the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`: 1056 on the
   H200, measured best among 16-65 splits at the e2e layer; 2.67 waves of the 3 blocks an
@@ -94,18 +99,16 @@ ROW_BYTES = DIM // 2  # bytes of 4-bit codes per token
 MAX_ROWS = 16  # query rows per KV head (the wgmma N: 8 or 16)
 
 
-def word_asm(table_lo: tuple[int, int], table_hi: tuple[int, int], pair: bool) -> str:
-  """PTX: a word of 8 sorted 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3, output j =
+def word_asm(table_lo: tuple[int, int], table_hi: tuple[int, int]) -> str:
+  """PTX: a word $4 of 8 sorted 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3, output j =
   (value(n_j), value(n_{j+4})).
 
-  Input $4 is the word or, with `pair`, $4 and $5 are two tokens' words and $6 a `prmt`
-  selector that takes the same 16-bit half of each (nibbles 0-3 from the first token).
   Sorted code k is +c[k - 8] for k >= 8 and -c[7 - k] below (a symmetric codebook); the
   magnitude index goes through two byte-permute tables (`table_lo`, `table_hi`: the low
   and high bytes of the 8 positive centroids as float16) and the sign is XORed in.
   """
   lines = ["{", ".reg .b32 W, m, sa, sb, la, ha, lb, hb, x, t;",
-           "prmt.b32 W, $4, $5, $6;" if pair else "mov.b32 W, $4;",
+           "mov.b32 W, $4;",
            "shr.b32 t, W, 3;",
            "lop3.b32 t, t, 0x11111111, 0, 0x0C;",  # 1 in each negative code's low bit
            "mul.lo.u32 t, t, 7;",
@@ -206,47 +209,9 @@ def _key_tile(asm: str, tokens: int):
 
 def _value_tile(lo, hi, tokens: int):
   """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
-  -> f16 V^T [128, T] wgmma A operand."""
-  def body(ctx, codes_ref):
-    del ctx
-    ir, arith, llvm, vector, mgpu, fa = _mlir()
-    i32, idx = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    c = lambda v: mgpu.utils.c(v, i32)
-    tid = mgpu.utils.thread_idx()
-    lane = arith.andi(tid, c(31))
-    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
-    l4, q = arith.shrui(lane, c(2)), arith.andi(lane, c(3))
-    # Slot 8 warp + l4 is half of word 4 warp + l4 // 2; the swizzle XORs the 16-byte chunk
-    # (= warp) with bits 1-2 of the token row, which is q for tokens 8J + 2q + e.
-    byte = arith.index_cast(idx, arith.addi(arith.shli(arith.xori(warp, q), c(4)),
-                                            arith.shli(arith.shrui(l4, c(1)), c(2))))
-    odd = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(l4, c(1)), c(0))
-    sel = arith.select(odd, c(0x7632), c(0x5410))
-    rows = [arith.index_cast(idx, arith.addi(arith.shli(q, c(1)), c(e))) for e in (0, 1)]
-    zero = mgpu.utils.c(0, idx)
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
-    asm, out_ty = word_asm(lo, hi, pair=True), llvm.StructType.get_literal([i32] * 4)
-    as_word = lambda v: vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), v),
-                                       dynamic_position=[],
-                                       static_position=ir.DenseI64ArrayAttr.get([0]))
-    for J in range(tokens // 8):  # tokens 8J + 2q and 8J + 2q + 1
-      tile = mgpu.utils.c(J, idx)
-      w0, w1 = (as_word(vector.load(ir.VectorType.get((4,), ir.IntegerType.get_signless(8)),
-                                    codes_ref, [tile, zero, r, byte])) for r in rows)
-      out = llvm.inline_asm(out_ty, [w0, w1, sel], asm, "=r,=r,=r,=r,r,r,r",
-                            has_side_effects=False)
-      for j in range(4):  # code j = 2 mg + h of the slot
-        regs[j // 2, J, 0, 0, j % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
-            llvm.extractvalue(i32, out, [j]), f16x2)
-    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-  return body
-
-
-def _value_tile_ldmatrix(lo, hi, tokens: int):
-  """`_value_tile` with the codes read by `ldmatrix.x4.trans`: one instruction gives a
-  thread the 16-bit slot 8 warp + l4 of tokens 8J + 2q and 8J + 2q + 1 (low, high half)
-  for 4 tiles J, the pair `word_asm` takes, instead of 8 32-bit loads and 4 `prmt`s.
+  -> f16 V^T [128, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4
+  tiles J of 8 tokens, the word `word_asm` takes: its 16-bit slot 8 warp + l4
+  (coordinates 4 slot .. 4 slot + 3) of tokens 8J + 2q (low half) and 8J + 2q + 1 (high).
 
   The 8 x 8 b16 matrix of tile J is its 8 token rows x the 16-byte chunk of slots 8 warp ..
   8 warp + 7; lane L gives the row address of row L % 8 of matrix L // 8 (the 64-byte
@@ -271,7 +236,7 @@ def _value_tile_ldmatrix(lo, hi, tokens: int):
     load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
             "%d];")
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
-    asm, out_ty = word_asm(lo, hi, pair=False), llvm.StructType.get_literal([i32] * 4)
+    asm, out_ty = word_asm(lo, hi), llvm.StructType.get_literal([i32] * 4)
     for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3, 8 rows of 64 bytes each
       words = llvm.inline_asm(load_ty, [addr], load % (g * 32 * ROW_BYTES),
                               "=r,=r,=r,=r,r", has_side_effects=True)
@@ -297,11 +262,10 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...], value_loads: str = "lds", mask: str = "always"):
+           v_centroids: tuple[float, ...]):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
-  key_tile = _key_tile(word_asm(*tables(k_centroids), pair=False), step)
-  value_tile = (_value_tile_ldmatrix if value_loads == "ldmatrix" else _value_tile)(
-      *tables(v_centroids), step)
+  key_tile = _key_tile(word_asm(*tables(k_centroids)), step)
+  value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
 
@@ -334,13 +298,10 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
         pos = first_pos + plgpu.broadcasted_iota(jnp.int32, (T, N), 0,
                                                  layout=plgpu.Layout.WGMMA)
         return (pos >= lower) & (pos < stop)
-      if mask == "edges":  # steps wholly inside [lower, stop) skip the mask
-        inside = (first_pos >= lower) & (first_pos + T <= stop)
-        masked = lambda x, fill: lax.cond(inside, lambda x: x,
-                                          lambda x: jnp.where(valid(), x, fill), x)
-      else:
-        every = valid()
-        masked = lambda x, fill: jnp.where(every, x, fill)
+      # Steps wholly inside [lower, stop) skip the mask (3-4% at the e2e layer and 64K).
+      inside = (first_pos >= lower) & (first_pos + T <= stop)
+      masked = lambda x, fill: lax.cond(inside, lambda x: x,
+                                        lambda x: jnp.where(valid(), x, fill), x)
       s = masked(s * per_token(kn_smem), -jnp.inf)
       m_next = jnp.maximum(m, s.max(axis=0))
       m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -436,8 +397,7 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None, value_loads: str = "lds",
-                  mask: str = "always"):
+                  num_stages: int | None = None):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
   """
@@ -463,13 +423,7 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
   qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
-  if value_loads not in ("lds", "ldmatrix"):
-    raise ValueError(f'mosaic decode: value_loads must be "lds" or "ldmatrix", got '
-                     f'{value_loads!r}')
-  if mask not in ("always", "edges"):
-    raise ValueError(f'mosaic decode: mask must be "always" or "edges", got {mask!r}')
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv,
-                  value_loads, mask)
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]

@@ -433,8 +433,9 @@ def test_decode_lowers_to_triton_for_cuda(preset):
 def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
   # Keys: thread t reads words 4q .. 4q+3 of its rows (q = l % 4); output j of word i is its
   # register 4i + j. Values: the thread's 16-bit slot 8w + l // 4 of tokens 8J + 2q + e,
-  # read from the tile as TMA's 64-byte swizzle stores it; output j is register (J, code j
-  # = 2 mg + h of the slot) of V^T. Every code value occurs in every position.
+  # as `ldmatrix` reads it from the swizzled tile (`_ldmatrix_value_words`); output j is
+  # register (J, code j = 2 mg + h of the slot) of V^T. Every code value occurs in every
+  # position.
   rng = np.random.default_rng(21)
   centroids = _centroids(rng, 128, 4)
   lo, hi = dm.tables(tuple(float(x) for x in centroids))
@@ -452,51 +453,38 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
     for h in range(2):
       row = 64 * rt + 16 * w + l4 + 8 * h
       for i in range(4):
-        outs = _run_ptx(dm.word_asm(lo, hi, pair=False), [key_words[row, 4 * q + i]], 4)
+        outs = _run_ptx(dm.word_asm(lo, hi), [key_words[row, 4 * q + i]], 4)
         for j, out in enumerate(outs):
           for e in range(2):
             got[row, 8 * (4 * i + j) + 2 * q + e] = f16(out)[:, e]
   np.testing.assert_array_equal(got, table[kc][:, dm.k_perm()])
 
-  natural = words(vc)
-  swizzled = np.empty_like(natural.reshape(T, 4, 4))
-  for row in range(T):  # 16-byte chunk c of a 64-byte row goes to c ^ (row >> 1) & 3
-    for chunk in range(4):
-      swizzled[row, chunk ^ ((row >> 1) & 3)] = natural.reshape(T, 4, 4)[row, chunk]
-  swizzled = swizzled.reshape(T, 16)
-  word = 4 * (w ^ q) + l4 // 2
-  sel = np.where(l4 % 2, 0x7632, 0x5410).astype(np.uint32)
+  J, w, l4, q, word = (np.asarray(x) for x in zip(*_ldmatrix_value_words(vc)))
   got = np.full((128, T), np.nan, np.float16)
-  for J in range(T // 8):
-    t0 = 8 * J + 2 * q
-    outs = _run_ptx(dm.word_asm(lo, hi, pair=True),
-                    [swizzled[t0, word], swizzled[t0 + 1, word], sel], 4)
-    for j, out in enumerate(outs):
-      mg, h = divmod(j, 2)
-      for e in range(2):
-        got[64 * mg + 16 * w + l4 + 8 * h, t0 + e] = f16(out)[:, e]
+  for j, out in enumerate(_run_ptx(dm.word_asm(lo, hi), [word.astype(np.uint32)], 4)):
+    mg, h = divmod(j, 2)
+    for e in range(2):
+      got[64 * mg + 16 * w + l4 + 8 * h, 8 * J + 2 * q + e] = f16(out)[:, e]
   np.testing.assert_array_equal(got, table[vc][:, dm.v_perm()].T)
   assert sorted(dm.k_perm()) == sorted(dm.v_perm()) == list(range(128))
   # The count the module's docstring gives: 21 per 8 codes (and the move of the input).
-  assert len(_ptx_instructions(dm.word_asm(lo, hi, pair=False))) == 22
+  assert len(_ptx_instructions(dm.word_asm(lo, hi))) == 22
 
 
-def test_mosaic_ldmatrix_addresses_give_each_thread_its_value_slot_pair():
-  # `_value_tile_ldmatrix`: lane L of warp w points at row L % 8 of matrix L // 8 (tile
-  # J = 4g + L // 8 of the swizzled value tile); `ldmatrix.x4.trans` (PTX ISA) hands thread
-  # (l4, q) of matrix i the 16-bit elements (row 2q, column l4) and (row 2q + 1, column
-  # l4) as the low and high half of its register i. That must be the slot 8w + l4 of
-  # tokens 8J + 2q and 8J + 2q + 1: the word `word_asm(pair=True)` builds from two loads.
-  rng = np.random.default_rng(5)
-  T = 128
-  vc = rng.integers(0, 16, (T, 128))
+def _ldmatrix_value_words(vc):
+  """(J, warp, l4, q, word) for every thread and tile J of value codes vc [T, 128], as
+  `decode_mosaic._value_tile` loads them: the tile sits in shared memory as TMA's 64-byte
+  swizzle stores it (16-byte chunk c of row r at c ^ (r >> 1) & 3); lane L of warp w points
+  at row L % 8 of matrix L // 8 (tile J = 4g + L // 8); `ldmatrix.x4.trans` (PTX ISA) hands
+  thread (l4, q) of matrix i the 16-bit elements (row 2q, column l4) and (row 2q + 1,
+  column l4) as the low and high half of its register i."""
+  T = vc.shape[0]
   natural = np.asarray(packing.pack(jnp.asarray(vc), 4)).reshape(T, 4, 16)  # 16-byte chunks
   tile = np.empty_like(natural)
-  for row in range(T):  # TMA's 64-byte swizzle: chunk c of row r at c ^ (r >> 1) & 3
+  for row in range(T):
     for chunk in range(4):
       tile[row, chunk ^ ((row >> 1) & 3)] = natural[row, chunk]
   smem = tile.reshape(-1)
-  slots = natural.reshape(T, 64).view(np.uint16)  # [T, 32]: slot s = codes 4s .. 4s + 3
   for w in range(4):
     lane = np.arange(32)
     r = lane % 8
@@ -504,13 +492,10 @@ def test_mosaic_ldmatrix_addresses_give_each_thread_its_value_slot_pair():
     for g in range(T // 32):
       rows = [smem[o + g * 32 * dm.ROW_BYTES:][:16].view(np.uint16) for o in offset]
       for i in range(4):
-        J = 4 * g + i
         for t in range(32):
           l4, q = t // 4, t % 4
-          got = int(rows[8 * i + 2 * q][l4]) | int(rows[8 * i + 2 * q + 1][l4]) << 16
-          want = int(slots[8 * J + 2 * q, 8 * w + l4]) | int(slots[8 * J + 2 * q + 1,
-                                                                   8 * w + l4]) << 16
-          assert got == want, (w, g, i, t)
+          word = int(rows[8 * i + 2 * q][l4]) | int(rows[8 * i + 2 * q + 1][l4]) << 16
+          yield 4 * g + i, w, l4, q, word
 
 
 def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():

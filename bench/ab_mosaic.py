@@ -1,0 +1,70 @@
+"""A/B of Mosaic decode variants (kwargs of `decode_mosaic.decode_mosaic`) in one process:
+checked against the XLA reference, then timed alternately at the e2e layer and 64K.
+
+    PYTHONPATH=. python bench/ab_mosaic.py --variants '{"33": {"num_splits": 33}, "37": {"num_splits": 37}}'
+
+Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
+drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
+chose `ldmatrix` for the value codes and the edge-only length mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from bench import kernels as bk
+from pallas_kernels import decode as dk
+from pallas_kernels import decode_mosaic as dm
+
+
+def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
+  return dm.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--variants", required=True)
+  ap.add_argument("--rounds", type=int, default=2)
+  args = ap.parse_args(argv)
+  variants = json.loads(args.variants)
+  keys, values = bk.presets(128)["k4v4"]
+  key = jax.random.key(3)
+  # Correctness: rows of different lengths, a split boundary inside.
+  qk, kc, kn, kcb, vc, vn, vcb, _ = bk.make_inputs(key, 3, 4480, keys, values, rows=7,
+                                                   kv_heads=2)
+  lengths = jnp.asarray([4480, 3400, 1], jnp.int32)
+  ref = bk.finalize(dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla"))
+  for name, kw in variants.items():
+    for extra in ({}, {"num_splits": 4}):
+      f = lambda qk, kc, kn, vc, vn, lengths, kw=dict(kw, **extra): run(
+          kw, qk, kc, kn, kcb, vc, vn, vcb, lengths)
+      got = bk.finalize(jax.jit(f)(qk, kc, kn, vc, vn, lengths))
+      print(f"check {name} {extra}: rel_err {bk.rel_err(got, ref):.2e}", flush=True)
+  shapes = {"layer B8": (8, bk.E2E_SLOTS, bk.E2E_LAYER), "layer B1": (1, bk.E2E_SLOTS, bk.E2E_LAYER),
+            "64K B8": (8, 65536, {}), "64K B1": (1, 65536, {})}
+  table = {}
+  for sname, (B, S, shape) in shapes.items():
+    extra = {}
+    if shape:
+      extra = dict(rows=shape["rows"], kv_heads=shape["kv_heads"],
+                   lengths=jnp.full((B,), shape["valid"], jnp.int32))
+    qk, kc, kn, kcb, vc, vn, vcb, lengths = bk.make_inputs(key, B, S, keys, values, **extra)
+    for r in range(args.rounds):
+      for name, kw in variants.items():
+        fn = lambda qk, kc, kn, vc, vn, lengths, kw=kw: run(kw, qk, kc, kn, kcb, vc, vn, vcb,
+                                                            lengths)
+        t = bk.time_jax(fn, (qk, kc, kn, vc, vn, lengths))
+        table.setdefault((sname, name), []).append(t)
+        print(f"{sname} {name} round {r}: {t:.1f} us", flush=True)
+  print(f"\n{'shape':10s} " + " ".join(f"{n:>16s}" for n in variants))
+  for sname in shapes:
+    print(f"{sname:10s} " + " ".join(
+        f"{'/'.join(f'{t:.1f}' for t in table[(sname, n)]):>16s}" for n in variants))
+
+
+if __name__ == "__main__":
+  main()
