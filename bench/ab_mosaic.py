@@ -11,6 +11,7 @@ chose `ldmatrix` for the value codes and the edge-only length mask.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import jax
@@ -22,7 +23,11 @@ from pallas_kernels import decode_mosaic as dm
 
 
 def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
-  return dm.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
+  """`decode_mosaic` with the variant's kwargs; "module" names another module with the
+  same function (e.g. a copy of the kernel before a change)."""
+  fn_kw = dict(fn_kw)
+  module = importlib.import_module(fn_kw.pop("module")) if "module" in fn_kw else dm
+  return module.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
 
 
 def main(argv=None):
