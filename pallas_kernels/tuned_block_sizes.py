@@ -88,6 +88,12 @@ MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
     # --sweep --quick --presets k4v4 --implementations mosaic`): B = 8 16 splits 284.6 us,
     # 32 276.6, 8 302.1; B = 1 128 splits 46.3 us, 64 60.2, 256 69.8 (one-step splits).
     "NVIDIA H200": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1056),
+    # Session 13, the H100 (132 SMs too), `bench/h200.py --jobs kernels --layer-sweep`, the
+    # e2e layer at B = 8: 29 splits (MOSAIC_DEFAULT's 1024 programs) 85.4 us, 33 (1056)
+    # 78.3, 37 (1184: 3 whole waves) 77.4, 24 80.3, 12 81.3; B = 1: 129 splits 15.9-16.2,
+    # 99 18.0, 64 18.1. The whole-wave 37 is within 1% of 33: the H200's target.
+    "NVIDIA H100 80GB HBM3": MosaicDecodeConfig(step=128, num_stages=2,
+                                                target_programs=1056),
 }
 
 
