@@ -54,13 +54,15 @@ block allow 3 blocks (warpgroups) per SM, not 4 (18.75% occupancy), so 1056 prog
 stalls: selected 28%, not selected 20%, wait 15%, math 13%, barrier 10%; ~5.3 thread
 instructions per code, half of them the lookup (PRMT 26%, IMAD 22%, LOP3 15% of all);
 shared-load bank conflicts 12% of wavefronts. Fewer instructions in all is the way on,
-not moving them to another pipe. A lead not yet followed: a thread's step is ~1360
-instructions for 32 words of codes, ~690 of them the lookups (21 per word, and a permute
-per value word), and IMAD is ~300 where the lookups' shifts and multiplies explain ~130:
-the rest is likely address arithmetic, e.g. the value tile's 32 loads through the
-swizzled ref (`_value_tile`), which the ncu source page (`--page source --print-source
-sass`) would show. Tried and measured slower (session 11, the timer of
-`bench/kernels.py`, ~2% spread):
+not moving them to another pipe. Where they go (session 13, the ncu source page
+`--page source --print-source sass` on the H100, the kernel as it was before that
+session, per thread-step of 128 tokens, ~1350 in all): the lookups' 32 words x 22
+(PRMT 351, LOP3 198, IMAD.SHL 106 and IMAD 33 for the shifts and the multiply by 7, SHF
+33) plus 126 IMAD.U32 that copied the tables, immediates in the PTX, out of uniform
+registers before every `prmt` (now register operands, `word_asm`); then 32 LDS of value
+words (now 4 `ldmatrix`), 32 HGMMA, ~53 UMOV/R2UR for the wgmma descriptors, and the
+softmax (FMUL 34, FFMA 28, FADD 20, FMNMX 20, 10 each of MUFU.EX2, SHFL, FSEL).
+Tried and measured slower (session 11, the timer of `bench/kernels.py`, ~2% spread):
 
 * An odd quintic codebook (c = s u (1 + b u^2 + g u^4), u = (2k + 1 - 16) / 16; distortion
   +0.16% at 4 bits) dequantized on the FP16 pipe (a code into float16 by a shift and a
