@@ -58,11 +58,13 @@ not moving them to another pipe. Where they go (session 13, the ncu source page
 `--page source --print-source sass` on the H100, the kernel as it was before that
 session, per thread-step of 128 tokens, ~1350 in all): the lookups' 32 words x 22
 (PRMT 351, LOP3 198, IMAD.SHL 106 and IMAD 33 for the shifts and the multiply by 7, SHF
-33) plus 126 IMAD.U32 that copied the tables, immediates in the PTX, out of uniform
-registers before every `prmt` (now register operands, `word_asm`); then 32 LDS of value
-words (now 4 `ldmatrix`), 32 HGMMA, ~53 UMOV/R2UR for the wgmma descriptors, and the
-softmax (FMUL 34, FFMA 28, FADD 20, FMNMX 20, 10 each of MUFU.EX2, SHFL, FSEL).
-Tried and measured slower (session 11, the timer of `bench/kernels.py`, ~2% spread):
+33) plus 126 IMAD.U32 that copy the tables, immediates in the PTX, out of uniform
+registers before every `prmt` (9% of the step; the next change: pass the tables as
+register operands, loaded once from shared memory; written and CPU-tested on the branch
+`wip/untested`, not yet run on a GPU); then 32 LDS of value words (now 4 `ldmatrix`),
+32 HGMMA, ~53 UMOV/R2UR for the wgmma descriptors, and the softmax (FMUL 34, FFMA 28,
+FADD 20, FMNMX 20, 10 each of MUFU.EX2, SHFL, FSEL). Tried and measured slower (session
+11, the timer of `bench/kernels.py`, ~2% spread):
 
 * An odd quintic codebook (c = s u (1 + b u^2 + g u^4), u = (2k + 1 - 16) / 16; distortion
   +0.16% at 4 bits) dequantized on the FP16 pipe (a code into float16 by a shift and a
@@ -101,16 +103,13 @@ ROW_BYTES = DIM // 2  # bytes of 4-bit codes per token
 MAX_ROWS = 16  # query rows per KV head (the wgmma N: 8 or 16)
 
 
-def word_asm() -> str:
+def word_asm(table_lo: tuple[int, int], table_hi: tuple[int, int]) -> str:
   """PTX: a word $4 of 8 sorted 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3, output j =
   (value(n_j), value(n_{j+4})).
 
   Sorted code k is +c[k - 8] for k >= 8 and -c[7 - k] below (a symmetric codebook); the
-  magnitude index goes through two byte-permute tables, $5 $6 and $7 $8 (`tables`: the low
-  and high bytes of the 8 positive centroids as float16), and the sign is XORed in. The
-  tables come in registers: as immediates ptxas moved them out of uniform registers before
-  every `prmt` (~126 moves a thread-step of 128 tokens, 9% of its instructions; Nsight
-  Compute source page, session 13).
+  magnitude index goes through two byte-permute tables (`table_lo`, `table_hi`: the low
+  and high bytes of the 8 positive centroids as float16) and the sign is XORed in.
   """
   lines = ["{", ".reg .b32 W, m, sa, sb, la, ha, lb, hb, x, t;",
            "mov.b32 W, $4;",
@@ -120,8 +119,10 @@ def word_asm() -> str:
            "lop3.b32 m, W, t, 0x77777777, 0x28;",  # magnitude index (W ^ t) & 7 per code
            "prmt.b32 sa, m, 0, 0x3120;",  # codes 0, 1, 4, 5 as selector nibbles
            "prmt.b32 sb, m, 0, 0x3131;",  # codes 2, 3, 6, 7
-           "prmt.b32 la, $5, $6, sa;", "prmt.b32 ha, $7, $8, sa;",
-           "prmt.b32 lb, $5, $6, sb;", "prmt.b32 hb, $7, $8, sb;",
+           f"prmt.b32 la, {table_lo[0]}, {table_lo[1]}, sa;",
+           f"prmt.b32 ha, {table_hi[0]}, {table_hi[1]}, sa;",
+           f"prmt.b32 lb, {table_lo[0]}, {table_lo[1]}, sb;",
+           f"prmt.b32 hb, {table_hi[0]}, {table_hi[1]}, sb;",
            "prmt.b32 $0, la, ha, 0x6240;", "prmt.b32 $1, la, ha, 0x7351;",
            "prmt.b32 $2, lb, hb, 0x6240;", "prmt.b32 $3, lb, hb, 0x7351;"]
   # The sign (bit 3 of a sorted code is clear for a negative value) of code j, bit 3 + 4j,
@@ -135,28 +136,12 @@ def word_asm() -> str:
   return "\n".join(lines)
 
 
-def tables(centroids: tuple[float, ...]) -> tuple[int, int, int, int]:
-  """`word_asm`'s $5..$8: the low and high bytes of the 8 positive centroids (float16), 4
-  to a word, as the Triton kernel's tables (`decode._lut_tables`: low 0-3, low 4-7, high
-  0-3, high 4-7)."""
+def tables(centroids: tuple[float, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The low and high bytes of the 8 positive centroids (float16), 4 to a word: the
+  Triton kernel's tables (`decode._lut_tables`) as (low words, high words)."""
   from pallas_kernels.decode import _lut_tables
-  return tuple(_lut_tables(centroids))
-
-
-# A row's header (one 128-byte row of int32 in SMEM): its length, then the key and the
-# value tables (`tables`) at 16-byte aligned slots, one vector load each.
-HEADER = 32
-KEY_TABLES, VALUE_TABLES = 4, 8
-
-
-def _table_words(header_ref, slot: int) -> list:
-  """The 4 table words at `slot` of the header ref, as i32 values (one 16-byte load)."""
-  ir, _, _, vector, mgpu, _ = _mlir()
-  i32 = ir.IntegerType.get_signless(32)
-  vec = vector.load(ir.VectorType.get((4,), i32), header_ref,
-                    [mgpu.utils.c(slot, ir.IndexType.get())])
-  return [vector.extract(vec, dynamic_position=[],
-                         static_position=ir.DenseI64ArrayAttr.get([i])) for i in range(4)]
+  lo0, lo1, hi0, hi1 = _lut_tables(centroids)
+  return (lo0, lo1), (hi0, hi1)
 
 
 def k_perm() -> np.ndarray:
@@ -198,11 +183,11 @@ def _mlir():
   return ir, arith, llvm, vector, mgpu, fa
 
 
-def _key_tile(tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] and the header in SMEM -> the f16 [T, 128]
-  wgmma A operand. Each thread loads the 4 words of its two rows (`_code_layout`); output
-  j of word i (`word_asm`, 4 outputs of f16x2) is register column 4 i + j."""
-  def body(ctx, codes_ref, header_ref):
+def _key_tile(asm: str, tokens: int):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> the f16 [T, 128] wgmma A
+  operand. Each thread loads the 4 words of its two rows (`_code_layout`); output j of
+  word i (`word_asm`, 4 outputs of f16x2) is register column 4 i + j."""
+  def body(ctx, codes_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
@@ -210,8 +195,7 @@ def _key_tile(tokens: int):
     codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
                                             optimized=False)  # 16 bytes per register
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
-    out_ty, asm = llvm.StructType.get_literal([i32] * 4), word_asm()
-    table = _table_words(header_ref, KEY_TABLES)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
     for rt in range(tokens // 64):
       for h in range(2):  # rows r and r + 8
         vec = vector.bitcast(ir.VectorType.get((4,), i32),
@@ -219,8 +203,7 @@ def _key_tile(tokens: int):
         for i in range(4):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
-          out = llvm.inline_asm(out_ty, [w, *table], asm, "=r,=r,=r,=r,r,r,r,r,r",
-                                has_side_effects=False)
+          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,=r,=r,r", has_side_effects=False)
           for j in range(4):
             regs[rt, 4 * i + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
                 llvm.extractvalue(i32, out, [j]), f16x2)
@@ -228,9 +211,9 @@ def _key_tile(tokens: int):
   return body
 
 
-def _value_tile(tokens: int):
-  """inline_mgpu body: value codes uint8 [T, 64] (tiled (8, 64), 64-byte swizzle) and the
-  header in SMEM -> f16 V^T [128, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4
+def _value_tile(lo, hi, tokens: int):
+  """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
+  -> f16 V^T [128, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4
   tiles J of 8 tokens, the word `word_asm` takes: its 16-bit slot 8 warp + l4
   (coordinates 4 slot .. 4 slot + 3) of tokens 8J + 2q (low half) and 8J + 2q + 1 (high).
 
@@ -238,7 +221,7 @@ def _value_tile(tokens: int):
   8 warp + 7; lane L gives the row address of row L % 8 of matrix L // 8 (the 64-byte
   swizzle puts chunk c of row r at c ^ (r >> 1)); .trans hands thread (l4, q) column l4,
   rows 2q and 2q + 1."""
-  def body(ctx, codes_ref, header_ref):
+  def body(ctx, codes_ref):
     del ctx
     ir, arith, llvm, _, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
@@ -257,15 +240,14 @@ def _value_tile(tokens: int):
     load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
             "%d];")
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
-    asm, out_ty = word_asm(), llvm.StructType.get_literal([i32] * 4)
-    table = _table_words(header_ref, VALUE_TABLES)
+    asm, out_ty = word_asm(lo, hi), llvm.StructType.get_literal([i32] * 4)
     for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3, 8 rows of 64 bytes each
       words = llvm.inline_asm(load_ty, [addr], load % (g * 32 * ROW_BYTES),
                               "=r,=r,=r,=r,r", has_side_effects=True)
       for i in range(4):
         J = 4 * g + i
-        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i]), *table], asm,
-                              "=r,=r,=r,=r,r,r,r,r,r", has_side_effects=False)
+        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i])], asm,
+                              "=r,=r,=r,=r,r", has_side_effects=False)
         for j in range(4):  # code j = 2 mg + h of the slot
           regs[j // 2, J, 0, 0, j % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
               llvm.extractvalue(i32, out, [j]), f16x2)
@@ -283,28 +265,30 @@ def split_window(split, split_len: int, S: int):
 
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
-           start: int, layer: int | None):
+           start: int, layer: int | None, k_centroids: tuple[float, ...],
+           v_centroids: tuple[float, ...]):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
-  key_tile, value_tile = _key_tile(step), _value_tile(step)
+  key_tile = _key_tile(word_asm(*tables(k_centroids)), step)
+  value_tile = _value_tile(*tables(v_centroids), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
 
-  def kernel(header_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, o_gmem, ml_gmem,
-             header_smem, q_smem, p_smem, o_smem, ml_smem, bar):
+  def kernel(ends_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, o_gmem, ml_gmem,
+             ends_smem, q_smem, p_smem, o_smem, ml_smem, bar):
     b, k, split = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("split")
-    plgpu.copy_gmem_to_smem(header_gmem.at[b], header_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(ends_gmem.at[b], ends_smem, bar.at[0])
     plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
-    end = header_smem[0]
+    end = ends_smem[0]
     first, read = split_window(split, split_len, S)
     lower, stop = jnp.maximum(first, start), jnp.minimum(first + split_len, end)
 
     def step_fn(indices, kc_smem, vc_smem, kn_smem, vn_smem, carry):
       acc, m, l = carry
       keys = plgpu.inline_mgpu(
-          arg_types=(plgpu.RefType(), plgpu.RefType()),
+          arg_types=(plgpu.RefType(),),
           return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
-      )(key_tile)(kc_smem, header_smem)
+      )(key_tile)(kc_smem)
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, keys, q_smem.T)
@@ -333,9 +317,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       p_smem.T[...] = plgpu.layout_cast(pn, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       values = plgpu.inline_mgpu(
-          arg_types=(plgpu.RefType(transforms=v_transforms), plgpu.RefType()),
+          arg_types=(plgpu.RefType(transforms=v_transforms),),
           return_type=plgpu.ShapeDtypeStruct((DIM, T), jnp.float16, layout=plgpu.Layout.WGMMA),
-      )(value_tile)(vc_smem, header_smem)
+      )(value_tile)(vc_smem)
       acc = acc * lax.broadcast_in_dim(corr, (DIM, N), [1])
 
       def pv(acc_ref):
@@ -385,7 +369,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
                 jax.ShapeDtypeStruct((B, K, splits, 2, N), jnp.float32)),
       grid=(B, K, splits), grid_names=("b", "k", "split"),
       scratch_types=[
-          plgpu.SMEM((HEADER,), jnp.int32),  # 128 bytes: TMA copies whole warpgroup multiples
+          plgpu.SMEM((32,), jnp.int32),  # a 128-byte row: TMA copies whole warpgroup multiples
           plgpu.SMEM((N, DIM), jnp.float16, transforms=swizzle(128)),
           plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
           plgpu.SMEM((DIM, N), jnp.float32),
@@ -440,16 +424,13 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
                      f"got {num_splits}")
   num_splits = whole_splits(S // step, num_splits)
   rows = 8 if G <= 8 else 16
-  words = np.zeros(HEADER, np.uint32)
-  words[KEY_TABLES:KEY_TABLES + 4], words[VALUE_TABLES:VALUE_TABLES + 4] = tables(ck), tables(cv)
-  header = jnp.tile(jnp.asarray(words.view(np.int32)), (B, 1)).at[:, 0].set(
-      jnp.clip(lengths, 0, S).astype(jnp.int32))
+  ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
   qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer)
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
-  o, ml = kernel(header, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
+  o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
   m, w = _merge_weights(ml[:, :, :, 0], axis=2)  # [B, K, rows], [B, K, splits, rows]
   l = jnp.sum(w * ml[:, :, :, 1], axis=2)
   # A plain float32 sum (an einsum may take TF32 on the GPU).

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax._src import core as jax_core
 from jax._src.lib.triton import dialect as tt_dialect
 from jax._src.pallas.triton import lowering

@@ -438,7 +438,7 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
   # position.
   rng = np.random.default_rng(21)
   centroids = _centroids(rng, 128, 4)
-  luts = [np.uint32(w) for w in dm.tables(tuple(float(x) for x in centroids))]
+  lo, hi = dm.tables(tuple(float(x) for x in centroids))
   table = np.asarray(centroids, np.float16)
   T = 128
   kc, vc = rng.integers(0, 16, (2, T, 128))
@@ -453,7 +453,7 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
     for h in range(2):
       row = 64 * rt + 16 * w + l4 + 8 * h
       for i in range(4):
-        outs = _run_ptx(dm.word_asm(), [key_words[row, 4 * q + i], *luts], 4)
+        outs = _run_ptx(dm.word_asm(lo, hi), [key_words[row, 4 * q + i]], 4)
         for j, out in enumerate(outs):
           for e in range(2):
             got[row, 8 * (4 * i + j) + 2 * q + e] = f16(out)[:, e]
@@ -461,14 +461,14 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
 
   J, w, l4, q, word = (np.asarray(x) for x in zip(*_ldmatrix_value_words(vc)))
   got = np.full((128, T), np.nan, np.float16)
-  for j, out in enumerate(_run_ptx(dm.word_asm(), [word.astype(np.uint32), *luts], 4)):
+  for j, out in enumerate(_run_ptx(dm.word_asm(lo, hi), [word.astype(np.uint32)], 4)):
     mg, h = divmod(j, 2)
     for e in range(2):
       got[64 * mg + 16 * w + l4 + 8 * h, 8 * J + 2 * q + e] = f16(out)[:, e]
   np.testing.assert_array_equal(got, table[vc][:, dm.v_perm()].T)
   assert sorted(dm.k_perm()) == sorted(dm.v_perm()) == list(range(128))
   # The count the module's docstring gives: 21 per 8 codes (and the move of the input).
-  assert len(_ptx_instructions(dm.word_asm())) == 22
+  assert len(_ptx_instructions(dm.word_asm(lo, hi))) == 22
 
 
 def _ldmatrix_value_words(vc):
