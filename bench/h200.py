@@ -52,8 +52,9 @@ JOBS = {
 # Share of the budget each job may take (the rest of a finished job's share carries over).
 # Measured on the H200: the GPU tests 239 s (session 3; in session 4 a 140 s share ran out
 # before they finished; session 6: 27 of 51 in 370 s — give them a call of their own,
-# `--jobs tests --budget 560`), kernels --quick 117-140 s, e2e --quick 110 s (session 4, weights
-# drawn per layer; 206 s before), bridge 95 s.
+# `--jobs tests --budget 560`), kernels --quick 117-140 s (with --layer-sweep more: session 13
+# on the H100 it ran out of a 169 s share before its encode rows), e2e --quick 110 s (session
+# 4, weights drawn per layer; 206 s before), bridge 95 s.
 SHARE = {"tests": 0.45, "mosaic-tests": 0.15, "kernels": 0.25, "bridge": 0.2, "e2e": 0.3,
          "e2e2": 0.6}
 
