@@ -1,7 +1,8 @@
 """A/B of Mosaic decode variants (kwargs of `decode_mosaic.decode_mosaic`) in one process:
 checked against the XLA reference, then timed alternately at the e2e layer and 64K.
 
-    PYTHONPATH=. python bench/ab_mosaic.py --variants '{"33": {"num_splits": 33}, "37": {"num_splits": 37}}'
+    PYTHONPATH=. python bench/ab_mosaic.py \
+        --variants '{"33": {"num_splits": 33}, "37": {"num_splits": 37}}'
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
@@ -31,11 +32,20 @@ def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--variants", required=True)
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variants", required=True,
+                  help='a JSON object: name -> decode_mosaic kwargs (and "module")')
   ap.add_argument("--rounds", type=int, default=2)
   args = ap.parse_args(argv)
-  variants = json.loads(args.variants)
+  try:
+    variants = json.loads(args.variants)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--variants must be JSON, got {args.variants!r}: {e}") from None
+  if (not isinstance(variants, dict) or not variants
+      or not all(isinstance(kw, dict) for kw in variants.values())):
+    raise SystemExit(f"--variants must map names to objects of kwargs, got {variants!r}")
+  if args.rounds < 1:
+    raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
   keys, values = bk.presets(128)["k4v4"]
   key = jax.random.key(3)
   # Correctness: rows of different lengths, a split boundary inside.
@@ -49,7 +59,8 @@ def main(argv=None):
           kw, qk, kc, kn, kcb, vc, vn, vcb, lengths)
       got = bk.finalize(jax.jit(f)(qk, kc, kn, vc, vn, lengths))
       print(f"check {name} {extra}: rel_err {bk.rel_err(got, ref):.2e}", flush=True)
-  shapes = {"layer B8": (8, bk.E2E_SLOTS, bk.E2E_LAYER), "layer B1": (1, bk.E2E_SLOTS, bk.E2E_LAYER),
+  shapes = {"layer B8": (8, bk.E2E_SLOTS, bk.E2E_LAYER),
+            "layer B1": (1, bk.E2E_SLOTS, bk.E2E_LAYER),
             "64K B8": (8, 65536, {}), "64K B1": (1, 65536, {})}
   table = {}
   for sname, (B, S, shape) in shapes.items():
