@@ -1,8 +1,8 @@
 """A/B of Mosaic decode variants (kwargs of `decode_mosaic.decode_mosaic`) in one process:
 checked against the XLA reference, then timed alternately at the e2e layer and 64K.
 
-    PYTHONPATH=. python bench/ab_mosaic.py \
-        --variants '{"33": {"num_splits": 33}, "37": {"num_splits": 37}}'
+    PYTHONPATH=. python bench/ab_mosaic.py --variants '{"a": {"num_splits": 33},
+        "b": {"num_splits": 37}}'
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
