@@ -61,7 +61,7 @@ session, per thread-step of 128 tokens, ~1350 in all): the lookups' 32 words x 2
 33) plus 126 IMAD.U32 that copy the tables, immediates in the PTX, out of uniform
 registers before every `prmt` (9% of the step; the next change: pass the tables as
 register operands, loaded once from shared memory; written and CPU-tested on the branch
-`wip/untested`, not yet run on a GPU); then 32 LDS of value words (now 4 `ldmatrix`),
+`wip/next`, not yet run on a GPU); then 32 LDS of value words (now 4 `ldmatrix`),
 32 HGMMA, ~53 UMOV/R2UR for the wgmma descriptors, and the softmax (FMUL 34, FFMA 28,
 FADD 20, FMNMX 20, 10 each of MUFU.EX2, SHFL, FSEL). Tried and measured slower (session
 11, the timer of `bench/kernels.py`, ~2% spread):

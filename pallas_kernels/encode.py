@@ -18,7 +18,7 @@ Why it is slow (session 13, Nsight Compute on the H100, k4 mse, 256K vectors, bl
 26 ms, IPC 0.11, 32 registers and a 24 KB local-memory stack a thread (97.6M spill
 requests): Triton lowers a float32 "ieee" dot to FMAs with each thread holding its rows
 and columns of both operands, which at a contraction of 128 land in local memory. The
-change to measure next (branch `wip/untested`, CPU-tested, not yet run on a GPU):
+change to measure next (branch `wip/next`, CPU-tested, not yet run on a GPU):
 ``lax.DotAlgorithmPreset.TF32_TF32_F32_X3`` (Triton's "tf32x3": three TF32 tensor-core
 passes, float32 accuracy).
 """
