@@ -5,9 +5,8 @@ any machine (no GPU needed): to show that a change leaves the kernel as it was.
     (cd OTHER_TREE && PYTHONPATH=. python bench/mosaic_ir.py --out /tmp/old.mlir)
     cmp /tmp/old.mlir /tmp/new.mlir
 
-The call is `decode(..., implementation="mosaic", start=3)` at B = 2, Hkv = 4, G = 7,
-S = 1024, k4v4 (random codes); --kwargs adds keyword arguments (a Python dict literal) to
-`decode_mosaic.decode_mosaic`. The module sits bytecode-encoded in the custom call's
+The call is `decode_mosaic.decode_mosaic(..., start=3)` at B = 2, Hkv = 4, G = 7,
+S = 1024, k4v4 (random codes); --kwargs adds keyword arguments (a Python dict literal). The module sits bytecode-encoded in the custom call's
 backend config; its source locations change with any edit of the file, so they are left
 out.
 """
