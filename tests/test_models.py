@@ -171,6 +171,12 @@ def test_generate_with_converted_caches_and_eos(rng):
   assert (out[0, 1:] == eos).all()
   if eos not in greedy[1]:
     np.testing.assert_array_equal(out[1], greedy[1])
+  # every row emits it at token 2: the output ends there, nothing decoded past it is kept
+  twins = np.repeat(prompt[:1], 2, axis=0)
+  eos = int(greedy[0, 2])
+  first = int(np.flatnonzero(greedy[0] == eos)[0])
+  out = np.asarray(generate(runner, twins, max_new_tokens=6, capacity=CAP, eos_id=eos))
+  np.testing.assert_array_equal(out, np.repeat(greedy[:1, :first + 1], 2, axis=0))
   with pytest.raises(ValueError, match="too small"):
     generate(runner, prompt, max_new_tokens=12, capacity=CAP)
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 
 from tqjax.kvcache import FlushSchedule
 from tqjax.models.config import ModelConfig
@@ -329,11 +330,16 @@ class Runner:
     token = _sample(logits[:, -1], sub, **sampling)
     out = [token]
     done = None if eos_id is None else token == eos_id
+    all_done = [] if done is None else [jnp.all(done)]  # per token: every row finished
     schedule = FlushSchedule(caches)  # compressed windows flushed without a branch per step
     caches = schedule.begin(caches)
     ahead = max_steps_ahead(token)
     for i in range(max_new_tokens - 1):
-      if done is not None and bool(jnp.all(done)):
+      # The stop test reads the token before the last: it waits for the step before the
+      # one in flight, so the device is never idle while the host dispatches (reading the
+      # last token would drain the queue every step). The one token it may decode past
+      # the end is cut below.
+      if len(all_done) >= 2 and bool(all_done[-2]):
         break
       caches = schedule.before_step(caches)
       token, caches, key = self.decode_step(token[:, None], caches, key, **sampling)
@@ -342,7 +348,12 @@ class Runner:
       if done is not None:
         token = jnp.where(done, jnp.int32(eos_id), token)
         done = done | (token == eos_id)
+        all_done.append(jnp.all(done))
       out.append(token)
+    if all_done:
+      finished = np.flatnonzero(np.asarray(jnp.stack(all_done)))
+      if finished.size:
+        out = out[:finished[0] + 1]
     return jnp.stack(out, axis=1)
 
 
