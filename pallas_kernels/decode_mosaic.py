@@ -59,12 +59,23 @@ not moving them to another pipe. Where they go (session 13, the ncu source page
 session, per thread-step of 128 tokens, ~1350 in all): the lookups' 32 words x 22
 (PRMT 351, LOP3 198, IMAD.SHL 106 and IMAD 33 for the shifts and the multiply by 7, SHF
 33) plus 126 IMAD.U32 that copy the tables, immediates in the PTX, out of uniform
-registers before every `prmt` (9% of the step; the next change: pass the tables as
-register operands, loaded once from shared memory; written and CPU-tested on the branch
-`wip/next`, not yet run on a GPU); then 32 LDS of value words (now 4 `ldmatrix`),
-32 HGMMA, ~53 UMOV/R2UR for the wgmma descriptors, and the softmax (FMUL 34, FFMA 28,
-FADD 20, FMNMX 20, 10 each of MUFU.EX2, SHFL, FSEL). Tried and measured slower (session
-11, the timer of `bench/kernels.py`, ~2% spread):
+registers before every `prmt` (9% of the step; passing them as register operands did
+not pay, below); then 32 LDS of value words (now 4 `ldmatrix`), 32 HGMMA, ~53 UMOV/R2UR
+for the wgmma descriptors, and the softmax (FMUL 34, FFMA 28, FADD 20, FMNMX 20, 10 each
+of MUFU.EX2, SHFL, FSEL). Tried and measured slower (session 11, the timer of
+`bench/kernels.py`, ~2% spread; from session 13 `bench/ab_mosaic.py`, variants
+alternating in one process):
+
+* The tables as register operands of the PTX ($5..$8 of `word_asm`), written into each
+  row's header by the wrapper and loaded from shared memory once a tile (session 14,
+  H100, against this kernel, two rounds, us): e2e layer B = 8 77.6/78.1 against
+  78.8/79.3, 64K B = 8 263.7/257.0 against 267.5/271.6, but 64K B = 1 50.0/50.4 against
+  43.7/45.8 and the layer at B = 1 17.3/20.7 against 16.2/18.7: not taken. With it, the
+  magnitude index in 3 instructions instead of 4 (`lop3` of the sign bits, then one
+  `mul.hi.u32` by 7 << 29 for the shift and the x7) gave 76.8/77.8, 262.7/263.7,
+  49.4/49.9 and 15.4/16.9; on this kernel alone (next call, one round and a half before
+  the call's time ran out) 64K B = 8 270.5/269.6 against 267.6 and B = 1 48.3 against
+  46.8/45.3: not taken either.
 
 * An odd quintic codebook (c = s u (1 + b u^2 + g u^4), u = (2k + 1 - 16) / 16; distortion
   +0.16% at 4 bits) dequantized on the FP16 pipe (a code into float16 by a shift and a

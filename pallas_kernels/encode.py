@@ -11,16 +11,16 @@ kernel projects x onto the rows ``t, t + R, ...`` of the segment map (one dot pe
 residue t, the rows permuted by the wrapper), quantizes each [block_n, d / R] tile by
 comparisons with the boundaries, ORs the shifted codes of the residues that share a byte,
 and stores each plane with one strided store. Nothing is gathered or reshaped in-kernel.
-Dots run in full float32 (``Precision.HIGHEST``) so codes match the reference except at
-exact ties.
-
-Why it is slow (session 13, Nsight Compute on the H100, k4 mse, 256K vectors, block_n 64):
-26 ms, IPC 0.11, 32 registers and a 24 KB local-memory stack a thread (97.6M spill
-requests): Triton lowers a float32 "ieee" dot to FMAs with each thread holding its rows
-and columns of both operands, which at a contraction of 128 land in local memory. The
-change to measure next (branch `wip/next`, CPU-tested, not yet run on a GPU):
-``lax.DotAlgorithmPreset.TF32_TF32_F32_X3`` (Triton's "tf32x3": three TF32 tensor-core
-passes, float32 accuracy).
+Dots run at float32 accuracy on the tensor cores (three TF32 passes, Triton's "tf32x3"),
+so codes match the float32 reference except at near ties. Session 13 (H100, Nsight
+Compute): with true float32 dots (Triton's FMA "ieee" dot, `precision="ieee"`) each
+thread held its rows and columns of both operands in a 24 KB local-memory stack (32
+registers, 97.6M spill requests, IPC 0.11): 26 ms for 256K vectors, the 60x gap to XLA.
+With tf32x3 (session 14, H100, `bench()` below, 1M vectors of D = 128, k4 mse, median of
+5): 1.25 ms against 98.9 ms for "ieee" and 1.51 ms for the XLA reference; 0.27 TB/s of
+input and codes, 11% of the copy bandwidth `bench/kernels.py` measured on that card
+(2.43 TB/s); codes differ from the float32 reference in 1.2e-6 of coordinates (XLA's own
+encode: 4.9e-4). block_n 128 took 6.1 ms and 256 does not fit shared memory.
 """
 
 from __future__ import annotations
@@ -147,11 +147,15 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
 
   ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
   kernel (``interpret=True`` runs it on CPU). ``precision`` of the kernel's projections:
-  "highest" (float32, codes equal the float32 reference except at exact ties) or
-  "high" / "default" (tensor-core passes: faster, codes at coordinate boundaries may
-  differ).
+  "highest" (float32 accuracy from three TF32 tensor-core passes; codes equal the float32
+  reference except at near ties), "default" (one TF32 pass: faster, codes at coordinate
+  boundaries may differ; "high" is the same in Triton) or "ieee" (float32 FMAs: the same
+  codes as "highest", and far slower, see the module docstring). In interpret mode
+  "highest" runs float32 dots.
   """
-  precisions = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
+  precisions = {"highest": (lax.Precision.HIGHEST if interpret
+                            else lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+                "ieee": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
                 "default": lax.Precision.DEFAULT}
   if precision not in precisions:
     raise ValueError(f"precision must be one of {sorted(precisions)}, got {precision!r}")
@@ -227,8 +231,8 @@ def bench(key, *, n: int = 1 << 20) -> dict:
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
-  for block_n, precision in ((64, "highest"), (256, "highest"), (256, "default"),
-                             (128, "high")):
+  for block_n, precision in ((64, "highest"), (128, "highest"), (64, "default"),
+                             (128, "default")):
     variants[f"pallas-{block_n}-{precision}"] = dict(
         implementation="pallas", block_n=block_n, precision=precision,
         num_warps=8 if block_n >= 256 else 4)
