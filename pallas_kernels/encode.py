@@ -234,8 +234,7 @@ def bench(key, *, n: int = 1 << 20) -> dict:
   for block_n, precision in ((64, "highest"), (128, "highest"), (64, "default"),
                              (128, "default")):
     variants[f"pallas-{block_n}-{precision}"] = dict(
-        implementation="pallas", block_n=block_n, precision=precision,
-        num_warps=8 if block_n >= 256 else 4)
+        implementation="pallas", block_n=block_n, precision=precision, num_warps=4)
   for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
                     "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
     quant = qz.Quantizer.create(cfg)
