@@ -21,8 +21,10 @@ Design:
   GPU kernel (``implementation="mosaic"``, :mod:`pallas_kernels.decode_mosaic`), chosen
   by measurement (session 9, below): 1.44x faster than this kernel at B = 8, S = 64K
   (session 10: 297 against 388 us at B = 8, 51 against 59 us at B = 1; in the model 1.31x
-  against 1.20x the bf16 step at Qwen2.5-7B shapes, B = 8, 32K). It stays opt-in: it
-  takes one preset, on sm_90 only, and this kernel covers every preset and shape.
+  against 1.20x the bf16 step at Qwen2.5-7B shapes, B = 8, 32K; session 15, its
+  shared-memory table lookup, H100: 206-212 against 564-578 us here at B = 8, 64K). It
+  stays opt-in: it takes one preset, on sm_90 only, and this kernel covers every preset
+  and shape.
   The Triton lowering gives masked loads, ``join``-based interleaving, integer ops on any
   tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel body
   on CPU, so every configuration is tested here; Mosaic GPU's interpreter runs neither
@@ -981,7 +983,8 @@ def decode(
       kept for the benchmark's sweep; "lut-gather" is "lut" with "gather" for the segments
       that have no lut, e.g. 5-bit keys.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
-      bench/kernels.py only.) "mosaic" has its own lookup and takes none.
+      bench/kernels.py only.) "mosaic" has its own: "prmt" (byte permutes, symmetric
+      codebooks) or "smem" (a table in shared memory); see `decode_mosaic.LOOKUPS`.
     start: compressed tokens before this position are ignored (e.g. attention-sink
       tokens kept exact elsewhere); a static int >= 0.
     layer: a static int: the codes and scales hold every layer of a model, with a leading
@@ -1029,12 +1032,13 @@ def decode(
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if implementation == "mosaic":
-    _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret,
-                  dict(num_warps=num_warps, orient=orient, lookup=lookup))
+    lookup = lookup or decode_mosaic.DEFAULT_LOOKUP
+    _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, lookup,
+                  dict(num_warps=num_warps, orient=orient))
     return decode_mosaic.decode_mosaic(
         qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids, lengths,
         start=start, layer=None if layer is None else int(layer), step=block_s,
-        num_splits=num_splits, num_stages=num_stages)
+        num_splits=num_splits, num_stages=num_stages, lookup=lookup)
   if lookup is None:
     lookup = "gather" if any(c is None for c in static_ck + static_cv) else "lut"
   if lookup not in ("lut", "lut-gather", "lut-joined", "lut-parts", "select", "gather", "none"):
@@ -1079,18 +1083,24 @@ def decode(
       start=start, layer=None if layer is None else int(layer))
 
 
-def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, other) -> None:
+def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, lookup,
+                  other) -> None:
   """What `implementation="mosaic"` (`pallas_kernels.decode_mosaic`) takes, else an error."""
+  if lookup not in decode_mosaic.LOOKUPS:
+    raise ValueError(f'implementation="mosaic" takes lookup in {decode_mosaic.LOOKUPS} '
+                     f'(or None: "{decode_mosaic.DEFAULT_LOOKUP}"), got {lookup!r}')
   segs = ((key_segs, static_ck, "key"), (value_segs, static_cv, "value"))
   for segments, centroids, name in segs:
     if len(segments) != 1 or segments[0].bits != 4 or segments[0].dim != decode_mosaic.DIM:
       raise ValueError(f'implementation="mosaic" takes one 4-bit {name} segment of '
                        f'{decode_mosaic.DIM} coordinates (the k4v4 preset), got '
                        f'{[(s.dim, s.bits) for s in segments]} (dim, bits)')
-    if centroids[0] is None or not symmetric_codebook(centroids[0]):
-      raise ValueError(f'implementation="mosaic" bakes a symmetric {name} codebook into the '
-                       f'kernel; got {"traced" if centroids[0] is None else "asymmetric"} '
-                       f'centroids')
+    if centroids[0] is None:
+      raise ValueError(f'implementation="mosaic" bakes the {name} codebook into the kernel; '
+                       'got traced centroids')
+    if lookup == "prmt" and not symmetric_codebook(centroids[0]):
+      raise ValueError(f'implementation="mosaic", lookup="prmt" bakes a symmetric {name} '
+                       'codebook into the kernel; got asymmetric centroids')
   if G > decode_mosaic.MAX_ROWS:
     raise ValueError(f'implementation="mosaic" takes at most {decode_mosaic.MAX_ROWS} query '
                      f'rows per KV head, got G = {G}')
@@ -1099,8 +1109,8 @@ def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, othe
                      'interpreter runs no inline asm); test it on a GPU')
   given = sorted(k for k, v in other.items() if v is not None)
   if given:
-    raise ValueError(f'implementation="mosaic" has its own tiling and lookup; {given} apply '
-                     f'to "pallas" only')
+    raise ValueError(f'implementation="mosaic" has its own tiling; {given} apply to "pallas" '
+                     'only')
 
 
 def _decode_pallas(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,

@@ -1,9 +1,10 @@
 """Fused 4-bit dequantize + attention decode as a Mosaic GPU (Hopper wgmma) kernel.
 
 The same computation as :func:`pallas_kernels.decode.decode` (``implementation="mosaic"``
-there) for one 4-bit key segment and one 4-bit value segment of 128 coordinates with a
-symmetric codebook (the k4v4 preset), at most 16 query rows per KV head. It reads the
-cache as it is: tqjax's packing (byte j = code 2j | code 2j+1 << 4), sorted codes.
+there) for one 4-bit key segment and one 4-bit value segment of 128 coordinates (the
+k4v4 preset; any codebook, a symmetric one for ``lookup="prmt"``), at most 16 query rows
+per KV head. It reads the cache as it is: tqjax's packing (byte j = code 2j | code
+2j+1 << 4), sorted codes.
 
 Why a second kernel: the Triton-lowered one is bound by its structure (16-row query
 padding, a shared-memory round trip of the dequantized tiles, 250 registers and one warp
@@ -11,11 +12,25 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
 
 * Tokens are the wgmma M (a warpgroup, 128 threads, takes 64- or 128-token steps), the
   query rows the N (8 or 16), so padding costs at most 2x on tiny tensor-core work.
-* Codes are dequantized straight into the wgmma's register A operand by an inline PTX
-  byte-permute lookup (`word_asm`: 21 instructions per 8 codes, 3 of them relabelling
-  the sorted codes to sign-magnitude, 3 shifts and a multiply that can go to the FMA
-  pipe), never through shared memory:
+* Codes are dequantized straight into the wgmma's register A operand by inline PTX,
+  never through shared memory as float16 tiles:
   S^T [T, N] = K [T, 128] @ Q^T and O^T [128, N] += V^T [128, T] @ P^T.
+  The default lookup (``"smem"``, `smem_word_asm`, session 15) reads a byte's two values
+  at once from a 64 KB table in shared memory (`smem_table`: 256 rows of 256 bytes, the
+  float16 pair of each byte for each of 32 lanes, keys in the first 128 bytes and values
+  in the rest, so a warp's 32 lookups hit 32 banks; one bulk copy from global memory per
+  program): per byte a `prmt` makes the address (the byte into bits 8..15 of the lane's
+  offset), an `add` the table's base (uniform), one `ld.shared.b32`; the values' pairs
+  are then regrouped by token with 2 `prmt`s per 2 outputs. 12 instructions per 8 key
+  codes and 16 per 8 value codes, against 21 + 4 table copies for ``"prmt"`` (`word_asm`:
+  byte permutes on tables in the PTX, 3 of them relabelling the sorted codes to
+  sign-magnitude). The table and the pipeline leave room for 2 programs an SM, not 3.
+  Session 15, H100, `bench/ab_mosaic.py` (us, two rounds, prmt | smem): e2e layer B = 8
+  78.7/82.0 | 67.9/70.7, B = 1 18.0/16.1 | 18.1/15.3; 64K B = 8 265.0/264.4 |
+  219.4/212.7, B = 1 52.7/46.4 | 51.2/44.3. `bench/kernels.py --quick` on the H100 (same
+  run, fastest fp16 658-676 us at B = 8, 92-93 us at B = 1): 205.8-211.7 us at B = 8 64K
+  (3.19-3.20x; 107-110% of the measured copy bandwidth, which counts read and write), 44.3-
+  44.9 us at B = 1 (2.07-2.09x).
 * K: a thread's 4 words (one 16-byte load) of two token rows become 16 columns of its
   fragment; the columns are a fixed permutation of the coordinates (`k_perm`), undone by
   permuting the query. V^T: a thread holds 4 coordinates x 16 tokens; one
@@ -47,10 +62,10 @@ prototype's profile (Nsight Compute): 94-112 registers, 4 warpgroups per SM, the
 pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts off
 (294 -> 282 us at the same tiling).
 
-What limits it (session 11, Nsight Compute on the H200, `ncu -k regex:mosaic --set full`,
-the e2e layer, 33 splits): instruction issue. 168 registers and 47 KB of shared memory a
-block allow 3 blocks (warpgroups) per SM, not 4 (18.75% occupancy), so 1056 programs are
-2.67 waves of 396; issue slots 65% busy, IPC 2.7, ALU pipe 67%, DRAM 31% (1.5 TB/s);
+What limited it with the "prmt" lookup (session 11, Nsight Compute on the H200,
+`ncu -k regex:mosaic --set full`, the e2e layer, 33 splits): instruction issue (what led
+to the "smem" lookup). 168 registers and 47 KB of shared memory a block allow 3 blocks
+(warpgroups) per SM, not 4 (18.75% occupancy), so 1056 programs are 2.67 waves of 396; issue slots 65% busy, IPC 2.7, ALU pipe 67%, DRAM 31% (1.5 TB/s);
 stalls: selected 28%, not selected 20%, wait 15%, math 13%, barrier 10%; ~5.3 thread
 instructions per code, half of them the lookup (PRMT 26%, IMAD 22%, LOP3 15% of all);
 shared-load bank conflicts 12% of wavefronts. Fewer instructions in all is the way on,
@@ -155,15 +170,56 @@ def tables(centroids: tuple[float, ...]) -> tuple[tuple[int, int], tuple[int, in
   return (lo0, lo1), (hi0, hi1)
 
 
-def k_perm() -> np.ndarray:
+LOOKUPS = ("prmt", "smem")
+DEFAULT_LOOKUP = "smem"
+TABLE_WORDS = 64  # words per row of the shared-memory table: 32 lanes x (keys, values)
+
+
+def smem_word_asm(pairs: bool) -> str:
+  """PTX: a word $4 of 8 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3 by 4 loads from the
+  shared-memory table (`smem_table`): byte j (codes 2j, 2j + 1) is row j of the table, the
+  word at lane offset $5 (4 lane, plus 128 for the value table; < 256) of row base $6.
+
+  One `prmt` puts the byte into bits 8..15 of the lane offset (rows of 256 bytes), one
+  `add` the base (uniform), one `ld.shared` the pair. `pairs`: output j is byte j's pair
+  (value(n_2j), value(n_2j+1)); else output j is (value(n_j), value(n_j+4)) as `word_asm`
+  gives it, by two more `prmt`s per two outputs.
+  """
+  lines = ["{", ".reg .b32 a0, a1, a2, a3, p0, p1, p2, p3;"]
+  out = [f"${j}" for j in range(4)] if pairs else ["p0", "p1", "p2", "p3"]
+  for j in range(4):
+    lines += [f"prmt.b32 a{j}, $4, $5, 0x55{j}4;", f"add.u32 a{j}, a{j}, $6;",
+              f"ld.shared.b32 {out[j]}, [a{j}];"]
+  if not pairs:  # (n_j, n_j+4): the low (j even) or high halves of pairs j // 2 and 2 + j // 2
+    lines += ["prmt.b32 $0, p0, p2, 0x5410;", "prmt.b32 $1, p0, p2, 0x7632;",
+              "prmt.b32 $2, p1, p3, 0x5410;", "prmt.b32 $3, p1, p3, 0x7632;"]
+  lines.append("}")
+  return "\n".join(lines)
+
+
+def smem_table(k_centroids, v_centroids) -> np.ndarray:
+  """uint32 [256, 64]: row b, word 32 v + lane (v = 0 keys, 1 values) holds the float16
+  pair (c[b & 15], c[b >> 4]) of that side's codebook, for every lane, so a warp's 32
+  lookups of any bytes hit 32 distinct banks."""
+  b = np.arange(256)
+  rows = []
+  for c in (k_centroids, v_centroids):
+    h = np.asarray(c, np.float16).view(np.uint16).astype(np.uint32)
+    rows.append(np.repeat((h[b & 15] | h[b >> 4] << 16)[:, None], 32, axis=1))
+  return np.concatenate(rows, axis=1)
+
+
+def k_perm(lookup: str = "prmt") -> np.ndarray:
   """Column c of a dequantized key tile holds coordinate k_perm()[c].
 
   Thread lane q (of 4) loads words 4q..4q+3 of its rows; output j of word i goes to
   column block 4i + j, columns 8(4i + j) + 2q + e, and holds code j + 4e of the word,
-  coordinate 8(4q + i) + j + 4e."""
+  coordinate 8(4q + i) + j + 4e ("prmt"), or code 2j + e, coordinate 8(4q + i) + 2j + e
+  ("smem": byte j's pair)."""
   i, j, q, e = np.meshgrid(*(np.arange(n) for n in (4, 4, 4, 2)), indexing="ij")
+  code = j + 4 * e if lookup == "prmt" else 2 * j + e
   perm = np.empty(DIM, np.int64)
-  perm[(8 * (4 * i + j) + 2 * q + e).ravel()] = (32 * q + 8 * i + j + 4 * e).ravel()
+  perm[(8 * (4 * i + j) + 2 * q + e).ravel()] = (32 * q + 8 * i + code).ravel()
   return perm
 
 
@@ -194,13 +250,27 @@ def _mlir():
   return ir, arith, llvm, vector, mgpu, fa
 
 
+def _table_operands(table_ref, offset: int):
+  """The last two operands of `smem_word_asm`: this thread's lane offset 4 lane + `offset`
+  and the table's shared-memory address."""
+  ir, arith, llvm, _, mgpu, _ = _mlir()
+  i32 = ir.IntegerType.get_signless(32)
+  c = lambda v: mgpu.utils.c(v, i32)
+  lane = arith.shli(arith.andi(mgpu.utils.thread_idx(), c(31)), c(2))
+  return [arith.addi(lane, c(offset)),
+          llvm.ptrtoint(i32, mgpu.utils.memref_ptr(table_ref))]
+
+
 def _key_tile(asm: str, tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] in SMEM -> the f16 [T, 128] wgmma A
-  operand. Each thread loads the 4 words of its two rows (`_code_layout`); output j of
-  word i (`word_asm`, 4 outputs of f16x2) is register column 4 i + j."""
-  def body(ctx, codes_ref):
+  """inline_mgpu body: key codes uint8 [T, 64] in SMEM (and the lookup table, for
+  `smem_word_asm`) -> the f16 [T, 128] wgmma A operand. Each thread loads the 4 words of
+  its two rows (`_code_layout`); output j of word i (4 outputs of f16x2) is register
+  column 4 i + j."""
+  def body(ctx, codes_ref, *table_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
+    extra = _table_operands(*table_ref, 0) if table_ref else []
+    constraints = "=r,=r,=r,=r,r" + ",r" * len(extra)
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
@@ -214,7 +284,8 @@ def _key_tile(asm: str, tokens: int):
         for i in range(4):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
-          out = llvm.inline_asm(out_ty, [w], asm, "=r,=r,=r,=r,r", has_side_effects=False)
+          out = llvm.inline_asm(out_ty, [w, *extra], asm, constraints,
+                                has_side_effects=False)
           for j in range(4):
             regs[rt, 4 * i + j, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
                 llvm.extractvalue(i32, out, [j]), f16x2)
@@ -222,22 +293,25 @@ def _key_tile(asm: str, tokens: int):
   return body
 
 
-def _value_tile(lo, hi, tokens: int):
-  """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle)
-  -> f16 V^T [128, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4
-  tiles J of 8 tokens, the word `word_asm` takes: its 16-bit slot 8 warp + l4
+def _value_tile(asm: str, tokens: int):
+  """inline_mgpu body: value codes uint8 [T, 64] in SMEM (tiled (8, 64), 64-byte swizzle;
+  and the lookup table, for `smem_word_asm`) -> f16 V^T [128, T] wgmma A operand. One
+  `ldmatrix.x4.trans` gives a thread, for 4 tiles J of 8 tokens, the word `asm` takes
+  (`word_asm`, or `smem_word_asm` with pairs=False): its 16-bit slot 8 warp + l4
   (coordinates 4 slot .. 4 slot + 3) of tokens 8J + 2q (low half) and 8J + 2q + 1 (high).
 
   The 8 x 8 b16 matrix of tile J is its 8 token rows x the 16-byte chunk of slots 8 warp ..
   8 warp + 7; lane L gives the row address of row L % 8 of matrix L // 8 (the 64-byte
   swizzle puts chunk c of row r at c ^ (r >> 1)); .trans hands thread (l4, q) column l4,
   rows 2q and 2q + 1."""
-  def body(ctx, codes_ref):
+  def body(ctx, codes_ref, *table_ref):
     del ctx
     ir, arith, llvm, _, mgpu, fa = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
     c = lambda v: mgpu.utils.c(v, i32)
+    extra = _table_operands(*table_ref, 128) if table_ref else []
+    constraints = "=r,=r,=r,=r,r" + ",r" * len(extra)
     tid = mgpu.utils.thread_idx()
     lane = arith.andi(tid, c(31))
     warp = arith.andi(arith.shrui(tid, c(5)), c(3))
@@ -251,15 +325,15 @@ def _value_tile(lo, hi, tokens: int):
     load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
             "%d];")
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
-    asm, out_ty = word_asm(lo, hi), llvm.StructType.get_literal([i32] * 4)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
     for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3, 8 rows of 64 bytes each
       # A load LLVM cannot see: side effects keep it after the pipeline's barrier wait.
       words = llvm.inline_asm(load_ty, [addr], load % (g * 32 * ROW_BYTES),
                               "=r,=r,=r,=r,r", has_side_effects=True)
       for i in range(4):
         J = 4 * g + i
-        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i])], asm,
-                              "=r,=r,=r,=r,r", has_side_effects=False)
+        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i]), *extra], asm,
+                              constraints, has_side_effects=False)
         for j in range(4):  # code j = 2 mg + h of the slot
           regs[j // 2, J, 0, 0, j % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
               llvm.extractvalue(i32, out, [j]), f16x2)
@@ -278,18 +352,32 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...]):
+           v_centroids: tuple[float, ...], lookup: str):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
-  key_tile = _key_tile(word_asm(*tables(k_centroids)), step)
-  value_tile = _value_tile(*tables(v_centroids), step)
+  smem = lookup == "smem"
+  if smem:
+    key_tile, value_tile = (_key_tile(smem_word_asm(pairs=True), step),
+                            _value_tile(smem_word_asm(pairs=False), step))
+  else:
+    key_tile = _key_tile(word_asm(*tables(k_centroids)), step)
+    value_tile = _value_tile(word_asm(*tables(v_centroids)), step)
   v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
   N, T = rows, step
 
-  def kernel(ends_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, o_gmem, ml_gmem,
-             ends_smem, q_smem, p_smem, o_smem, ml_smem, bar):
+  def kernel(*refs):
+    if smem:  # the table: an input after the query, a scratch buffer after the barrier
+      (ends_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, table_gmem, o_gmem, ml_gmem,
+       ends_smem, q_smem, p_smem, o_smem, ml_smem, bar, table_smem) = refs
+      tables_ = (table_smem,)
+    else:
+      (ends_gmem, kc_gmem, vc_gmem, kn_gmem, vn_gmem, q_gmem, o_gmem, ml_gmem,
+       ends_smem, q_smem, p_smem, o_smem, ml_smem, bar) = refs
+      tables_ = ()
     b, k, split = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("split")
     plgpu.copy_gmem_to_smem(ends_gmem.at[b], ends_smem, bar.at[0])
     plgpu.copy_gmem_to_smem(q_gmem.at[b, k], q_smem, bar.at[0])
+    if smem:
+      plgpu.copy_gmem_to_smem(table_gmem, table_smem, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
     end = ends_smem[0]
     first, read = split_window(split, split_len, S)
@@ -298,9 +386,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
     def step_fn(indices, kc_smem, vc_smem, kn_smem, vn_smem, carry):
       acc, m, l = carry
       keys = plgpu.inline_mgpu(
-          arg_types=(plgpu.RefType(),),
+          arg_types=(plgpu.RefType(),) * (1 + smem),
           return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
-      )(key_tile)(kc_smem)
+      )(key_tile)(kc_smem, *tables_)
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, keys, q_smem.T)
@@ -329,9 +417,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       p_smem.T[...] = plgpu.layout_cast(pn, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       values = plgpu.inline_mgpu(
-          arg_types=(plgpu.RefType(transforms=v_transforms),),
+          arg_types=(plgpu.RefType(transforms=v_transforms),) + (plgpu.RefType(),) * smem,
           return_type=plgpu.ShapeDtypeStruct((DIM, T), jnp.float16, layout=plgpu.Layout.WGMMA),
-      )(value_tile)(vc_smem)
+      )(value_tile)(vc_smem, *tables_)
       acc = acc * lax.broadcast_in_dim(corr, (DIM, N), [1])
 
       def pv(acc_ref):
@@ -386,8 +474,8 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
           plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
           plgpu.SMEM((DIM, N), jnp.float32),
           plgpu.SMEM((2, N), jnp.float32),
-          plgpu.Barrier(num_arrivals=2, num_barriers=1),
-      ],
+          plgpu.Barrier(num_arrivals=2 + smem, num_barriers=1),
+      ] + [plgpu.SMEM((256, TABLE_WORDS), jnp.uint32)] * smem,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
 
@@ -413,9 +501,12 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, lookup: str = DEFAULT_LOOKUP):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
+
+  lookup: "prmt" (`word_asm`: byte permutes on tables in the PTX) or "smem" (`smem_word_asm`:
+  loads from a 64 KB table in shared memory).
   """
   from pallas_kernels.decode import Partial, _merge_weights
 
@@ -426,6 +517,8 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   S = kc.shape[-2]
   auto = default_tiling(B, K, S)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
+  if lookup not in LOOKUPS:
+    raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")
   if step not in (64, 128) or S % step or S == 0:
@@ -438,11 +531,12 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   rows = 8 if G <= 8 else 16
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
-  qp = jnp.pad(q[..., k_perm()].astype(jnp.float16), pad)
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv)
+  qp = jnp.pad(q[..., k_perm(lookup)].astype(jnp.float16), pad)
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv, lookup)
+  table = (jnp.asarray(smem_table(ck, cv)),) if lookup == "smem" else ()
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
-  o, ml = kernel(ends, kc, vc, kn, vn, qp)  # o [B, K, splits, 128 (v_perm rows), rows]
+  o, ml = kernel(ends, kc, vc, kn, vn, qp, *table)  # o [B, K, splits, 128 (v_perm rows), rows]
   m, w = _merge_weights(ml[:, :, :, 0], axis=2)  # [B, K, rows], [B, K, splits, rows]
   l = jnp.sum(w * ml[:, :, :, 1], axis=2)
   # A plain float32 sum (an einsum may take TF32 on the GPU).

@@ -92,6 +92,10 @@ MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
     # e2e layer at B = 8: 29 splits (MOSAIC_DEFAULT's 1024 programs) 85.4 us, 33 (1056)
     # 78.3, 37 (1184: 3 whole waves) 77.4, 24 80.3, 12 81.3; B = 1: 129 splits 15.9-16.2,
     # 99 18.0, 64 18.1. The whole-wave 37 is within 1% of 33: the H200's target.
+    # Session 15, the "smem" lookup (2 programs an SM; `--layer-sweep`, one call): B = 8
+    # 33 splits 70.0 us (73.9 as the default's, the same 33), 16 68.0, 24 72.5, 37 75.6,
+    # 12 80.3; B = 1 129 splits 19.7, 64 15.5, 99 17.7 (the default 16.4): within the
+    # spread of one call (~5%), so the target stays until a call of several rounds.
     "NVIDIA H100 80GB HBM3": MosaicDecodeConfig(step=128, num_stages=2,
                                                 target_programs=1056),
 }

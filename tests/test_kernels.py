@@ -166,11 +166,17 @@ def test_decode_interpret_lut_path_and_start(orient, lookup):
   assert_partials_close(got, ref, S)
 
 
-def _run_ptx(asm: str, inputs: list[np.ndarray], outputs: int) -> list[np.ndarray]:
+def _run_ptx(asm: str, inputs: list[np.ndarray], outputs: int,
+             shared: np.ndarray | None = None) -> list[np.ndarray]:
   """Runs the straight-line PTX of a lut lookup on uint32 numpy arrays (the handful of
   instructions it uses), so its bit logic is checked without a GPU. Registers $0 ..
-  $outputs - 1 are the results, the next ones the inputs."""
-  regs = {f"${outputs + i}": x.astype(np.uint32) for i, x in enumerate(inputs)}
+  $outputs - 1 are the results, the next ones the inputs; `shared` is shared memory as
+  uint32 words from address 0 (`ld.shared.b32` must be 4-byte aligned and inside it)."""
+  regs = {f"${outputs + i}": np.asarray(x).astype(np.uint32) for i, x in enumerate(inputs)}
+
+  def ld_shared(addr):
+    assert shared is not None and np.all(addr % 4 == 0) and np.all(addr < 4 * shared.size)
+    return shared[addr // 4]
 
   def val(tok):
     tok = tok.strip()
@@ -199,9 +205,10 @@ def _run_ptx(asm: str, inputs: list[np.ndarray], outputs: int) -> list[np.ndarra
       "shl.b32": lambda a, b: a << b, "mul.lo.u32": lambda a, b: a * b,
       "mov.b32": lambda a: np.uint32(a), "prmt.b32": prmt, "lop3.b32": lop3,
   }
+  ops["add.u32"], ops["ld.shared.b32"] = lambda a, b: a + b, ld_shared
   for line in _ptx_instructions(asm):
     op, rest = line.split(None, 1)
-    dst, *srcs = [t.strip() for t in rest.split(",")]
+    dst, *srcs = [t.strip().strip("[]") for t in rest.split(",")]
     with np.errstate(over="ignore"):
       regs[dst] = np.asarray(ops[op](*[val(t) for t in srcs]), np.uint32)
   return [regs[f"${t}"] for t in range(outputs)]
@@ -430,16 +437,29 @@ def test_decode_lowers_to_triton_for_cuda(preset):
 # (e = 0, 1: the low and high half of register j).
 
 
-def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
+@pytest.mark.parametrize("lookup", dm.LOOKUPS)
+def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout(lookup):
   # Keys: thread t reads words 4q .. 4q+3 of its rows (q = l % 4); output j of word i is its
   # register 4i + j. Values: the thread's 16-bit slot 8w + l // 4 of tokens 8J + 2q + e,
   # as `ldmatrix` reads it from the swizzled tile (`_ldmatrix_value_words`); output j is
   # register (J, code j = 2 mg + h of the slot) of V^T. Every code value occurs in every
-  # position.
+  # position. "smem": keys and values from different codebooks (any codebook: no sign
+  # trick), the table at a base that is not 256-aligned, each thread at its lane's words.
   rng = np.random.default_rng(21)
   centroids = _centroids(rng, 128, 4)
-  lo, hi = dm.tables(tuple(float(x) for x in centroids))
   table = np.asarray(centroids, np.float16)
+  if lookup == "prmt":
+    lo, hi = dm.tables(tuple(float(x) for x in centroids))
+    key_asm = value_asm = dm.word_asm(lo, hi)
+    value_table, shared = table, None
+    extra = lambda t, v: []
+  else:
+    value_table = np.sort(rng.normal(size=16)).astype(np.float16)  # asymmetric
+    base = 1040  # bytes
+    shared = np.zeros(base // 4 + 256 * dm.TABLE_WORDS, np.uint32)
+    shared[base // 4:] = dm.smem_table(table, value_table).ravel()
+    key_asm, value_asm = dm.smem_word_asm(pairs=True), dm.smem_word_asm(pairs=False)
+    extra = lambda t, v: [4 * (t % 32) + 128 * v, np.full_like(t, base)]
   T = 128
   kc, vc = rng.integers(0, 16, (2, T, 128))
   kc[:16], vc[:16] = np.arange(16)[:, None], np.arange(16)[:, None]
@@ -453,22 +473,25 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout():
     for h in range(2):
       row = 64 * rt + 16 * w + l4 + 8 * h
       for i in range(4):
-        outs = _run_ptx(dm.word_asm(lo, hi), [key_words[row, 4 * q + i]], 4)
+        outs = _run_ptx(key_asm, [key_words[row, 4 * q + i], *extra(t, 0)], 4, shared)
         for j, out in enumerate(outs):
           for e in range(2):
             got[row, 8 * (4 * i + j) + 2 * q + e] = f16(out)[:, e]
-  np.testing.assert_array_equal(got, table[kc][:, dm.k_perm()])
+  np.testing.assert_array_equal(got, table[kc][:, dm.k_perm(lookup)])
 
   J, w, l4, q, word = (np.asarray(x) for x in zip(*_ldmatrix_value_words(vc)))
   got = np.full((128, T), np.nan, np.float16)
-  for j, out in enumerate(_run_ptx(dm.word_asm(lo, hi), [word.astype(np.uint32)], 4)):
+  thread = 32 * w + 4 * l4 + q
+  for j, out in enumerate(_run_ptx(value_asm, [word, *extra(thread, 1)], 4, shared)):
     mg, h = divmod(j, 2)
     for e in range(2):
       got[64 * mg + 16 * w + l4 + 8 * h, 8 * J + 2 * q + e] = f16(out)[:, e]
-  np.testing.assert_array_equal(got, table[vc][:, dm.v_perm()].T)
-  assert sorted(dm.k_perm()) == sorted(dm.v_perm()) == list(range(128))
-  # The count the module's docstring gives: 21 per 8 codes (and the move of the input).
-  assert len(_ptx_instructions(dm.word_asm(lo, hi))) == 22
+  np.testing.assert_array_equal(got, value_table[vc][:, dm.v_perm()].T)
+  assert sorted(dm.k_perm(lookup)) == sorted(dm.v_perm()) == list(range(128))
+  # The counts the module's docstring gives per 8 codes: 21 (and the move of the input);
+  # 12 for keys, 16 for values, of which 4 loads and 4 adds that may fold into the loads.
+  counts = (22, 22) if lookup == "prmt" else (12, 16)
+  assert (len(_ptx_instructions(key_asm)), len(_ptx_instructions(value_asm))) == counts
 
 
 def _ldmatrix_value_words(vc):
@@ -524,10 +547,13 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
   asym = make_case(6, "lut4", S=256)
   asym[3][0] = asym[3][0] + np.eye(1, 16, 0, np.float32)[0] * 0.01
   with pytest.raises(ValueError, match="symmetric key codebook into the kernel; got asymmetric"):
-    dk.decode(*asym, implementation="mosaic")
+    dk.decode(*asym, implementation="mosaic", lookup="prmt")
+  assert "mosaic_gpu" in _lowered(  # "smem" takes any codebook
+      lambda *a: dk.decode(*a[:3], asym[3], *a[3:5], vcb, a[5], implementation="mosaic",
+                           lookup="smem"), qk, kc, kn, vc, vn, lengths)
   with pytest.raises(ValueError, match="divide S"):
     dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
-  with pytest.raises(ValueError, match=r"\['lookup'\] apply to \"pallas\" only"):
+  with pytest.raises(ValueError, match=r"takes lookup in \('prmt', 'smem'\) .* got 'lut'"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", lookup="lut")
 
 
@@ -559,11 +585,12 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("lookup", dm.LOOKUPS)
 @pytest.mark.parametrize("G,start,layer,S,splits", [(4, 0, None, 4096, None),
                                                     (7, 5, None, 4096, None),
                                                     (12, 0, 1, 4096, None),
                                                     (4, 3, None, 4480, 4)])
-def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits):
+def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits, lookup):
   # S = 4480 in 4 splits: 9, 9, 9 and 8 steps of 128, the last read from token 3328; row 1
   # ends inside that overlap.
   args = make_case(8, "lut4", B=3, K=2, G=G, S=S, lengths=[S, 3400 if splits else 1000, 0])
@@ -572,7 +599,8 @@ def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits):
   if layer is not None:  # the same region as layer 1 of 2, read in place
     kc, kn, vc, vn = ([jnp.stack([x[0] * 0, x[0]])] for x in (kc, kn, vc, vn))
   got = jax.jit(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5], implementation="mosaic",
-                                     start=start, layer=layer, num_splits=splits))(
+                                     start=start, layer=layer, num_splits=splits,
+                                     lookup=lookup))(
                                          qk, kc, kn, vc, vn, lengths)
   assert_partials_close(got, ref, S)
 
