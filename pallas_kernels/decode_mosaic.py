@@ -81,6 +81,12 @@ of MUFU.EX2, SHFL, FSEL). Tried and measured slower (session 11, the timer of
 `bench/kernels.py`, ~2% spread; from session 13 `bench/ab_mosaic.py`, variants
 alternating in one process):
 
+* A 32 KB table (one codebook for keys and values, rows of 128 bytes: the lane offset 8
+  lane and a `shr` after the address `prmt`, 16 / 20 instructions per 8 key / value codes),
+  small enough for 3 programs an SM (session 15, H100, against the 64 KB "smem" table,
+  two rounds, us): layer B = 8 73.4/83.3 against 72.4/74.6, 64K B = 8 248.9/252.0 against
+  213.9/238.3, 64K B = 1 47.2/56.3 against 45.2/43.2: not taken.
+
 * The tables as register operands of the PTX ($5..$8 of `word_asm`), written into each
   row's header by the wrapper and loaded from shared memory once a tile (session 14,
   H100, against this kernel, two rounds, us): e2e layer B = 8 77.6/78.1 against
