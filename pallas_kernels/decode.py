@@ -984,7 +984,8 @@ def decode(
       that have no lut, e.g. 5-bit keys.)
       ("none" skips the lookup and gives wrong values: a timing diagnostic for
       bench/kernels.py only.) "mosaic" has its own: "prmt" (byte permutes, symmetric
-      codebooks) or "smem" (a table in shared memory); see `decode_mosaic.LOOKUPS`.
+      codebooks) or "smem" (a table in shared memory); None: "smem" up to 8 rows
+      (`decode_mosaic.default_lookup`).
     start: compressed tokens before this position are ignored (e.g. attention-sink
       tokens kept exact elsewhere); a static int >= 0.
     layer: a static int: the codes and scales hold every layer of a model, with a leading
@@ -1032,7 +1033,6 @@ def decode(
   static_ck = tuple(_static_centroids(c) for c in k_centroids)
   static_cv = tuple(_static_centroids(c) for c in v_centroids)
   if implementation == "mosaic":
-    lookup = lookup or decode_mosaic.DEFAULT_LOOKUP
     _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, lookup,
                   dict(num_warps=num_warps, orient=orient))
     return decode_mosaic.decode_mosaic(
@@ -1086,9 +1086,9 @@ def decode(
 def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, lookup,
                   other) -> None:
   """What `implementation="mosaic"` (`pallas_kernels.decode_mosaic`) takes, else an error."""
-  if lookup not in decode_mosaic.LOOKUPS:
+  if lookup not in (None,) + decode_mosaic.LOOKUPS:
     raise ValueError(f'implementation="mosaic" takes lookup in {decode_mosaic.LOOKUPS} '
-                     f'(or None: "{decode_mosaic.DEFAULT_LOOKUP}"), got {lookup!r}')
+                     f'(or None: `decode_mosaic.default_lookup`), got {lookup!r}')
   segs = ((key_segs, static_ck, "key"), (value_segs, static_cv, "value"))
   for segments, centroids, name in segs:
     if len(segments) != 1 or segments[0].bits != 4 or segments[0].dim != decode_mosaic.DIM:

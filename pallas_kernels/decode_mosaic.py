@@ -15,7 +15,7 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
 * Codes are dequantized straight into the wgmma's register A operand by inline PTX,
   never through shared memory as float16 tiles:
   S^T [T, N] = K [T, 128] @ Q^T and O^T [128, N] += V^T [128, T] @ P^T.
-  The default lookup (``"smem"``, `smem_word_asm`, session 15) reads a byte's two values
+  The default lookup up to 8 query rows (``"smem"``, `smem_word_asm`, session 15) reads a byte's two values
   at once from a 64 KB table in shared memory (`smem_table`: 256 rows of 256 bytes, the
   float16 pair of each byte for each of 32 lanes, keys in the first 128 bytes and values
   in the rest, so a warp's 32 lookups hit 32 banks; one bulk copy from global memory per
@@ -65,7 +65,8 @@ pipe ~69% busy, and the 64-byte swizzle of the value codes took bank conflicts o
 What limited it with the "prmt" lookup (session 11, Nsight Compute on the H200,
 `ncu -k regex:mosaic --set full`, the e2e layer, 33 splits): instruction issue (what led
 to the "smem" lookup). 168 registers and 47 KB of shared memory a block allow 3 blocks
-(warpgroups) per SM, not 4 (18.75% occupancy), so 1056 programs are 2.67 waves of 396; issue slots 65% busy, IPC 2.7, ALU pipe 67%, DRAM 31% (1.5 TB/s);
+(warpgroups) per SM, not 4 (18.75% occupancy), so 1056 programs are 2.67 waves of 396;
+issue slots 65% busy, IPC 2.7, ALU pipe 67%, DRAM 31% (1.5 TB/s);
 stalls: selected 28%, not selected 20%, wait 15%, math 13%, barrier 10%; ~5.3 thread
 instructions per code, half of them the lookup (PRMT 26%, IMAD 22%, LOP3 15% of all);
 shared-load bank conflicts 12% of wavefronts. Fewer instructions in all is the way on,
@@ -177,14 +178,22 @@ def tables(centroids: tuple[float, ...]) -> tuple[tuple[int, int], tuple[int, in
 
 
 LOOKUPS = ("prmt", "smem")
-DEFAULT_LOOKUP = "smem"
 TABLE_WORDS = 64  # words per row of the shared-memory table: 32 lanes x (keys, values)
+
+
+def default_lookup(G: int, symmetric: bool) -> str:
+  """"smem" where it was measured faster: up to 8 query rows (the wgmma N of 8). At 16
+  rows the query, probabilities and accumulator tiles double, ~114 KB of shared memory a
+  program with the table, so one program an SM, not two: not measured, so "prmt" there
+  (it needs symmetric codebooks; "smem" takes any)."""
+  return "smem" if G <= 8 or not symmetric else "prmt"
 
 
 def smem_word_asm(pairs: bool) -> str:
   """PTX: a word $4 of 8 4-bit codes n0..n7 -> 4 f16x2 outputs $0..$3 by 4 loads from the
-  shared-memory table (`smem_table`): byte j (codes 2j, 2j + 1) is row j of the table, the
-  word at lane offset $5 (4 lane, plus 128 for the value table; < 256) of row base $6.
+  shared-memory table (`smem_table`): byte j of the word (codes 2j, 2j + 1), as a number,
+  selects the table's row; the thread reads the word at its lane offset $5 (4 lane, plus
+  128 for the value table; < 256) of that row, the table starting at $6.
 
   One `prmt` puts the byte into bits 8..15 of the lane offset (rows of 256 bytes), one
   `add` the base (uniform), one `ld.shared` the pair. `pairs`: output j is byte j's pair
@@ -507,12 +516,12 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None, lookup: str = DEFAULT_LOOKUP):
+                  num_stages: int | None = None, lookup: str | None = None):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
 
   lookup: "prmt" (`word_asm`: byte permutes on tables in the PTX) or "smem" (`smem_word_asm`:
-  loads from a 64 KB table in shared memory).
+  loads from a 64 KB table in shared memory); None: `default_lookup`.
   """
   from pallas_kernels.decode import Partial, _merge_weights
 
@@ -521,6 +530,9 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
                                                                          v_centroids[0]))
   B, K, G, _ = q.shape
   S = kc.shape[-2]
+  if lookup is None:
+    from pallas_kernels.decode import symmetric_codebook
+    lookup = default_lookup(G, symmetric_codebook(ck) and symmetric_codebook(cv))
   auto = default_tiling(B, K, S)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if lookup not in LOOKUPS:

@@ -551,6 +551,15 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
   assert "mosaic_gpu" in _lowered(  # "smem" takes any codebook
       lambda *a: dk.decode(*a[:3], asym[3], *a[3:5], vcb, a[5], implementation="mosaic",
                            lookup="smem"), qk, kc, kn, vc, vn, lengths)
+  # The default lookup: the shared-memory table up to 8 query rows or for an asymmetric
+  # codebook, the byte permutes at 16 rows (its `ld.shared` is in the module or not).
+  assert "ld.shared.b32" in text
+  for G, centroids, table in ((12, kcb, False), (12, asym[3], True)):
+    case = make_case(6, "lut4", B=2, K=2, G=G, S=256)
+    got = _lowered(lambda *a: dk.decode(*a[:3], centroids, *a[3:5], vcb, a[5],
+                                        implementation="mosaic"),
+                   *(case[i] for i in (0, 1, 2, 4, 5, 7)))
+    assert ("ld.shared.b32" in got) == table, (G, table)
   with pytest.raises(ValueError, match="divide S"):
     dk.decode(*make_case(6, "lut4", S=211), implementation="mosaic")
   with pytest.raises(ValueError, match=r"takes lookup in \('prmt', 'smem'\) .* got 'lut'"):
