@@ -6,7 +6,9 @@ checked against the XLA reference, then timed alternately at the e2e layer and 6
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
-chose `ldmatrix` for the value codes and the edge-only length mask.
+chose `ldmatrix` for the value codes and the edge-only length mask, session 15 the
+shared-memory table (`--variants '{"prmt": {"lookup": "prmt"}, "smem": {"lookup":
+"smem"}}'`).
 """
 
 from __future__ import annotations
