@@ -4,6 +4,10 @@ checked against the XLA reference, then timed alternately at the e2e layer and 6
     PYTHONPATH=. python bench/ab_mosaic.py --variants '{"a": {"num_splits": 33},
         "b": {"num_splits": 37}}'
 
+Session 16 (H100) chose one wave of programs for the table lookup: `--variants '{"1 wave":
+{"programs": 264}, "2 waves": {"programs": 528}, "4 waves": {"programs": 1056}}'` gives
+the splits it measured at each shape.
+
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
 chose `ldmatrix` for the value codes and the edge-only length mask, session 15 the
@@ -27,8 +31,14 @@ from pallas_kernels import decode_mosaic as dm
 
 def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
   """`decode_mosaic` with the variant's kwargs; "module" names another module with the
-  same function (e.g. a copy of the kernel before a change)."""
+  same function (e.g. a copy of the kernel before a change); "programs" sets num_splits
+  (unless given) for the shape as `default_tiling` would for that many programs."""
   fn_kw = dict(fn_kw)
+  programs = fn_kw.pop("programs", None)
+  if programs is not None and "num_splits" not in fn_kw:
+    (B, K, _, _), S = qk[0].shape, kc[0].shape[-2]
+    step = fn_kw.get("step") or (128 if S % 128 == 0 else 64)
+    fn_kw["num_splits"] = max(1, min(programs // (B * K), S // step // 2))
   module = importlib.import_module(fn_kw.pop("module")) if "module" in fn_kw else dm
   return module.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
 

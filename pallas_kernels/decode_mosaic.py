@@ -30,7 +30,8 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
   219.4/212.7, B = 1 52.7/46.4 | 51.2/44.3. `bench/kernels.py --quick` on the H100 (same
   run, fastest fp16 658-676 us at B = 8, 92-93 us at B = 1): 205.8-211.7 us at B = 8 64K
   (3.19-3.20x; 107-110% of the measured copy bandwidth, which counts read and write), 44.3-
-  44.9 us at B = 1 (2.07-2.09x).
+  44.9 us at B = 1 (2.07-2.09x). Session 16, H100, with one wave of programs (below):
+  207.3 us at B = 8 (3.35x torch cuDNN's 694.7), 36.3 us at B = 1 (2.59x its 94.0).
 * K: a thread's 4 words (one 16-byte load) of two token rows become 16 columns of its
   fragment; the columns are a fixed permutation of the coordinates (`k_perm`), undone by
   permuting the query. V^T: a thread holds 4 coordinates x 16 tokens; one
@@ -43,10 +44,12 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
 * Online softmax over the tokens (a cross-warp max per step; the length mask only on
   steps that cross a split's ends: another 1-3%, layer 82.7-82.8 us, B = 8 64K 264, same
   call), flash-decoding splits of
-  whole steps merged by the wrapper. The splits are as many as bring B * K * splits
-  nearest the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`: 1056 on the
-  H200, measured best among 16-65 splits at the e2e layer; 2.67 waves of the 3 blocks an
-  SM that fit, see below), at least 2 steps each, evened out; the
+  whole steps merged by the wrapper. The splits are the most that keep B * K * splits
+  within the tuned number of programs (`tuned_block_sizes.MOSAIC_DECODE`, by lookup:
+  "smem" one wave of the 2 blocks an SM that fit, 264, measured best on the H100 in
+  session 16 at the e2e layer and at 64K, B = 8 and 1; "prmt" 1056 on the H200, measured
+  best among 16-65 splits at the e2e layer, 2.67 waves of its 3 blocks an SM, see below),
+  at least 2 steps each, evened out; the
   last split's window moves back to stay inside S (`split_window`) and masks the tokens
   of the split before, so any multiple of the step works.
 
@@ -495,16 +498,17 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
   )
 
 
-def default_tiling(B: int, K: int, S: int) -> tuple[int, int, int]:
-  """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE`: the tuned step (64 if
-  it does not divide S), the splits nearest the tuned number of programs for B * K
-  (at least 2 steps each: one-step splits pay a pipeline's start for one step) and then
-  evened out into whole steps, none empty."""
+def default_tiling(B: int, K: int, S: int, lookup: str) -> tuple[int, int, int]:
+  """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup: the
+  tuned step (64 if it does not divide S), the most splits that keep B * K * splits
+  within the tuned number of programs (at least 1, and at least 2 steps each: one-step
+  splits pay a pipeline's start for one step), then evened out into whole steps, none
+  empty."""
   from pallas_kernels import tuned_block_sizes
-  cfg = tuned_block_sizes.mosaic_decode_config()
+  cfg = tuned_block_sizes.mosaic_decode_config(lookup)
   step = cfg.step if S % cfg.step == 0 else 64
   steps = S // step
-  splits = max(1, min(round(cfg.target_programs / (B * K)), steps // 2))
+  splits = max(1, min(cfg.target_programs // (B * K), steps // 2))
   return step, whole_splits(steps, splits), cfg.num_stages
 
 
@@ -533,10 +537,10 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   if lookup is None:
     from pallas_kernels.decode import symmetric_codebook
     lookup = default_lookup(G, symmetric_codebook(ck) and symmetric_codebook(cv))
-  auto = default_tiling(B, K, S)
-  step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if lookup not in LOOKUPS:
     raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
+  auto = default_tiling(B, K, S, lookup)
+  step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")
   if step not in (64, 128) or S % step or S == 0:

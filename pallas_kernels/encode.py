@@ -21,6 +21,16 @@ With tf32x3 (session 14, H100, `bench()` below, 1M vectors of D = 128, k4 mse, m
 input and codes, 11% of the copy bandwidth `bench/kernels.py` measured on that card
 (2.43 TB/s); codes differ from the float32 reference in 1.2e-6 of coordinates (XLA's own
 encode: 4.9e-4). block_n 128 took 6.1 ms and 256 does not fit shared memory.
+
+Session 16 (H100, `bench()`, same call; us for 1M vectors, k4 mse | k4 prod): XLA 1491 |
+3252; "highest" 64 tokens a program 1374 | 12023, with 8 blocks a program (``steps``,
+the maps read once for them) 2499 | over shared memory; one TF32 pass ("default") 1094
+| 3492; **"float16"** (one pass on float16 operands) 834 | 1316, 8 blocks of 64 811 |
+over shared memory, 16 blocks of 32 **628** (0.54 TB/s, 22% of the 2.44 TB/s copy
+bandwidth) | 4090, 4 blocks of 128 1393 | over. Codes differ from the float32 reference
+in 1.2e-3 of the bytes (mse) and 1.2e-2 (prod, most of them QJL signs of projections
+near 0; XLA's own: 4.9e-4 and 5.2e-3). The defaults stay exact ("highest", 64 tokens a
+program); "float16" with ``block_n=32, steps=16`` is the fast setting for mse keys.
 """
 
 from __future__ import annotations
@@ -47,83 +57,108 @@ def _padded(n: int) -> int:
 
 
 def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, block_n,
-                   num_rows, precision):
+                   steps, num_rows, precision):
   ns = len(segs)
   it = iter(refs)
   # Per segment and bit plane p (width w, pb = 8 // w codes per byte, nb = d / pb bytes):
-  # [pb, nb_pad, D] float32, row u + pb * c of the segment map at [u, c] (zero padded).
+  # [pb, nb_pad, D] (float32, or float16 for precision "float16"), row u + pb * c of the
+  # segment map at [u, c] (zero padded).
   map_refs = [[next(it) for _ in range(plane_counts[i])] for i in range(ns)]
   cb_refs = [next(it) for _ in range(ns)]  # [2**b_i] float32
   bd_refs = [next(it) for _ in range(ns)]  # [2**b_i - 1] float32
-  code_refs = [next(it) for _ in range(ns)]  # [block_n, P_i] uint8
-  scale_refs = [next(it) for _ in range(ns)]  # [block_n] scale dtype
-
-  i0 = pl.program_id(0) * block_n
-  row_ok = (i0 + jnp.arange(block_n)) < num_rows
-  x = plgpu.load(x_ref, mask=row_ok[:, None], other=0).astype(jnp.float32)  # [block_n, D]
-  col = jnp.arange(x.shape[1])
-  hi = precision
-  proj = lambda a, m: lax.dot_general(a, m, (((1,), (1,)), ((), ())), precision=hi,
+  code_refs = [next(it) for _ in range(ns)]  # [steps * block_n, P_i] uint8
+  scale_refs = [next(it) for _ in range(ns)]  # [steps * block_n] scale dtype
+  half = precision == "float16"
+  if half:  # operands rounded to float16, float32 sums: one tensor-core pass
+    dot_precision, operand = lax.Precision.DEFAULT, lambda a: a.astype(jnp.float16)
+  else:
+    dot_precision, operand = precision, lambda a: a
+  proj = lambda a, m: lax.dot_general(operand(a), m, (((1,), (1,)), ((), ())),
+                                      precision=dot_precision,
                                       preferred_element_type=jnp.float32)
-  back = lambda a, m: lax.dot_general(a, m, (((1,), (0,)), ((), ())), precision=hi,
+  back = lambda a, m: lax.dot_general(operand(a), m, (((1,), (0,)), ((), ())),
+                                      precision=dot_precision,
                                       preferred_element_type=jnp.float32)
 
-  residual = None  # unit residual of the group, [block_n, D] (zero outside the group)
-  norm = None
-  for i, seg in enumerate(segs):
-    start, stop = groups[i]
-    if i == 0 or groups[i - 1] != groups[i]:
-      in_group = (col >= start) & (col < stop)
-      norm = jnp.sqrt(jnp.sum(jnp.where(in_group[None, :], x * x, 0.0), axis=1))
-      residual = x / jnp.where(norm > 0, norm, 1.0)[:, None] * in_group[None, :]
-    safe = jnp.where(norm > 0, norm, 1.0)
-    if seg.kind == "codebook":
-      bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
-      cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
+  first = pl.program_id(0) * steps  # the program's first block
 
-      def quantize(u):
-        idx = jnp.zeros(u.shape, jnp.int32)
-        for bnd in bounds:
-          idx = idx + (u > bnd).astype(jnp.int32)
-        return idx
-    scale = None
-    offset = 0
-    for p, (shift, width) in enumerate(packing.planes(seg.bits)):
-      maps = map_refs[i][p]
-      pb, nb_pad = maps.shape[0], maps.shape[1]
-      nb = packing.plane_bytes(seg.dim, width)
-      byte = jnp.zeros((block_n, nb_pad), jnp.int32)
-      us, cs = [], []
-      for u_ in range(pb):
-        if seg.kind == "codebook":
-          u = proj(x, maps[u_]) / safe[:, None]  # [block_n, nb_pad]
-          idx = quantize(u)
-          if p == 0:
-            c = jnp.zeros(u.shape, jnp.float32)
-            for k, ck in enumerate(cents):
-              c = jnp.where(idx == k, ck, c)
-            us.append(u)
-            cs.append(c)
-        else:  # qjl: sign(S r)
-          idx = (proj(residual, maps[u_]) >= 0).astype(jnp.int32)
-        byte = byte | (((idx >> shift) & ((1 << width) - 1)) << (u_ * width))
-      mask = row_ok[:, None]
-      if nb_pad != nb:
-        mask = mask & (jnp.arange(nb_pad) < nb)[None, :]
-      plgpu.store(code_refs[i].at[:, pl.ds(offset, nb_pad)], byte.astype(jnp.uint8),
-                  mask=mask)
-      offset += nb
-      if seg.kind == "codebook" and p == 0:
-        if norm_correction:
-          cn = jnp.sqrt(sum(jnp.sum(c * c, axis=1) for c in cs))
-          scale = norm / jnp.where(cn > 0, cn, 1.0)
-        else:
-          scale = norm
-        f = (scale / safe)[:, None]
-        residual = sum(back(u - c * f, maps[u_]) for u_, (u, c) in enumerate(zip(us, cs)))
-    if seg.kind != "codebook":
-      scale = norm * jnp.sqrt(jnp.sum(residual * residual, axis=1))
-    plgpu.store(scale_refs[i], scale.astype(scale_refs[i].dtype), mask=row_ok)
+  def block(s):
+    rows = pl.ds(s * block_n if isinstance(s, int) else pl.multiple_of(s * block_n, block_n),
+                 block_n)
+    i0 = (first + s) * block_n
+    row_ok = (i0 + jnp.arange(block_n)) < num_rows
+    x = plgpu.load(x_ref.at[rows], mask=row_ok[:, None], other=0).astype(jnp.float32)
+    col = jnp.arange(x.shape[1])
+    residual = None  # unit residual of the group, [block_n, D] (zero outside the group)
+    norm = None
+    for i, seg in enumerate(segs):
+      start, stop = groups[i]
+      if i == 0 or groups[i - 1] != groups[i]:
+        in_group = (col >= start) & (col < stop)
+        norm = jnp.sqrt(jnp.sum(jnp.where(in_group[None, :], x * x, 0.0), axis=1))
+        residual = x / jnp.where(norm > 0, norm, 1.0)[:, None] * in_group[None, :]
+      safe = jnp.where(norm > 0, norm, 1.0)
+      # The dots take the unit vector in half precision (x itself may overflow float16),
+      # the float32 input as it is.
+      unit = residual if half else x
+      unit_scale = 1.0 if half else safe[:, None]
+      if seg.kind == "codebook":
+        bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
+        cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
+
+        def quantize(u):
+          idx = jnp.zeros(u.shape, jnp.int32)
+          for bnd in bounds:
+            idx = idx + (u > bnd).astype(jnp.int32)
+          return idx
+      scale = None
+      offset = 0
+      for p, (shift, width) in enumerate(packing.planes(seg.bits)):
+        maps = map_refs[i][p]
+        pb, nb_pad = maps.shape[0], maps.shape[1]
+        nb = packing.plane_bytes(seg.dim, width)
+        byte = jnp.zeros((block_n, nb_pad), jnp.int32)
+        us, cs = [], []
+        for u_ in range(pb):
+          if seg.kind == "codebook":
+            u = proj(unit, maps[u_]) / unit_scale  # [block_n, nb_pad]
+            idx = quantize(u)
+            if p == 0:
+              c = jnp.zeros(u.shape, jnp.float32)
+              for k, ck in enumerate(cents):
+                c = jnp.where(idx == k, ck, c)
+              us.append(u)
+              cs.append(c)
+          else:  # qjl: sign(S r)
+            idx = (proj(residual, maps[u_]) >= 0).astype(jnp.int32)
+          byte = byte | (((idx >> shift) & ((1 << width) - 1)) << (u_ * width))
+        mask = row_ok[:, None]
+        if nb_pad != nb:
+          mask = mask & (jnp.arange(nb_pad) < nb)[None, :]
+        plgpu.store(code_refs[i].at[rows, pl.ds(offset, nb_pad)], byte.astype(jnp.uint8),
+                    mask=mask)
+        offset += nb
+        if seg.kind == "codebook" and p == 0:
+          if norm_correction:
+            cn = jnp.sqrt(sum(jnp.sum(c * c, axis=1) for c in cs))
+            scale = norm / jnp.where(cn > 0, cn, 1.0)
+          else:
+            scale = norm
+          f = (scale / safe)[:, None]
+          residual = sum(back(u - c * f, maps[u_]) for u_, (u, c) in enumerate(zip(us, cs)))
+      if seg.kind != "codebook":
+        scale = norm * jnp.sqrt(jnp.sum(residual * residual, axis=1))
+      plgpu.store(scale_refs[i].at[rows], scale.astype(scale_refs[i].dtype), mask=row_ok)
+
+  if steps == 1:
+    block(0)
+  else:  # the maps stay in L1 for the program's blocks
+
+    def body(s, carry):
+      block(s)
+      return carry
+
+    lax.fori_loop(0, steps, body, ())
 
 
 def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
@@ -140,23 +175,27 @@ def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
 
 
 def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla",
-           interpret: bool = False, block_n: int | None = None,
+           interpret: bool = False, block_n: int | None = None, steps: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None,
            precision: str = "highest") -> qz.Encoded:
   """Quantizes x [N, D] into per segment codes [N, P_i] uint8 and scales [N].
 
   ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
-  kernel (``interpret=True`` runs it on CPU). ``precision`` of the kernel's projections:
-  "highest" (float32 accuracy from three TF32 tensor-core passes; codes equal the float32
-  reference except at near ties), "default" (one TF32 pass: faster, codes at coordinate
-  boundaries may differ; "high" is the same in Triton) or "ieee" (float32 FMAs: the same
-  codes as "highest", and far slower, see the module docstring). In interpret mode
-  "highest" runs float32 dots.
+  kernel (``interpret=True`` runs it on CPU), one program per ``steps`` blocks of
+  ``block_n`` tokens (the segment maps read once a program). ``precision`` of the
+  kernel's projections: "highest" (float32 accuracy from three TF32 tensor-core passes;
+  codes equal the float32 reference except at near ties), "default" (one TF32 pass:
+  faster, codes at coordinate boundaries may differ; "high" is the same in Triton),
+  "float16" (the unit vector and the maps rounded to float16, float32 sums: one pass at
+  twice TF32's rate and half its operand bytes; a code moves where a coordinate lies
+  within ~1e-3 of its own size from a boundary) or "ieee" (float32 FMAs: the same codes as
+  "highest", and far slower, see the module docstring). In interpret mode "highest" runs
+  float32 dots.
   """
   precisions = {"highest": (lax.Precision.HIGHEST if interpret
                             else lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
                 "ieee": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
-                "default": lax.Precision.DEFAULT}
+                "default": lax.Precision.DEFAULT, "float16": "float16"}
   if precision not in precisions:
     raise ValueError(f"precision must be one of {sorted(precisions)}, got {precision!r}")
   if implementation not in ("xla", "pallas"):
@@ -174,16 +213,21 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
                        f"{seg.dim}")
   tuned = tuned_block_sizes.encode_config(head_dim=cfg.head_dim)
   block_n = block_n or tuned.block_n
+  steps = steps or tuned.steps
   num_warps = num_warps or tuned.num_warps
   num_stages = num_stages or tuned.num_stages
   if block_n < 16 or block_n & (block_n - 1):
     raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if cfg.head_dim & (cfg.head_dim - 1):
     raise ValueError(f"pallas encode needs a power-of-two head_dim, got {cfg.head_dim}")
   N, D = x.shape
   segs = cfg.segments
   plane_maps = _plane_maps(quantizer)
   maps = [m for planes in plane_maps for m in planes]
+  if precision == "float16":
+    maps = [m.astype(jnp.float16) for m in maps]
   packed = [packing.packed_size(s.dim, s.bits) for s in segs]
   # A plane whose byte count is not a power of two is stored as a masked power-of-two
   # tile, so its array gets room for it (sliced off after the kernel).
@@ -194,21 +238,22 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
       end = max(end, offset + m.shape[1])
       offset += packing.plane_bytes(seg.dim, width)
     alloc.append(end)
-  grid = (pl.cdiv(N, block_n),)
+  rows = block_n * steps  # tokens per program
+  grid = (pl.cdiv(N, rows),)
   whole = lambda a: pl.BlockSpec(a.shape, lambda n: (0,) * a.ndim)
   kernel = functools.partial(
       _encode_kernel, segs=segs, plane_counts=tuple(len(p) for p in plane_maps),
       groups=tuple((s.start, s.stop) for s in segs), norm_correction=cfg.norm_correction,
-      block_n=block_n, num_rows=N, precision=precisions[precision])
+      block_n=block_n, steps=steps, num_rows=N, precision=precisions[precision])
   outs = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[pl.BlockSpec((block_n, D), lambda n: (n, 0))]
+      in_specs=[pl.BlockSpec((rows, D), lambda n: (n, 0))]
       + [whole(m) for m in maps]
       + [whole(c) for c in quantizer.centroids]
       + [whole(b) for b in quantizer.boundaries],
-      out_specs=[pl.BlockSpec((block_n, p), lambda n: (n, 0)) for p in alloc]
-      + [pl.BlockSpec((block_n,), lambda n: (n,)) for _ in segs],
+      out_specs=[pl.BlockSpec((rows, p), lambda n: (n, 0)) for p in alloc]
+      + [pl.BlockSpec((rows,), lambda n: (n,)) for _ in segs],
       out_shape=[jax.ShapeDtypeStruct((N, p), jnp.uint8) for p in alloc]
       + [jax.ShapeDtypeStruct((N,), jnp.dtype(cfg.scale_dtype)) for _ in segs],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -231,10 +276,13 @@ def bench(key, *, n: int = 1 << 20) -> dict:
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
-  for block_n, precision in ((64, "highest"), (128, "highest"), (64, "default"),
-                             (128, "default")):
-    variants[f"pallas-{block_n}-{precision}"] = dict(
-        implementation="pallas", block_n=block_n, precision=precision, num_warps=4)
+  for block_n, steps, precision in ((64, 1, "highest"), (64, 8, "highest"),
+                                    (64, 1, "default"), (64, 1, "float16"),
+                                    (64, 8, "float16"), (128, 4, "float16"),
+                                    (32, 16, "float16")):
+    variants[f"pallas-{block_n}x{steps}-{precision}"] = dict(
+        implementation="pallas", block_n=block_n, steps=steps, precision=precision,
+        num_warps=4)
   for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
                     "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
     quant = qz.Quantizer.create(cfg)

@@ -10,8 +10,8 @@ falls back to ``(device_kind, "*", key_bits, value_bits)``, then to
 data, not of implementations. The configs are for one query group (up to 16 query rows);
 the kernel adds warps for more rows (a chunk of query tokens).
 
-``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 only) has the key ``device_kind`` and the
-value :class:`MosaicDecodeConfig`.
+``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 only) has the key ``(device_kind, lookup)``
+and the value :class:`MosaicDecodeConfig`; another device gets ``MOSAIC_DEFAULT[lookup]``.
 
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
 
@@ -36,9 +36,10 @@ class DecodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EncodeConfig:
-  block_n: int  # tokens per program (power of two)
+  block_n: int  # tokens per block (power of two)
   num_warps: int
   num_stages: int
+  steps: int = 1  # blocks per program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +75,11 @@ DECODE: dict[tuple, DecodeConfig] = {
 
 ENCODE: dict[tuple, EncodeConfig] = {}
 
-MOSAIC_DEFAULT = MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024)
-MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
+# The "smem" lookup: one wave of its 2 programs an SM on 132 SMs (session 16, below).
+_SMEM_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=264)
+MOSAIC_DEFAULT = {"prmt": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
+                  "smem": _SMEM_ONE_WAVE}
+MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {
     # Session 10 took 4 warpgroups an SM (528 programs a wave on the H200's 132 SMs); Nsight
     # Compute (session 11) shows 3 fit (168 registers, 47 KB of shared memory a block), so
     # 1056 programs are 2.67 waves of 396: whole waves (B = 8, Hkv = 4: 12, 24 or 37
@@ -87,7 +91,7 @@ MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
     # 64-token steps 88-106 us, 3 stages 102.8. At S = 64K, Hkv = 8 (`bench/kernels.py
     # --sweep --quick --presets k4v4 --implementations mosaic`): B = 8 16 splits 284.6 us,
     # 32 276.6, 8 302.1; B = 1 128 splits 46.3 us, 64 60.2, 256 69.8 (one-step splits).
-    "NVIDIA H200": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1056),
+    ("NVIDIA H200", "prmt"): MosaicDecodeConfig(step=128, num_stages=2, target_programs=1056),
     # Session 13, the H100 (132 SMs too), `bench/h200.py --jobs kernels --layer-sweep`, the
     # e2e layer at B = 8: 29 splits (MOSAIC_DEFAULT's 1024 programs) 85.4 us, 33 (1056)
     # 78.3, 37 (1184: 3 whole waves) 77.4, 24 80.3, 12 81.3; B = 1: 129 splits 15.9-16.2,
@@ -96,8 +100,18 @@ MOSAIC_DECODE: dict[str, MosaicDecodeConfig] = {
     # 33 splits 70.0 us (73.9 as the default's, the same 33), 16 68.0, 24 72.5, 37 75.6,
     # 12 80.3; B = 1 129 splits 19.7, 64 15.5, 99 17.7 (the default 16.4): within the
     # spread of one call (~5%), so the target stays until a call of several rounds.
-    "NVIDIA H100 80GB HBM3": MosaicDecodeConfig(step=128, num_stages=2,
-                                                target_programs=1056),
+    ("NVIDIA H100 80GB HBM3", "prmt"): MosaicDecodeConfig(step=128, num_stages=2,
+                                                          target_programs=1056),
+    # The "smem" lookup: one wave of 2 programs an SM (264 on 132 SMs) beat more waves
+    # everywhere (session 16, H100, explicit splits, us, round 0/1 where both ran): e2e
+    # layer B = 8 8 splits 64.3 against 16 68.5 and 33 (the old default) 70.5; B = 1 66
+    # splits 14.8/14.2 against 129 16.6/15.4; S = 64K, 8 heads, B = 8 4 splits
+    # 206.6/207.9 against 8 211.6/209.8 and 16 215.2/213.7; B = 1 33 splits 36.5
+    # against 66 41.3 and 132 45.2. Every program pays the table's 64 KB copy and a
+    # pipeline start, and whole waves leave no tail. The H200 has 132 SMs too; not yet
+    # measured there.
+    ("NVIDIA H200", "smem"): _SMEM_ONE_WAVE,
+    ("NVIDIA H100 80GB HBM3", "smem"): _SMEM_ONE_WAVE,
 }
 
 
@@ -120,8 +134,8 @@ def decode_config(*, batch: int, kv_heads: int, seq_len: int, head_dim: int,
   return DEFAULT
 
 
-def mosaic_decode_config() -> MosaicDecodeConfig:
-  return MOSAIC_DECODE.get(_device_kind(), MOSAIC_DEFAULT)
+def mosaic_decode_config(lookup: str) -> MosaicDecodeConfig:
+  return MOSAIC_DECODE.get((_device_kind(), lookup), MOSAIC_DEFAULT[lookup])
 
 
 def encode_config(*, head_dim: int) -> EncodeConfig:
