@@ -25,12 +25,18 @@ encode: 4.9e-4). block_n 128 took 6.1 ms and 256 does not fit shared memory.
 Session 16 (H100, `bench()`, same call; us for 1M vectors, k4 mse | k4 prod): XLA 1491 |
 3252; "highest" 64 tokens a program 1374 | 12023, with 8 blocks a program (``steps``,
 the maps read once for them) 2499 | over shared memory; one TF32 pass ("default") 1094
-| 3492; **"float16"** (one pass on float16 operands) 834 | 1316, 8 blocks of 64 811 |
-over shared memory, 16 blocks of 32 **628** (0.54 TB/s, 22% of the 2.44 TB/s copy
-bandwidth) | 4090, 4 blocks of 128 1393 | over. Codes differ from the float32 reference
-in 1.2e-3 of the bytes (mse) and 1.2e-2 (prod, most of them QJL signs of projections
-near 0; XLA's own: 4.9e-4 and 5.2e-3). The defaults stay exact ("highest", 64 tokens a
-program); "float16" with ``block_n=32, steps=16`` is the fast setting for mse keys.
+| 3492; "float16" (one pass on float16 operands) 834 | 1316, 8 blocks of 64 811 |
+over shared memory, 16 blocks of 32 628 | 4090, 4 blocks of 128 1393 | over. Then the
+codes by binary search (`search`: 4 comparisons and 11 selects a coordinate at 4 bits
+instead of 15 comparisons and sums), next call: XLA 1679 | 2684; "highest" 1559 | 11970;
+"default" 693 | 3219; "float16" 716 | 1048, 4 blocks of 32 621 | 2947, 16 of 32 641 |
+2905, **8 blocks of 64 561** (0.61 TB/s of input and codes, 25% of the 2.44 TB/s copy
+bandwidth `bench/kernels.py` measured on that card) | over shared memory. The two calls'
+XLA rows differ by 13%: compare within a call. Codes differ from the float32 reference in
+1.2e-3 of the bytes with float16 operands (mse; prod 1.2e-2, mostly QJL signs of
+projections near 0) and 4.9e-4 with one TF32 pass (XLA's own: 4.9e-4 and 5.2e-3). The
+defaults stay exact ("highest", 64 tokens a program); ``precision="float16", block_n=64,
+steps=8`` is the fast setting for mse keys, ``precision="float16"`` alone for prod.
 """
 
 from __future__ import annotations
@@ -96,21 +102,14 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
       if i == 0 or groups[i - 1] != groups[i]:
         in_group = (col >= start) & (col < stop)
         norm = jnp.sqrt(jnp.sum(jnp.where(in_group[None, :], x * x, 0.0), axis=1))
-        residual = x / jnp.where(norm > 0, norm, 1.0)[:, None] * in_group[None, :]
-      safe = jnp.where(norm > 0, norm, 1.0)
-      # The dots take the unit vector in half precision (x itself may overflow float16),
-      # the float32 input as it is.
-      unit = residual if half else x
-      unit_scale = 1.0 if half else safe[:, None]
+        safe = jnp.where(norm > 0, norm, 1.0)
+        # float16 operands: a reciprocal and a multiply (the rounding to float16 is
+        # coarser than either); else the reference's division.
+        residual = (x * (1.0 / safe)[:, None] if half else x / safe[:, None]) * in_group[None, :]
+        unit = residual  # the group's unit vector (residual moves on after a codebook)
       if seg.kind == "codebook":
         bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
         cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
-
-        def quantize(u):
-          idx = jnp.zeros(u.shape, jnp.int32)
-          for bnd in bounds:
-            idx = idx + (u > bnd).astype(jnp.int32)
-          return idx
       scale = None
       offset = 0
       for p, (shift, width) in enumerate(packing.planes(seg.bits)):
@@ -121,8 +120,11 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         us, cs = [], []
         for u_ in range(pb):
           if seg.kind == "codebook":
-            u = proj(unit, maps[u_]) / unit_scale  # [block_n, nb_pad]
-            idx = quantize(u)
+            # The dots take the unit vector in float16 (x itself may overflow it), the
+            # float32 input as it is.
+            u = (proj(unit, maps[u_]) if half
+                 else proj(x, maps[u_]) / safe[:, None])  # [block_n, nb_pad]
+            idx = search(u, bounds)
             if p == 0:
               c = jnp.zeros(u.shape, jnp.float32)
               for k, ck in enumerate(cents):
@@ -159,6 +161,30 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
       return carry
 
     lax.fori_loop(0, steps, body, ())
+
+
+def search(u, bounds):
+  """The number of sorted `bounds` (2**b - 1 scalars) below each element of u, by binary
+  search: b comparisons and 2**b - 1 - b selects of the next boundary, against 2**b - 1
+  comparisons and sums; the same count for any u (NaN: 0)."""
+  levels = len(bounds) + 1
+  if levels & (levels - 1):
+    raise ValueError(f"search needs 2**b - 1 bounds, got {len(bounds)}")
+  above = []  # above[l]: u is in the upper half at level l
+
+  def boundary(l, depth=0, base=0):  # the boundary level l compares with
+    if depth == l:
+      return bounds[base + (levels >> (l + 1)) - 1]
+    half = levels >> (depth + 1)
+    return jnp.where(above[depth], boundary(l, depth + 1, base + half),
+                     boundary(l, depth + 1, base))
+
+  idx = jnp.zeros(u.shape, jnp.int32)
+  while len(above) < levels.bit_length() - 1:
+    l = len(above)
+    above.append(u > boundary(l))
+    idx = idx + jnp.where(above[l], levels >> (l + 1), 0)
+  return idx
 
 
 def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
@@ -276,10 +302,9 @@ def bench(key, *, n: int = 1 << 20) -> dict:
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
-  for block_n, steps, precision in ((64, 1, "highest"), (64, 8, "highest"),
-                                    (64, 1, "default"), (64, 1, "float16"),
-                                    (64, 8, "float16"), (128, 4, "float16"),
-                                    (32, 16, "float16")):
+  for block_n, steps, precision in ((64, 1, "highest"), (64, 1, "default"),
+                                    (64, 1, "float16"), (32, 4, "float16"),
+                                    (32, 16, "float16"), (64, 8, "float16")):
     variants[f"pallas-{block_n}x{steps}-{precision}"] = dict(
         implementation="pallas", block_n=block_n, steps=steps, precision=precision,
         num_warps=4)

@@ -647,6 +647,20 @@ def test_encode_interpret_matches_quantizer(name, steps):
                                rtol=2e-6 if a.dtype == jnp.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
+def test_encode_search_counts_boundaries_below(bits):
+  # The kernel's binary search against the count of boundaries below, at the boundaries
+  # themselves, just above them, and at NaN and infinities.
+  rng = np.random.default_rng(bits)
+  bounds = np.sort(rng.normal(size=2**bits - 1)).astype(np.float32)
+  u = np.concatenate([rng.normal(size=3000), bounds, np.nextafter(bounds, np.inf),
+                      [np.nan, np.inf, -np.inf]]).astype(np.float32)
+  got = ek.search(jnp.asarray(u), [jnp.float32(b) for b in bounds])
+  np.testing.assert_array_equal(np.asarray(got), (u[:, None] > bounds[None, :]).sum(1))
+  with pytest.raises(ValueError, match="2\\*\\*b - 1 bounds, got 2"):
+    ek.search(jnp.asarray(u), [jnp.float32(0), jnp.float32(1)])
+
+
 @pytest.mark.parametrize("name", ["mse4", "split_prod"])
 def test_encode_float16_dots_move_only_near_ties(name):
   # precision="float16" rounds the unit vector and the maps to float16: a codebook code
