@@ -117,6 +117,17 @@ alternating in one process):
 * 64-token steps (96 registers, 5 blocks an SM): layer 85-90 us, B = 8 64K 307-310; 3 or
   4 stages at 128-token steps: 81.4 / 91.5 us at the layer.
 
+Not built: 3 bits (issue 4 asks 4x for k3v3, whose bytes are 0.76 of k4v4's). A sketch
+(session 16, not written): a 3-bit row is a 2-bit plane (32 bytes, byte j = codes 4j..4j+3)
+and a 1-bit plane (16 bytes). Keys: thread q of 4 takes coordinates 32q..32q+31 (2 words
+of the 2-bit plane, 1 of the 1-bit plane); `prmt` puts the 1-bit word's half into bytes
+0 and 2, two shift+`lop3` steps spread its 2-bit groups to nibble positions (B), then
+L = lop3(W2, B << 4, 0x0F0F0F0F) and H = lop3(W2 >> 4, B, 0x0F0F0F0F) hold one 6-bit
+pair index a byte, looked up as here (`prmt`, `add`, `ld.shared`) in a 64-row table
+(16 KB, which might leave room for 3 programs an SM): ~17 instructions per 8 key codes
+against 12. Values are the open part: `ldmatrix.trans` hands a thread 16-bit slots, 8
+codes of the 2-bit plane, but the V^T fragment gives it 4 coordinates a token.
+
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
 sm_90 GPU (no interpret mode: Mosaic GPU's interpreter has no inline asm); a stacked

@@ -302,12 +302,13 @@ def bench(key, *, n: int = 1 << 20) -> dict:
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
-  for block_n, steps, precision in ((64, 1, "highest"), (64, 1, "default"),
-                                    (64, 1, "float16"), (32, 4, "float16"),
-                                    (32, 16, "float16"), (64, 8, "float16")):
-    variants[f"pallas-{block_n}x{steps}-{precision}"] = dict(
+  for block_n, steps, precision, warps in (
+      (64, 1, "highest", 4), (64, 1, "default", 4), (64, 1, "float16", 4),
+      (32, 4, "float16", 4), (64, 8, "float16", 4), (64, 8, "float16", 8),
+      (128, 4, "float16", 8)):
+    variants[f"pallas-{block_n}x{steps}-{precision}-w{warps}"] = dict(
         implementation="pallas", block_n=block_n, steps=steps, precision=precision,
-        num_warps=4)
+        num_warps=warps)
   for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
                     "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
     quant = qz.Quantizer.create(cfg)
