@@ -37,8 +37,8 @@ def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
   programs = fn_kw.pop("programs", None)
   if programs is not None and "num_splits" not in fn_kw:
     (B, K, _, _), S = qk[0].shape, kc[0].shape[-2]
-    step = fn_kw.get("step") or (128 if S % 128 == 0 else 64)
-    fn_kw["num_splits"] = max(1, min(programs // (B * K), S // step // 2))
+    fn_kw["num_splits"] = dm.default_tiling(B, K, S, fn_kw.get("lookup") or "smem",
+                                            programs)[1]
   module = importlib.import_module(fn_kw.pop("module")) if "module" in fn_kw else dm
   return module.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
 

@@ -509,17 +509,18 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
   )
 
 
-def default_tiling(B: int, K: int, S: int, lookup: str) -> tuple[int, int, int]:
+def default_tiling(B: int, K: int, S: int, lookup: str,
+                   programs: int | None = None) -> tuple[int, int, int]:
   """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup: the
   tuned step (64 if it does not divide S), the most splits that keep B * K * splits
-  within the tuned number of programs (at least 1, and at least 2 steps each: one-step
-  splits pay a pipeline's start for one step), then evened out into whole steps, none
-  empty."""
+  within the tuned number of programs (or `programs`; at least 1 split, and at least 2
+  steps each: one-step splits pay a pipeline's start for one step), then evened out into
+  whole steps, none empty."""
   from pallas_kernels import tuned_block_sizes
   cfg = tuned_block_sizes.mosaic_decode_config(lookup)
   step = cfg.step if S % cfg.step == 0 else 64
   steps = S // step
-  splits = max(1, min(cfg.target_programs // (B * K), steps // 2))
+  splits = max(1, min((programs or cfg.target_programs) // (B * K), steps // 2))
   return step, whole_splits(steps, splits), cfg.num_stages
 
 

@@ -4,8 +4,8 @@ x [N, D] (one layer's keys or values, tokens and heads flattened) -> per segment
 codes [N, P_i] uint8 and scales [N], exactly as ``tqjax.quantizer.encode`` (the jnp
 reference, ``implementation="xla"``) computes them. See that module for the math.
 
-Kernel layout (Triton-lowered Pallas, like ``decode.py``): one program per ``block_n``
-tokens. A segment of width b is packed into bit planes; every plane byte holds the codes
+Kernel layout (Triton-lowered Pallas, like ``decode.py``): one program per ``steps``
+blocks of ``block_n`` tokens. A segment of width b is packed into bit planes; every plane byte holds the codes
 of coordinates ``R*j + t`` (t < R, R = 8 // narrowest plane width) for fixed j, so the
 kernel projects x onto the rows ``t, t + R, ...`` of the segment map (one dot per
 residue t, the rows permuted by the wrapper), quantizes each [block_n, d / R] tile by
@@ -103,10 +103,11 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         in_group = (col >= start) & (col < stop)
         norm = jnp.sqrt(jnp.sum(jnp.where(in_group[None, :], x * x, 0.0), axis=1))
         safe = jnp.where(norm > 0, norm, 1.0)
-        # float16 operands: a reciprocal and a multiply (the rounding to float16 is
-        # coarser than either); else the reference's division.
-        residual = (x * (1.0 / safe)[:, None] if half else x / safe[:, None]) * in_group[None, :]
-        unit = residual  # the group's unit vector (residual moves on after a codebook)
+        # The group's unit vector (residual moves on after a codebook segment); for float16
+        # operands by a reciprocal and a multiply (the rounding to float16 is coarser than
+        # either), else by the reference's division.
+        unit = (x * (1.0 / safe)[:, None] if half else x / safe[:, None]) * in_group[None, :]
+        residual = unit
       if seg.kind == "codebook":
         bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
         cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
@@ -154,7 +155,7 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
 
   if steps == 1:
     block(0)
-  else:  # the maps stay in L1 for the program's blocks
+  else:  # one program loops over its blocks
 
     def body(s, carry):
       block(s)
@@ -175,8 +176,8 @@ def search(u, bounds):
   def boundary(l, depth=0, base=0):  # the boundary level l compares with
     if depth == l:
       return bounds[base + (levels >> (l + 1)) - 1]
-    half = levels >> (depth + 1)
-    return jnp.where(above[depth], boundary(l, depth + 1, base + half),
+    size = levels >> (depth + 1)  # codes in the upper half at this depth
+    return jnp.where(above[depth], boundary(l, depth + 1, base + size),
                      boundary(l, depth + 1, base))
 
   idx = jnp.zeros(u.shape, jnp.int32)

@@ -589,6 +589,8 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
                           step=128, num_stages=2, target_programs=target))
   step, splits, _ = dm.default_tiling(B, K, S, "smem")
   assert (step, splits) == want and asked == ["smem"]
+  # An explicit number of programs (bench/ab_mosaic.py's "programs") instead of the tuned.
+  assert dm.default_tiling(B, K, S, "smem", 1)[1] == 1
   split_len = -(-S // step // splits) * step
   first, read = (np.asarray(x) for x in dm.split_window(np.arange(splits), split_len, S))
   owned = np.zeros(S, np.int64)
