@@ -149,7 +149,9 @@ def _chain(fn, n):
 
 
 def time_jax(fn, args, *, n_small=2, span_s=4e-3, max_calls=32, reps=7) -> float:
-  """Microseconds per call of ``fn(*args)`` (args[0] must be an array): the difference of
+  """Microseconds per call of ``fn(*args)`` (args[0] must be an array, and a small one: the
+  chain adds to it on every call, so a cache there puts a pass over it into the time, as
+  session 16 found timing the Mosaic kernel with its codes first): the difference of
   two chains of dependent calls over the calls between them, the long chain sized to run
   about `span_s` (at most `max_calls`; host-timer jitter of tens of microseconds then
   moves a 50 us kernel by a few percent, against ~20% with a fixed 8), median of `reps`."""
