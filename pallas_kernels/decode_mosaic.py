@@ -248,6 +248,116 @@ def smem_table(k_centroids, v_centroids) -> np.ndarray:
   return np.concatenate(rows, axis=1)
 
 
+# 3 bits (work in progress, branch wip/mosaic-k3: the lookups alone, checked by the
+# tests' PTX emulation; no kernel uses them yet). A 3-bit row is a 2-bit plane (32 bytes,
+# byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of codes
+# 8j..8j+7). A pair of codes (2m, 2m+1) has a 6-bit index: its 2-bit nibble (code 2m in
+# bits 0..1) and its 2 high bits above (code 2m's in bit 4).
+TABLE3_ROWS = 64
+
+
+def smem_table3(k_centroids, v_centroids) -> np.ndarray:
+  """uint32 [64, 64]: row r, word 32 v + lane (v = 0 keys, 1 values) holds the float16
+  pair (c[(r & 3) | (r >> 2 & 4)], c[(r >> 2 & 3) | (r >> 3 & 4)]) of that side's 8-entry
+  codebook, for every lane (as `smem_table`)."""
+  r = np.arange(TABLE3_ROWS)
+  first, second = (r & 3) | (r >> 2 & 4), (r >> 2 & 3) | (r >> 3 & 4)
+  rows = []
+  for c in (k_centroids, v_centroids):
+    h = np.asarray(c, np.float16).view(np.uint16).astype(np.uint32)
+    if h.shape != (8,):
+      raise ValueError(f"smem_table3 needs 8 centroids a side, got {h.shape}")
+    rows.append(np.repeat((h[first] | h[second] << 16)[:, None], 32, axis=1))
+  return np.concatenate(rows, axis=1)
+
+
+def _lookups3(index_bytes, outs) -> list[str]:
+  """PTX: for each (register, byte j) in `index_bytes`, the table's pair at row (that
+  byte) into the next name of `outs`: `prmt` of the byte into bits 8..15 of the lane
+  offset, `add` of the base, `ld.shared`. Lane offset and table base are the asm's last
+  two operands, named LANE and BASE by the caller."""
+  lines = []
+  for (reg, j), out in zip(index_bytes, outs):
+    lines += [f"prmt.b32 a, {reg}, LANE, 0x55{j}4;", "add.u32 a, a, BASE;",
+              f"ld.shared.b32 {out}, [a];"]
+  return lines
+
+
+def key3_asm() -> str:
+  """PTX: 2-bit plane words $16 (codes 0..15 of 32) and $17 (16..31), 1-bit plane word
+  $18 (their high bits), lane offset $19, table base $20 -> 16 f16x2 outputs $0..$15,
+  output m = (value(code 2m), value(code 2m + 1)).
+
+  Per half k of the 32 codes: `prmt` puts the 1-bit word's bytes 2k, 2k + 1 into bytes 0
+  and 2, two shift+`lop3`s spread its 2-bit groups to nibble positions (B: pair 2j's high
+  bits at bits 8j..8j+1, pair 2j + 1's at 8j+4..8j+5), then L = (W & 0x0F..) | (B << 4 &
+  ~0x0F..) and H = (W >> 4 & 0x0F..) | (B & ~0x0F..) hold pair 2j's and 2j + 1's index in
+  byte j; 8 lookups. 33 instructions per 16 codes."""
+  lines = ["{", ".reg .b32 x, t, L, H, a;"]
+  for k in range(2):
+    lines += [f"prmt.b32 x, $18, 0, {'0x4342' if k else '0x4140'};",
+              "shl.b32 t, x, 4;", "lop3.b32 x, x, t, 0x0F0F0F0F, 0xA8;",  # (x | t) & c
+              "shl.b32 t, x, 2;", "lop3.b32 x, x, t, 0x33333333, 0xA8;",
+              "shl.b32 t, x, 4;", f"lop3.b32 L, ${16 + k}, t, 0x0F0F0F0F, 0xE4;",  # a&c | b&~c
+              f"shr.b32 t, ${16 + k}, 4;", "lop3.b32 H, t, x, 0x0F0F0F0F, 0xE4;"]
+    pairs = [("L" if p % 2 == 0 else "H", p // 2) for p in range(8)]
+    lines += _lookups3(pairs, [f"${8 * k + p}" for p in range(8)])
+  lines.append("}")
+  return "\n".join(lines).replace("LANE", "$19").replace("BASE", "$20")
+
+
+def value3_asm() -> str:
+  """PTX: a word $4 of the 2-bit plane as `ldmatrix.trans` gives it (a 16-bit slot of
+  token A in the low half, of token B in the high half), the thread's byte of the slot
+  as a `prmt` selector $5 (0x4420 for the low byte, 0x4431 for the high), the 1-bit
+  plane's words $6 (token A) and $7 (token B) holding the slot byte's 4 high bits at bit
+  $8, lane offset $9, table base $10 -> 4 f16x2 outputs $0..$3, output k = (value of code
+  k of the byte in token A, in token B).
+
+  27 instructions per 8 codes: the bytes of both tokens into one register, the nibbles
+  into another, L and H as for keys (with masks: the nibbles carry other codes' bits),
+  4 lookups, 4 `prmt`s to regroup by token."""
+  lines = ["{", ".reg .b32 X, N, NA, NB, t, u, L, H, a, pA, pB, qA, qB;",
+           "prmt.b32 X, $4, 0, $5;",  # byte 0: token A's 4 codes, byte 1: token B's
+           "shr.b32 NA, $6, $8;", "shr.b32 NB, $7, $8;",
+           "prmt.b32 N, NA, NB, 0x4440;",  # bits 0..3 of byte 0 (A) and byte 1 (B)
+           "shl.b32 t, N, 4;", "and.b32 t, t, 0x30303030;",
+           "lop3.b32 L, X, t, 0x0F0F0F0F, 0xEC;",  # (a & c) | b
+           "shl.b32 u, N, 2;", "and.b32 u, u, 0x30303030;", "shr.b32 X, X, 4;",
+           "lop3.b32 H, X, u, 0x0F0F0F0F, 0xEC;"]
+  lines += _lookups3([("L", 0), ("L", 1), ("H", 0), ("H", 1)], ["pA", "pB", "qA", "qB"])
+  lines += ["prmt.b32 $0, pA, pB, 0x5410;", "prmt.b32 $1, pA, pB, 0x7632;",
+            "prmt.b32 $2, qA, qB, 0x5410;", "prmt.b32 $3, qA, qB, 0x7632;", "}"]
+  return "\n".join(lines).replace("LANE", "$9").replace("BASE", "$10")
+
+
+def k_perm3() -> np.ndarray:
+  """Column c of a dequantized 3-bit key tile holds coordinate k_perm3()[c]: thread lane
+  q (of 4) holds coordinates 32q..32q+31, pair m (output m of `key3_asm`) in column block
+  m, columns 8m + 2q + e."""
+  m, q, e = np.meshgrid(*(np.arange(n) for n in (16, 4, 2)), indexing="ij")
+  perm = np.empty(DIM, np.int64)
+  perm[(8 * m + 2 * q + e).ravel()] = (32 * q + 2 * m + e).ravel()
+  return perm
+
+
+def value3_group(warp, l4):
+  """The 2-bit byte (4 coordinates) a thread dequantizes for V^T: warps 2c and 2c + 1
+  share 16-byte chunk c of a row, lane group l4 its 16-bit slot l4, the even warp the
+  slot's low byte and the odd one its high byte."""
+  return 16 * (warp // 2) + 2 * l4 + warp % 2
+
+
+def v_perm3() -> np.ndarray:
+  """Row R of the dequantized 3-bit V^T tile holds coordinate v_perm3()[R]: warp w, lane
+  group l4 holds rows 64 mg + 16 w + l4 + 8 h, code 2 mg + h of its byte (`value3_group`)."""
+  mg, w, l4, h = np.meshgrid(*(np.arange(n) for n in (2, 4, 8, 2)), indexing="ij")
+  perm = np.empty(DIM, np.int64)
+  perm[(64 * mg + 16 * w + l4 + 8 * h).ravel()] = (
+      4 * value3_group(w, l4) + 2 * mg + h).ravel()
+  return perm
+
+
 def k_perm(lookup: str = "prmt") -> np.ndarray:
   """Column c of a dequantized key tile holds coordinate k_perm()[c].
 

@@ -494,6 +494,63 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout(lookup):
   assert (len(_ptx_instructions(key_asm)), len(_ptx_instructions(value_asm))) == counts
 
 
+def test_mosaic_3bit_ptx_dequantizes_every_code_into_the_wgmma_layout():
+  # The 3-bit lookups (branch wip/mosaic-k3; no kernel uses them yet) on the cache's
+  # packing, every code value in every position, keys and values from different
+  # asymmetric codebooks, the table at a base that is not 256-aligned.
+  rng = np.random.default_rng(31)
+  kt, vt = (np.sort(rng.normal(size=8)).astype(np.float16) for _ in range(2))
+  base = 1040
+  shared = np.zeros(base // 4 + dm.TABLE3_ROWS * dm.TABLE_WORDS, np.uint32)
+  shared[base // 4:] = dm.smem_table3(kt, vt).ravel()
+  T = 128
+  kc, vc = rng.integers(0, 8, (2, T, 128))
+  kc[:8], vc[:8] = np.arange(8)[:, None], np.arange(8)[:, None]
+  rows = lambda c: np.asarray(packing.pack(jnp.asarray(c), 3))  # [T, 48]: 32 + 16 bytes
+  word = lambda b, i: b[..., i:i + 4].copy().view(np.uint32)[..., 0]  # bytes i..i+3
+  t = np.arange(128)
+  w, l4, q = t // 32, (t % 32) // 4, t % 4
+  f16 = lambda x: np.stack([x & 0xFFFF, x >> 16], -1).astype(np.uint16).view(np.float16)
+  lane = lambda v: 4 * (t % 32) + 128 * v
+
+  kb, got = rows(kc), np.full((T, 128), np.nan, np.float16)
+  for rt in range(T // 64):
+    for h in range(2):
+      row = 64 * rt + 16 * w + l4 + 8 * h
+      b = kb[row]  # [128 threads, 48]
+      inputs = [np.array([word(b[i], 8 * q[i]) for i in t]),
+                np.array([word(b[i], 8 * q[i] + 4) for i in t]),
+                np.array([word(b[i], 32 + 4 * q[i]) for i in t]), lane(0), np.full(128, base)]
+      for m, out in enumerate(_run_ptx(dm.key3_asm(), inputs, 16, shared)):
+        for e in range(2):
+          got[row, 8 * m + 2 * q + e] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, kt[kc][:, dm.k_perm3()])
+
+  vb, got = rows(vc), np.full((128, T), np.nan, np.float16)
+  g = dm.value3_group(w, l4)
+  slot = 16 * (w // 2) + 2 * l4  # the slot's first byte in the 2-bit plane
+  one_bit = 32 + g // 2  # the 1-bit byte of the group's high bits
+  for J in range(T // 8):
+    A, B = 8 * J + 2 * q, 8 * J + 2 * q + 1  # the thread's two tokens
+    W = np.array([int(vb[A[i], slot[i]]) | int(vb[A[i], slot[i] + 1]) << 8
+                  | int(vb[B[i], slot[i]]) << 16 | int(vb[B[i], slot[i] + 1]) << 24
+                  for i in t], np.uint32)
+    aligned = one_bit - one_bit % 4
+    inputs = [W, np.where(w % 2, 0x4431, 0x4420),
+              np.array([word(vb[A[i]], aligned[i]) for i in t]),
+              np.array([word(vb[B[i]], aligned[i]) for i in t]),
+              8 * (one_bit % 4) + 4 * (g % 2), lane(1), np.full(128, base)]
+    for k, out in enumerate(_run_ptx(dm.value3_asm(), inputs, 4, shared)):
+      mg, h = divmod(k, 2)
+      for e, tok in enumerate((A, B)):
+        got[64 * mg + 16 * w + l4 + 8 * h, tok] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, vt[vc][:, dm.v_perm3()].T)
+  assert sorted(dm.k_perm3()) == sorted(dm.v_perm3()) == list(range(128))
+  # The docstrings' counts: 33 per 16 key codes (x2), 27 per 8 value codes.
+  assert (len(_ptx_instructions(dm.key3_asm())), len(_ptx_instructions(dm.value3_asm()))) == (
+      66, 27)
+
+
 def _ldmatrix_value_words(vc):
   """(J, warp, l4, q, word) for every thread and tile J of value codes vc [T, 128], as
   `decode_mosaic._value_tile` loads them: the tile sits in shared memory as TMA's 64-byte
