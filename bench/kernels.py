@@ -476,8 +476,10 @@ def main(argv=None):
       else:
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
-      # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 at D = 128.
-      mosaic = presets(D)[name] == ([(128, 4)], [(128, 4)]) and "mosaic" in impls
+      # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 and k3v3
+      # at D = 128.
+      mosaic = (presets(D)[name] in (([(128, 4)], [(128, 4)]), ([(128, 3)], [(128, 3)]))
+                and "mosaic" in impls)
       kernels = ["mosaic"] if mosaic else []
       for lookup in (lookups if "pallas" in impls else []) + kernels:
         kw = ({"implementation": "mosaic"} if lookup == "mosaic" else

@@ -1090,11 +1090,17 @@ def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, look
     raise ValueError(f'implementation="mosaic" takes lookup in {decode_mosaic.LOOKUPS} '
                      f'(or None: `decode_mosaic.default_lookup`), got {lookup!r}')
   segs = ((key_segs, static_ck, "key"), (value_segs, static_cv, "value"))
+  widths = {s.bits for s in key_segs + value_segs}
   for segments, centroids, name in segs:
-    if len(segments) != 1 or segments[0].bits != 4 or segments[0].dim != decode_mosaic.DIM:
-      raise ValueError(f'implementation="mosaic" takes one 4-bit {name} segment of '
-                       f'{decode_mosaic.DIM} coordinates (the k4v4 preset), got '
-                       f'{[(s.dim, s.bits) for s in segments]} (dim, bits)')
+    if (len(segments) != 1 or segments[0].bits not in (3, 4) or len(widths) != 1
+        or segments[0].dim != decode_mosaic.DIM):
+      raise ValueError(f'implementation="mosaic" takes one 4-bit or 3-bit {name} segment of '
+                       f'{decode_mosaic.DIM} coordinates, as wide as the other side\'s (the '
+                       f'k4v4 and k3v3 presets), got {[(s.dim, s.bits) for s in segments]} '
+                       '(dim, bits)')
+    if segments[0].bits == 3 and lookup == "prmt":
+      raise ValueError('implementation="mosaic" takes lookup "smem" (or None) for 3-bit '
+                       'codes, got "prmt"')
     if centroids[0] is None:
       raise ValueError(f'implementation="mosaic" bakes the {name} codebook into the kernel; '
                        'got traced centroids')

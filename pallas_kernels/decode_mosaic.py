@@ -117,8 +117,10 @@ alternating in one process):
 * 64-token steps (96 registers, 5 blocks an SM): layer 85-90 us, B = 8 64K 307-310; 3 or
   4 stages at 128-token steps: 81.4 / 91.5 us at the layer.
 
-Not built: 3 bits (issue 4 asks 4x for k3v3, whose bytes are 0.76 of k4v4's). A sketch
-(session 16, not written, counted from PTX as planned): a 3-bit row is a 2-bit plane (32
+3 bits (issue 4 asks 4x for k3v3, whose bytes are 0.76 of k4v4's): on branch
+wip/mosaic-k3 (session 16) the lookups below are written and checked by the tests' PTX
+emulation, and the kernel takes k3v3 and lowers; it has not run on a GPU yet. The design,
+counted from its PTX: a 3-bit row is a 2-bit plane (32
 bytes, byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of
 codes 8j..8j+7). A 6-bit pair index (the pair's 2-bit nibble, its 2 high bits above)
 goes into bits 8..15 of the lane offset as here, in a 256-row table whose bits 6..7 are
@@ -490,6 +492,109 @@ def _value_tile(asm: str, tokens: int):
   return body
 
 
+ROW3_BYTES = 48  # a 3-bit token row: 32 bytes of the 2-bit plane, 16 of the 1-bit plane
+
+
+def _load_asm(count: int, addr, offset: int):
+  """`count` (1 or 2) 32-bit words from shared memory at addr + offset, in a load LLVM
+  cannot see: side effects keep it after the pipeline's barrier wait."""
+  ir, _, llvm, _, _, _ = _mlir()
+  i32 = ir.IntegerType.get_signless(32)
+  if count == 1:
+    return [llvm.inline_asm(i32, [addr], f"ld.shared.b32 $0, [$1 + {offset}];", "=r,r",
+                            has_side_effects=True)]
+  pair = llvm.inline_asm(llvm.StructType.get_literal([i32] * 2), [addr],
+                         f"ld.shared.v2.b32 {{$0, $1}}, [$2 + {offset}];", "=r,=r,r",
+                         has_side_effects=True)
+  return [llvm.extractvalue(i32, pair, [i]) for i in range(2)]
+
+
+def _key_tile3(tokens: int):
+  """inline_mgpu body: 3-bit key codes uint8 [T, 48] and the table (`smem_table3`) in SMEM
+  -> the f16 [T, 128] wgmma A operand. Thread lane q (of 4) of row r loads the 2-bit
+  plane's bytes 8q..8q+7 and the 1-bit plane's 4q..4q+3 (`key3_asm`'s 3 words); output m
+  is register column m (`k_perm3`)."""
+  def body(ctx, codes_ref, table_ref):
+    del ctx
+    ir, arith, llvm, _, mgpu, fa = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    c = lambda v: mgpu.utils.c(v, i32)
+    tid = mgpu.utils.thread_idx()
+    lane, warp = arith.andi(tid, c(31)), arith.andi(arith.shrui(tid, c(5)), c(3))
+    q = arith.andi(lane, c(3))
+    row = arith.addi(arith.muli(warp, c(16)), arith.shrui(lane, c(2)))  # 16 w + l4
+    start = arith.addi(llvm.ptrtoint(i32, mgpu.utils.memref_ptr(codes_ref)),
+                       arith.muli(row, c(ROW3_BYTES)))
+    low = arith.addi(start, arith.muli(q, c(8)))
+    high = arith.addi(start, arith.addi(c(32), arith.muli(q, c(4))))
+    extra = _table_operands(table_ref, 0)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
+    out_ty = llvm.StructType.get_literal([i32] * 16)
+    constraints = ",".join(["=r"] * 16 + ["r"] * 5)
+    for rt in range(tokens // 64):
+      for h in range(2):  # rows r and r + 8
+        offset = (64 * rt + 8 * h) * ROW3_BYTES
+        words = _load_asm(2, low, offset) + _load_asm(1, high, offset)
+        out = llvm.inline_asm(out_ty, [*words, *extra], key3_asm(), constraints,
+                              has_side_effects=False)
+        for m in range(16):
+          regs[rt, m, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
+              llvm.extractvalue(i32, out, [m]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
+def _value_tile3(tokens: int):
+  """inline_mgpu body: 3-bit value codes uint8 [T, 48] and the table in SMEM -> f16 V^T
+  [128, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4 tiles J of 8
+  tokens, the 16-bit slot l4 of 2-bit chunk warp // 2 of tokens 8J + 2q and 8J + 2q + 1
+  (48-byte rows: the 8 rows of a matrix hit distinct banks without a swizzle); it keeps
+  the slot's low or high byte (`value3_group`), and loads the word of the 1-bit plane that
+  holds that byte's 4 high bits, per token. Output k is register (J, code k = 2 mg + h)."""
+  def body(ctx, codes_ref, table_ref):
+    del ctx
+    ir, arith, llvm, _, mgpu, fa = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
+    c = lambda v: mgpu.utils.c(v, i32)
+    tid = mgpu.utils.thread_idx()
+    lane, warp = arith.andi(tid, c(31)), arith.andi(arith.shrui(tid, c(5)), c(3))
+    l4, q, odd = arith.shrui(lane, c(2)), arith.andi(lane, c(3)), arith.andi(warp, c(1))
+    chunk = arith.shrui(warp, c(1))
+    group = arith.addi(arith.addi(arith.muli(chunk, c(16)), arith.muli(l4, c(2))), odd)
+    one_bit = arith.addi(c(32), arith.shrui(group, c(1)))  # the 1-bit byte of the group
+    shift = arith.addi(arith.muli(arith.andi(one_bit, c(3)), c(8)),
+                       arith.muli(arith.andi(group, c(1)), c(4)))
+    select = arith.addi(c(0x4420), arith.muli(odd, c(0x11)))  # 0x4420 or 0x4431
+    base = llvm.ptrtoint(i32, mgpu.utils.memref_ptr(codes_ref))
+    rows = arith.addi(base, arith.addi(arith.muli(lane, c(ROW3_BYTES)),
+                                       arith.muli(chunk, c(16))))
+    bits = arith.addi(base, arith.addi(arith.muli(q, c(2 * ROW3_BYTES)),
+                                       arith.andi(one_bit, c(~3))))
+    extra = _table_operands(table_ref, 128)
+    load_ty = llvm.StructType.get_literal([i32] * 4)
+    load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
+            "%d];")
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((DIM, tokens)), dtype=object)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
+    constraints = "=r,=r,=r,=r" + ",r" * 7
+    for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3
+      words = llvm.inline_asm(load_ty, [rows], load % (g * 32 * ROW3_BYTES),
+                              "=r,=r,=r,=r,r", has_side_effects=True)
+      for i in range(4):
+        J = 4 * g + i
+        high = [_load_asm(1, bits, 8 * J * ROW3_BYTES + e * ROW3_BYTES)[0] for e in range(2)]
+        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i]), select, *high,
+                                       shift, *extra], value3_asm(), constraints,
+                              has_side_effects=False)
+        for k in range(4):
+          regs[k // 2, J, 0, 0, k % 2, 0, 0, 0, 0] = mgpu.utils.bitcast(
+              llvm.extractvalue(i32, out, [k]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
 def split_window(split, split_len: int, S: int):
   """(first, read): split `split` owns tokens [first, min(first + split_len, S)) and reads
   the window [read, read + split_len), which stays inside S: the last split's moves back
@@ -504,13 +609,20 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
            v_centroids: tuple[float, ...], lookup: str):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   smem = lookup == "smem"
-  if smem:
+  three = len(k_centroids) == 8  # 3-bit codes (`key3_asm`, `value3_asm`), "smem" only
+  row_bytes, table_rows = (ROW3_BYTES, TABLE3_ROWS) if three else (ROW_BYTES, 256)
+  if three:
+    key_tile, value_tile = _key_tile3(step), _value_tile3(step)
+  elif smem:
     key_tile, value_tile = (_key_tile(smem_word_asm(pairs=True), step),
                             _value_tile(smem_word_asm(pairs=False), step))
   else:
     key_tile = _key_tile(word_asm(*tables(k_centroids)), step)
     value_tile = _value_tile(word_asm(*tables(v_centroids)), step)
-  v_transforms = (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64))
+  # 4-bit value codes in (8, 64) tiles with a 64-byte swizzle for `ldmatrix`; 48-byte rows
+  # hit distinct banks as they are.
+  v_transforms = (() if three else
+                  (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64)))
   N, T = rows, step
 
   def kernel(*refs):
@@ -595,8 +707,8 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
               plgpu.layout_cast(jnp.full((T, N), 0.0, jnp.float32), lay))
       pipe = plgpu.emit_pipeline(
           step_fn, grid=(split_len // T,), max_concurrent_steps=stages,
-          in_specs=[plgpu.BlockSpec((T, ROW_BYTES), lambda i: (i, 0)),
-                    plgpu.BlockSpec((T, ROW_BYTES), lambda i: (i, 0), transforms=v_transforms),
+          in_specs=[plgpu.BlockSpec((T, row_bytes), lambda i: (i, 0)),
+                    plgpu.BlockSpec((T, row_bytes), lambda i: (i, 0), transforms=v_transforms),
                     plgpu.BlockSpec((T,), lambda i: (i,)),
                     plgpu.BlockSpec((T,), lambda i: (i,))],
           init_carry=init)
@@ -624,7 +736,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
           plgpu.SMEM((DIM, N), jnp.float32),
           plgpu.SMEM((2, N), jnp.float32),
           plgpu.Barrier(num_arrivals=2 + smem, num_barriers=1),
-      ] + [plgpu.SMEM((256, TABLE_WORDS), jnp.uint32)] * smem,
+      ] + [plgpu.SMEM((table_rows, TABLE_WORDS), jnp.uint32)] * smem,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
   )
 
@@ -657,7 +769,8 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
 
   lookup: "prmt" (`word_asm`: byte permutes on tables in the PTX) or "smem" (`smem_word_asm`:
-  loads from a 64 KB table in shared memory); None: `default_lookup`.
+  loads from a 64 KB table in shared memory); None: `default_lookup`. 3-bit codes (k3v3,
+  branch wip/mosaic-k3, not yet run on a GPU) take "smem" only (`key3_asm`, `value3_asm`).
   """
   from pallas_kernels.decode import Partial, _merge_weights
 
@@ -666,11 +779,15 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
                                                                          v_centroids[0]))
   B, K, G, _ = q.shape
   S = kc.shape[-2]
+  three = len(ck) == 8
   if lookup is None:
     from pallas_kernels.decode import symmetric_codebook
-    lookup = default_lookup(G, symmetric_codebook(ck) and symmetric_codebook(cv))
+    lookup = "smem" if three else default_lookup(G, symmetric_codebook(ck)
+                                                 and symmetric_codebook(cv))
   if lookup not in LOOKUPS:
     raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
+  if three and lookup != "smem":
+    raise ValueError(f'mosaic decode: 3-bit codes take lookup "smem", got {lookup!r}')
   auto = default_tiling(B, K, S, lookup)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
@@ -685,9 +802,10 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   rows = 8 if G <= 8 else 16
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
-  qp = jnp.pad(q[..., k_perm(lookup)].astype(jnp.float16), pad)
+  qp = jnp.pad(q[..., k_perm3() if three else k_perm(lookup)].astype(jnp.float16), pad)
   kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv, lookup)
-  table = (jnp.asarray(smem_table(ck, cv)),) if lookup == "smem" else ()
+  table = ((jnp.asarray((smem_table3 if three else smem_table)(ck, cv)),)
+           if lookup == "smem" else ())
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
   # bitcast out here could make XLA copy the whole stacked array).
   o, ml = kernel(ends, kc, vc, kn, vn, qp, *table)  # o [B, K, splits, 128 (v_perm rows), rows]
@@ -695,5 +813,5 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   l = jnp.sum(w * ml[:, :, :, 1], axis=2)
   # A plain float32 sum (an einsum may take TF32 on the GPU).
   acc = jnp.sum(o * w[:, :, :, None, :], axis=2)  # [B, K, 128, rows]
-  acc = jnp.swapaxes(acc, -1, -2)[..., :G, :][..., np.argsort(v_perm())]
+  acc = jnp.swapaxes(acc, -1, -2)[..., :G, :][..., np.argsort(v_perm3() if three else v_perm())]
   return Partial(m[..., :G], l[..., :G], (acc,))

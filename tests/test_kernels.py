@@ -589,8 +589,17 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
       [q], [kc], [kn], kcb, [vc], [vn], vcb, lengths, implementation="mosaic", layer=1),
       qk[0], *stacked, lengths)
   assert "mosaic_gpu" in text
-  with pytest.raises(ValueError, match="one 4-bit key segment of 128"):
-    dk.decode(*make_case(6, "k3v3", S=256), implementation="mosaic")
+  # 3 bits (branch wip/mosaic-k3): the 3-bit lookups' loads in the kernel, "smem" only.
+  k3 = make_case(6, "k3v3", B=2, K=2, G=4, S=256)
+  text = _lowered(lambda *a: dk.decode(*a[:3], k3[3], *a[3:5], k3[6], a[5],
+                                       implementation="mosaic"), *k3[:3], *k3[4:6], k3[7])
+  assert "mosaic_gpu" in text and "ld.shared.v2.b32" in text and "0x4342" in text
+  with pytest.raises(ValueError, match='takes lookup "smem" .* for 3-bit codes, got "prmt"'):
+    dk.decode(*k3, implementation="mosaic", lookup="prmt")
+  with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
+    dk.decode(*make_case(6, "lut_k5v4", S=256), implementation="mosaic")
+  with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
+    dk.decode(*make_case(6, "k2v2", S=256), implementation="mosaic")
   with pytest.raises(ValueError, match="at most 16 query rows"):
     dk.decode(*make_case(6, "lut4", G=17, S=256), implementation="mosaic")
   with pytest.raises(ValueError, match="no interpret mode"):
@@ -659,15 +668,16 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("lookup", dm.LOOKUPS)
+@pytest.mark.parametrize("preset,lookup", [("lut4", "prmt"), ("lut4", "smem"),
+                                           ("k3v3", "smem")])
 @pytest.mark.parametrize("G,start,layer,S,splits", [(4, 0, None, 4096, None),
                                                     (7, 5, None, 4096, None),
                                                     (12, 0, 1, 4096, None),
                                                     (4, 3, None, 4480, 4)])
-def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits, lookup):
+def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits, preset, lookup):
   # S = 4480 in 4 splits: 9, 9, 9 and 8 steps of 128, the last read from token 3328; row 1
   # ends inside that overlap.
-  args = make_case(8, "lut4", B=3, K=2, G=G, S=S, lengths=[S, 3400 if splits else 1000, 0])
+  args = make_case(8, preset, B=3, K=2, G=G, S=S, lengths=[S, 3400 if splits else 1000, 0])
   ref = dk.decode(*args, implementation="xla", start=start)
   qk, kc, kn, kcb, vc, vn, vcb, lengths = args
   if layer is not None:  # the same region as layer 1 of 2, read in place
