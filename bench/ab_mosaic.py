@@ -6,7 +6,7 @@ checked against the XLA reference, then timed alternately at the e2e layer and 6
 
 Session 16 (H100) chose one wave of programs for the table lookup: `--variants '{"1 wave":
 {"programs": 264}, "2 waves": {"programs": 528}, "4 waves": {"programs": 1056}}'` gives
-the splits it measured at each shape.
+the splits it measured at each shape. `--preset k3v3` times the 3-bit kernel instead.
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
@@ -48,6 +48,8 @@ def main(argv=None):
   ap.add_argument("--variants", required=True,
                   help='a JSON object: name -> decode_mosaic kwargs (and "module")')
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--preset", default="k4v4", choices=("k4v4", "k3v3"),
+                  help="the cache's codes (the kernel's two code widths)")
   args = ap.parse_args(argv)
   try:
     variants = json.loads(args.variants)
@@ -58,7 +60,7 @@ def main(argv=None):
     raise SystemExit(f"--variants must map names to objects of kwargs, got {variants!r}")
   if args.rounds < 1:
     raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
-  keys, values = bk.presets(128)["k4v4"]
+  keys, values = bk.presets(128)[args.preset]
   key = jax.random.key(3)
   # Correctness: rows of different lengths, a split boundary inside.
   qk, kc, kn, kcb, vc, vn, vcb, _ = bk.make_inputs(key, 3, 4480, keys, values, rows=7,

@@ -109,6 +109,10 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         unit = (x * (1.0 / safe)[:, None] if half else x / safe[:, None]) * in_group[None, :]
         residual = unit
       if seg.kind == "codebook":
+        # The centroids feed the norm correction and the residual a QJL segment after
+        # this one (in its group) sketches; else only the codes are needed.
+        need_c = norm_correction or any(
+            s.kind != "codebook" and groups[j] == groups[i] for j, s in enumerate(segs))
         bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
         cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
       scale = None
@@ -125,13 +129,12 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
             # float32 input as it is.
             u = (proj(unit, maps[u_]) if half
                  else proj(x, maps[u_]) / safe[:, None])  # [block_n, nb_pad]
-            idx = search(u, bounds)
-            if p == 0:
-              c = jnp.zeros(u.shape, jnp.float32)
-              for k, ck in enumerate(cents):
-                c = jnp.where(idx == k, ck, c)
+            if p == 0 and need_c:
+              idx, c = search(u, bounds, cents)
               us.append(u)
               cs.append(c)
+            else:
+              idx = search(u, bounds)
           else:  # qjl: sign(S r)
             idx = (proj(residual, maps[u_]) >= 0).astype(jnp.int32)
           byte = byte | (((idx >> shift) & ((1 << width) - 1)) << (u_ * width))
@@ -141,7 +144,7 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         plgpu.store(code_refs[i].at[rows, pl.ds(offset, nb_pad)], byte.astype(jnp.uint8),
                     mask=mask)
         offset += nb
-        if seg.kind == "codebook" and p == 0:
+        if seg.kind == "codebook" and p == 0 and need_c:
           if norm_correction:
             cn = jnp.sqrt(sum(jnp.sum(c * c, axis=1) for c in cs))
             scale = norm / jnp.where(cn > 0, cn, 1.0)
@@ -149,6 +152,8 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
             scale = norm
           f = (scale / safe)[:, None]
           residual = sum(back(u - c * f, maps[u_]) for u_, (u, c) in enumerate(zip(us, cs)))
+        elif seg.kind == "codebook" and p == 0:
+          scale = norm
       if seg.kind != "codebook":
         scale = norm * jnp.sqrt(jnp.sum(residual * residual, axis=1))
       plgpu.store(scale_refs[i].at[rows], scale.astype(scale_refs[i].dtype), mask=row_ok)
@@ -164,10 +169,12 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
     lax.fori_loop(0, steps, body, ())
 
 
-def search(u, bounds):
+def search(u, bounds, values=None):
   """The number of sorted `bounds` (2**b - 1 scalars) below each element of u, by binary
   search: b comparisons and 2**b - 1 - b selects of the next boundary, against 2**b - 1
-  comparisons and sums; the same count for any u (NaN: 0)."""
+  comparisons and sums; the same count for any u (NaN: 0). With `values` (2**b scalars,
+  e.g. the centroids) also values[count], by a tree of 2**b - 1 selects on the search's
+  comparisons (against 2**b comparisons and selects of a chain over the count)."""
   levels = len(bounds) + 1
   if levels & (levels - 1):
     raise ValueError(f"search needs 2**b - 1 bounds, got {len(bounds)}")
@@ -185,7 +192,15 @@ def search(u, bounds):
     l = len(above)
     above.append(u > boundary(l))
     idx = idx + jnp.where(above[l], levels >> (l + 1), 0)
-  return idx
+  if values is None:
+    return idx
+  if len(values) != levels:
+    raise ValueError(f"search needs {levels} values for {len(bounds)} bounds, got "
+                     f"{len(values)}")
+  # Codes 2m and 2m + 1 differ in the last comparison, pairs of pairs in the one before.
+  for l in reversed(range(len(above))):
+    values = [jnp.where(above[l], hi, lo) for lo, hi in zip(values[::2], values[1::2])]
+  return idx, jnp.broadcast_to(values[0], u.shape)
 
 
 def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:

@@ -725,9 +725,18 @@ def test_encode_search_counts_boundaries_below(bits):
   u = np.concatenate([rng.normal(size=3000), bounds, np.nextafter(bounds, np.inf),
                       [np.nan, np.inf, -np.inf]]).astype(np.float32)
   got = ek.search(jnp.asarray(u), [jnp.float32(b) for b in bounds])
-  np.testing.assert_array_equal(np.asarray(got), (u[:, None] > bounds[None, :]).sum(1))
+  count = (u[:, None] > bounds[None, :]).sum(1)
+  np.testing.assert_array_equal(np.asarray(got), count)
+  # With values: the value at the count, by the select tree.
+  values = rng.normal(size=2**bits).astype(np.float32)
+  idx, got = ek.search(jnp.asarray(u), [jnp.float32(b) for b in bounds],
+                       [jnp.float32(v) for v in values])
+  np.testing.assert_array_equal(np.asarray(idx), count)
+  np.testing.assert_array_equal(np.asarray(got), values[count])
   with pytest.raises(ValueError, match="2\\*\\*b - 1 bounds, got 2"):
     ek.search(jnp.asarray(u), [jnp.float32(0), jnp.float32(1)])
+  with pytest.raises(ValueError, match=f"needs {2**bits} values .* got 3"):
+    ek.search(jnp.asarray(u), [jnp.float32(b) for b in bounds], [jnp.float32(0)] * 3)
 
 
 @pytest.mark.parametrize("name", ["mse4", "split_prod"])
