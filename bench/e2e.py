@@ -1626,7 +1626,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--implementation", default=None,
                   choices=[i for i in kvcache.IMPLEMENTATIONS if i != "pallas-interpret"],
                   help="of compressed caches (default: pallas on GPU, xla on CPU; mosaic: "
-                       "the Mosaic GPU kernel, k4v4 only)")
+                       "the Mosaic GPU kernel, k4v4 and k3v3)")
   ap.add_argument("--per-layer-caches", action="store_true",
                   help="compressed caches as a tuple of per-layer caches (the layout before "
                        "kvcache.StackedCache; rows get cache_layout='per-layer')")

@@ -17,13 +17,14 @@ window (:func:`merge_partials`) and rotates the output back (``out = sum_j acc_j
 
 Design:
 
-* Triton-lowered Pallas (``plgpu.CompilerParams``) for every preset; for k4v4 also a Mosaic
-  GPU kernel (``implementation="mosaic"``, :mod:`pallas_kernels.decode_mosaic`), chosen
-  by measurement (session 9, below): 1.44x faster than this kernel at B = 8, S = 64K
-  (session 10: 297 against 388 us at B = 8, 51 against 59 us at B = 1; in the model 1.31x
-  against 1.20x the bf16 step at Qwen2.5-7B shapes, B = 8, 32K; session 15, its
-  shared-memory table lookup, H100: 206-212 against 564-578 us here at B = 8, 64K). It
-  stays opt-in: it takes one preset, on sm_90 only, and this kernel covers every preset
+* Triton-lowered Pallas (``plgpu.CompilerParams``) for every preset; for k4v4 and k3v3
+  also a Mosaic GPU kernel (``implementation="mosaic"``,
+  :mod:`pallas_kernels.decode_mosaic`), chosen by measurement (session 9, below): 1.44x
+  faster than this kernel at B = 8, S = 64K (session 10: 297 against 388 us at B = 8, 51
+  against 59 us at B = 1; in the model 1.31x against 1.20x the bf16 step at Qwen2.5-7B
+  shapes, B = 8, 32K; session 15, its shared-memory table lookup, H100: 206-212 against
+  564-578 us here at B = 8, 64K; session 17, k3v3 on the H100: 279 against 601 us). It
+  stays opt-in: it takes two presets, on sm_90 only, and this kernel covers every preset
   and shape.
   The Triton lowering gives masked loads, ``join``-based interleaving, integer ops on any
   tile shape, gathers from refs and an ``interpret`` mode that runs the same kernel body

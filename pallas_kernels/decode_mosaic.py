@@ -117,14 +117,16 @@ alternating in one process):
 * 64-token steps (96 registers, 5 blocks an SM): layer 85-90 us, B = 8 64K 307-310; 3 or
   4 stages at 128-token steps: 81.4 / 91.5 us at the layer.
 
-3 bits (issue 4 asks 4x for k3v3, whose bytes are 0.76 of k4v4's): on branch
-wip/mosaic-k3 (session 16) the lookups below are written and checked by the tests' PTX
-emulation, and the kernel takes k3v3 and lowers; it has not run on a GPU yet. The design,
+3 bits (k3v3, whose bytes are 0.76 of k4v4's; issue 4 asks 4x fp16 for it), written in
+session 16 and first run in session 17 (H100, `bench/kernels.py --quick --no-encode
+--presets k3v3,k4v4`, one call; fastest fp16 torch cuDNN 694.4 us at B = 8, 93.9 at
+B = 1): B = 8, S = 64K 279.0 us (2.49x; k4v4 here 206.4, 3.36x; the Triton k3v3 600.7,
+1.16x), B = 1 42.7 us (2.20x; k4v4 36.1, 2.60x), relative error 3.1e-5. Its lookups cost
+more instructions than 4-bit ones for fewer bytes, so it is slower than k4v4. The design,
 counted from its PTX: a 3-bit row is a 2-bit plane (32
 bytes, byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of
 codes 8j..8j+7). A 6-bit pair index (the pair's 2-bit nibble, its 2 high bits above)
-goes into bits 8..15 of the lane offset as here, in a 256-row table whose bits 6..7 are
-don't-care (each pair's row repeated 4 times), so no index needs masking.
+goes into bits 8..13 of the lane offset as here, in a 64-row table (`smem_table3`, 16 KB).
 * Keys: thread q of 4 takes coordinates 32q..32q+31 (2 words of the 2-bit plane W2, one
   of the 1-bit plane). One `prmt` puts the 1-bit word's half into bytes 0 and 2, and two
   shift+`lop3` steps spread its 2-bit groups to nibble positions (B). Then
@@ -250,8 +252,7 @@ def smem_table(k_centroids, v_centroids) -> np.ndarray:
   return np.concatenate(rows, axis=1)
 
 
-# 3 bits (work in progress, branch wip/mosaic-k3: the lookups alone, checked by the
-# tests' PTX emulation; no kernel uses them yet). A 3-bit row is a 2-bit plane (32 bytes,
+# 3 bits (`key3_asm`, `value3_asm`; the design in the module docstring). A 3-bit row is a 2-bit plane (32 bytes,
 # byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of codes
 # 8j..8j+7). A pair of codes (2m, 2m+1) has a 6-bit index: its 2-bit nibble (code 2m in
 # bits 0..1) and its 2 high bits above (code 2m's in bit 4).
@@ -769,8 +770,8 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
 
   lookup: "prmt" (`word_asm`: byte permutes on tables in the PTX) or "smem" (`smem_word_asm`:
-  loads from a 64 KB table in shared memory); None: `default_lookup`. 3-bit codes (k3v3,
-  branch wip/mosaic-k3, not yet run on a GPU) take "smem" only (`key3_asm`, `value3_asm`).
+  loads from a 64 KB table in shared memory); None: `default_lookup`. 3-bit codes (k3v3)
+  take "smem" only (`key3_asm`, `value3_asm`).
   """
   from pallas_kernels.decode import Partial, _merge_weights
 

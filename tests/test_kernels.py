@@ -495,7 +495,7 @@ def test_mosaic_ptx_dequantizes_every_code_into_the_wgmma_layout(lookup):
 
 
 def test_mosaic_3bit_ptx_dequantizes_every_code_into_the_wgmma_layout():
-  # The 3-bit lookups (branch wip/mosaic-k3; no kernel uses them yet) on the cache's
+  # The 3-bit lookups (`key3_asm`, `value3_asm`) on the cache's
   # packing, every code value in every position, keys and values from different
   # asymmetric codebooks, the table at a base that is not 256-aligned.
   rng = np.random.default_rng(31)
@@ -589,7 +589,7 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
       [q], [kc], [kn], kcb, [vc], [vn], vcb, lengths, implementation="mosaic", layer=1),
       qk[0], *stacked, lengths)
   assert "mosaic_gpu" in text
-  # 3 bits (branch wip/mosaic-k3): the 3-bit lookups' loads in the kernel, "smem" only.
+  # 3 bits: the 3-bit lookups' loads in the kernel, "smem" only.
   k3 = make_case(6, "k3v3", B=2, K=2, G=4, S=256)
   text = _lowered(lambda *a: dk.decode(*a[:3], k3[3], *a[3:5], k3[6], a[5],
                                        implementation="mosaic"), *k3[:3], *k3[4:6], k3[7])
