@@ -87,6 +87,11 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
                                       preferred_element_type=jnp.float32)
 
   first = pl.program_id(0) * steps  # the program's first block
+  # The maps and codebooks, loaded once a program, before its loop over blocks (loads in
+  # the loop body would run every block).
+  mats = [[[m[u_] for u_ in range(m.shape[0])] for m in planes] for planes in map_refs]
+  bound_vals = [[r[k] for k in range(r.shape[0])] for r in bd_refs]
+  cent_vals = [[r[k] for k in range(r.shape[0])] for r in cb_refs]
 
   def block(s):
     rows = pl.ds(s * block_n if isinstance(s, int) else pl.multiple_of(s * block_n, block_n),
@@ -113,13 +118,12 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         # this one (in its group) sketches; else only the codes are needed.
         need_c = norm_correction or any(
             s.kind != "codebook" and groups[j] == groups[i] for j, s in enumerate(segs))
-        bounds = [bd_refs[i][k] for k in range(bd_refs[i].shape[0])]
-        cents = [cb_refs[i][k] for k in range(cb_refs[i].shape[0])]
+        bounds, cents = bound_vals[i], cent_vals[i]
       scale = None
       offset = 0
       for p, (shift, width) in enumerate(packing.planes(seg.bits)):
-        maps = map_refs[i][p]
-        pb, nb_pad = maps.shape[0], maps.shape[1]
+        maps = mats[i][p]
+        pb, nb_pad = len(maps), maps[0].shape[0]
         nb = packing.plane_bytes(seg.dim, width)
         byte = jnp.zeros((block_n, nb_pad), jnp.int32)
         us, cs = [], []
