@@ -744,11 +744,11 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
 def default_tiling(B: int, K: int, S: int, lookup: str,
                    programs: int | None = None) -> tuple[int, int, int]:
-  """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup: the
-  tuned step (64 if it does not divide S), the most splits that keep B * K * splits
-  within the tuned number of programs (or `programs`; at least 1 split, and at least 2
-  steps each: one-step splits pay a pipeline's start for one step), then evened out into
-  whole steps, none empty."""
+  """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup ("prmt",
+  "smem", or "smem3" for the 3-bit kernel's): the tuned step (64 if it does not divide
+  S), the most splits that keep B * K * splits within the tuned number of programs (or
+  `programs`; at least 1 split, and at least 2 steps each: one-step splits pay a
+  pipeline's start for one step), then evened out into whole steps, none empty."""
   from pallas_kernels import tuned_block_sizes
   cfg = tuned_block_sizes.mosaic_decode_config(lookup)
   step = cfg.step if S % cfg.step == 0 else 64
@@ -789,7 +789,7 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
     raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
   if three and lookup != "smem":
     raise ValueError(f'mosaic decode: 3-bit codes take lookup "smem", got {lookup!r}')
-  auto = default_tiling(B, K, S, lookup)
+  auto = default_tiling(B, K, S, "smem3" if three else lookup)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")

@@ -87,13 +87,21 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
                                       preferred_element_type=jnp.float32)
 
   first = pl.program_id(0) * steps  # the program's first block
-  # The maps and codebooks, loaded once a program, before its loop over blocks (loads in
-  # the loop body would run every block).
-  mats = [[[m[u_] for u_ in range(m.shape[0])] for m in planes] for planes in map_refs]
-  bound_vals = [[r[k] for k in range(r.shape[0])] for r in bd_refs]
-  cent_vals = [[r[k] for k in range(r.shape[0])] for r in cb_refs]
+  # Small maps (float16, up to 32 KB: one 4-bit codebook segment of 128) and the codebooks
+  # are loaded once a program, before its blocks; larger ones where each block uses them.
+  # Session 17 (H100, 1M vectors of D = 128, one call, 64 tokens a program, us): mse4
+  # float16 405-412 loaded first against 499-508; but prod4 float16 (64 KB of maps)
+  # 1235-1254 against 976-1051, and mse4 "highest" (float32, 64 KB) 1316-1356 against
+  # 1126-1216.
+  hoist = half and sum(m.shape[0] * m.shape[1] * m.shape[2] * m.dtype.itemsize
+                       for planes in map_refs for m in planes) <= 32768
+  scalars = lambda refs: [[r[k] for k in range(r.shape[0])] for r in refs]
+  load = lambda: ([[[m[u_] for u_ in range(m.shape[0])] for m in planes]
+                   for planes in map_refs], scalars(bd_refs), scalars(cb_refs))
+  hoisted = load() if hoist else None
 
   def block(s):
+    mats, bound_vals, cent_vals = hoisted or load()
     rows = pl.ds(s * block_n if isinstance(s, int) else pl.multiple_of(s * block_n, block_n),
                  block_n)
     i0 = (first + s) * block_n

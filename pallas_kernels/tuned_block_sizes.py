@@ -77,8 +77,11 @@ ENCODE: dict[tuple, EncodeConfig] = {}
 
 # The "smem" lookup: one wave of its 2 programs an SM on 132 SMs (session 16, below).
 _SMEM_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=264)
+# The 3-bit kernel ("smem3": its 16 KB table; 146 registers and 55 KB of shared memory a
+# program leave room for 3 an SM): one wave of 3 an SM, 396 on 132 SMs (session 17, below).
+_SMEM3_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=396)
 MOSAIC_DEFAULT = {"prmt": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
-                  "smem": _SMEM_ONE_WAVE}
+                  "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE}
 MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {
     # Session 10 took 4 warpgroups an SM (528 programs a wave on the H200's 132 SMs); Nsight
     # Compute (session 11) shows 3 fit (168 registers, 47 KB of shared memory a block), so
@@ -112,6 +115,13 @@ MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {
     # measured there.
     ("NVIDIA H200", "smem"): _SMEM_ONE_WAVE,
     ("NVIDIA H100 80GB HBM3", "smem"): _SMEM_ONE_WAVE,
+    # k3v3 (session 17, H100, `bench/ab_mosaic.py --preset k3v3`, programs 264 | 396 |
+    # 528, us, two rounds): e2e layer B = 8 82.7/81.9 | 74.0/74.1 | 79.0/77.9, B = 1
+    # 17.2/16.9 | 16.9/17.0 | 15.2/15.5; 64K B = 8 281.4/281.8 | 253.0/251.8 |
+    # 263.3/260.0, B = 1 44.4/44.2 | 42.7/42.0 | 42.9/42.2. Nsight Compute at 264 (64K
+    # B = 8): 2 of the 3 programs an SM that fit, issue slots 51% busy.
+    ("NVIDIA H200", "smem3"): _SMEM3_ONE_WAVE,
+    ("NVIDIA H100 80GB HBM3", "smem3"): _SMEM3_ONE_WAVE,
 }
 
 

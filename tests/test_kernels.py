@@ -578,7 +578,7 @@ def _ldmatrix_value_words(vc):
           yield 4 * g + i, w, l4, q, word
 
 
-def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
+def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
   qk, kc, kn, kcb, vc, vn, vcb, lengths = make_case(6, "lut4", B=2, K=2, G=4, S=256)
   text = _lowered(lambda *a: dk.decode(*a[:3], kcb, *a[3:5], vcb, a[5],
                                        implementation="mosaic", start=3),
@@ -589,11 +589,15 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments():
       [q], [kc], [kn], kcb, [vc], [vn], vcb, lengths, implementation="mosaic", layer=1),
       qk[0], *stacked, lengths)
   assert "mosaic_gpu" in text
-  # 3 bits: the 3-bit lookups' loads in the kernel, "smem" only.
+  # 3 bits: the 3-bit lookups' loads in the kernel, "smem" only, tiled as "smem3".
   k3 = make_case(6, "k3v3", B=2, K=2, G=4, S=256)
+  tilings = []
+  tiling = dm.default_tiling
+  monkeypatch.setattr(dm, "default_tiling", lambda *a: tilings.append(a[3]) or tiling(*a))
   text = _lowered(lambda *a: dk.decode(*a[:3], k3[3], *a[3:5], k3[6], a[5],
                                        implementation="mosaic"), *k3[:3], *k3[4:6], k3[7])
   assert "mosaic_gpu" in text and "ld.shared.v2.b32" in text and "0x4342" in text
+  assert tilings == ["smem3"]
   with pytest.raises(ValueError, match='takes lookup "smem" .* for 3-bit codes, got "prmt"'):
     dk.decode(*k3, implementation="mosaic", lookup="prmt")
   with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
@@ -816,11 +820,14 @@ def test_tuned_block_sizes_lookup(monkeypatch):
   cfg = lambda kb, vb: tbs.decode_config(batch=8, kv_heads=8, seq_len=65536, head_dim=128,
                                          key_bits=kb, value_bits=vb)
   assert cfg((4,), (4,)) == tbs.DEFAULT  # this machine is no H200
-  assert [tbs.mosaic_decode_config(lk) for lk in dm.LOOKUPS] == [
-      tbs.MOSAIC_DEFAULT[lk] for lk in dm.LOOKUPS]
+  tilings = dm.LOOKUPS + ("smem3",)
+  assert [tbs.mosaic_decode_config(lk) for lk in tilings] == [
+      tbs.MOSAIC_DEFAULT[lk] for lk in tilings]
   monkeypatch.setattr(tbs, "_device_kind", lambda: "NVIDIA H200")
-  # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2.
-  assert [tbs.mosaic_decode_config(lk).target_programs for lk in dm.LOOKUPS] == [1056, 264]
+  # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2, and
+  # for the 3-bit kernel 1 of 3.
+  assert [tbs.mosaic_decode_config(lk).target_programs for lk in tilings] == [
+      1056, 264, 396]
   assert cfg((4,), (4,)) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]
   assert cfg([4], [4]) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]  # lists as tuples
   assert cfg((3,), (3,)) == tbs.DECODE[("NVIDIA H200", "*", "*", "*")]
