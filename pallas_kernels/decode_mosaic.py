@@ -122,7 +122,15 @@ session 16 and first run in session 17 (H100, `bench/kernels.py --quick --no-enc
 --presets k3v3,k4v4`, one call; fastest fp16 torch cuDNN 694.4 us at B = 8, 93.9 at
 B = 1): B = 8, S = 64K 279.0 us (2.49x; k4v4 here 206.4, 3.36x; the Triton k3v3 600.7,
 1.16x), B = 1 42.7 us (2.20x; k4v4 36.1, 2.60x), relative error 3.1e-5. Its lookups cost
-more instructions than 4-bit ones for fewer bytes, so it is slower than k4v4. The design,
+more instructions than 4-bit ones for fewer bytes, so it is slower than k4v4. Nsight
+Compute (same session, 64K B = 8, `bench/ncu_decode.py --implementation mosaic --preset
+k3v3`, the source page): 1024 warp instructions a warp-step against k4v4's 734 (PRMT 236
+against 196, LDS 178 against 142, LOP3 101 against 5, IMAD 89 against 29, SHF 59; the
+table's base add is folded into LDS's addressing in both); 146 registers and 55 KB of
+shared memory a program, so 3 fit an SM where the 4-bit kernel's 64 KB table leaves 2;
+issue slots 51% busy with 2 resident (k4v4: 51%, at 80% of DRAM bandwidth). One wave of
+3 an SM (396 programs, "smem3" in `tuned_block_sizes`): 252-253 against 282 us at 64K
+B = 8 (`bench/ab_mosaic.py --preset k3v3`). The design,
 counted from its PTX: a 3-bit row is a 2-bit plane (32
 bytes, byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of
 codes 8j..8j+7). A 6-bit pair index (the pair's 2-bit nibble, its 2 high bits above)
