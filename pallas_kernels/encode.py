@@ -134,7 +134,8 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         # The centroids feed the norm correction and the residual a QJL segment after
         # this one (in its group) sketches; else only the codes are needed.
         need_c = norm_correction or any(
-            s.kind != "codebook" and groups[j] == groups[i] for j, s in enumerate(segs))
+            other.kind != "codebook" and groups[j] == groups[i]
+            for j, other in enumerate(segs))
         bounds, cents = bound_vals[i], cent_vals[i]
       scale = None
       offset = 0
