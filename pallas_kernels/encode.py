@@ -97,20 +97,20 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
 
   first = pl.program_id(0) * steps  # the program's first block
   # Small maps (float16, up to 32 KB: one 4-bit codebook segment of 128) and the codebooks
-  # are loaded once a program, before its blocks; larger ones where each block uses them.
-  # Session 17 (H100, 1M vectors of D = 128, one call, 64 tokens a program, us): mse4
-  # float16 405-412 loaded first against 499-508; but prod4 float16 (64 KB of maps)
-  # 1235-1254 against 976-1051, and mse4 "highest" (float32, 64 KB) 1316-1356 against
-  # 1126-1216.
+  # are loaded once a program, before its blocks; larger ones where they are used.
+  # Session 17 (H100, 1M vectors of D = 128, 64 tokens a program, us, two calls): mse4
+  # float16 405-412 loaded first against 480-508 where used; loaded first, prod4 float16
+  # (96 KB of maps) took 1163-1265 against 941-1051 and mse4 "highest" (float32, 64 KB)
+  # 1316-1356 against 1126-1216.
   hoist = half and sum(m.shape[0] * m.shape[1] * m.shape[2] * m.dtype.itemsize
                        for planes in map_refs for m in planes) <= 32768
-  scalars = lambda refs: [[r[k] for k in range(r.shape[0])] for r in refs]
-  load = lambda: ([[[m[u_] for u_ in range(m.shape[0])] for m in planes]
-                   for planes in map_refs], scalars(bd_refs), scalars(cb_refs))
-  hoisted = load() if hoist else None
+  scalars = lambda ref: [ref[k] for k in range(ref.shape[0])]
+  if hoist:
+    hoisted_maps = [[[m[u_] for u_ in range(m.shape[0])] for m in planes]
+                    for planes in map_refs]
+    hoisted_codebooks = [(scalars(b), scalars(c)) for b, c in zip(bd_refs, cb_refs)]
 
   def block(s):
-    mats, bound_vals, cent_vals = hoisted or load()
     rows = pl.ds(s * block_n if isinstance(s, int) else pl.multiple_of(s * block_n, block_n),
                  block_n)
     i0 = (first + s) * block_n
@@ -136,12 +136,13 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         need_c = norm_correction or any(
             other.kind != "codebook" and groups[j] == groups[i]
             for j, other in enumerate(segs))
-        bounds, cents = bound_vals[i], cent_vals[i]
+        bounds, cents = (hoisted_codebooks[i] if hoist
+                         else (scalars(bd_refs[i]), scalars(cb_refs[i])))
       scale = None
       offset = 0
       for p, (shift, width) in enumerate(packing.planes(seg.bits)):
-        maps = mats[i][p]
-        pb, nb_pad = len(maps), maps[0].shape[0]
+        maps = hoisted_maps[i][p] if hoist else map_refs[i][p]  # maps[u_]: [nb_pad, D]
+        pb, nb_pad = map_refs[i][p].shape[:2]
         nb = packing.plane_bytes(seg.dim, width)
         byte = jnp.zeros((block_n, nb_pad), jnp.int32)
         us, cs = [], []
