@@ -130,7 +130,8 @@ table's base add is folded into LDS's addressing in both); 146 registers and 55 
 shared memory a program, so 3 fit an SM where the 4-bit kernel's 64 KB table leaves 2;
 issue slots 51% busy with 2 resident (k4v4: 51%, at 80% of DRAM bandwidth). One wave of
 3 an SM (396 programs, "smem3" in `tuned_block_sizes`): 252-253 against 282 us at 64K
-B = 8 (`bench/ab_mosaic.py --preset k3v3`). The design,
+B = 8 (`bench/ab_mosaic.py --preset k3v3`); `bench/kernels.py --quick` in the next call:
+250.5 us, 2.77x torch cuDNN's 694.8 (B = 1: 41.0 us, 2.29x). The design,
 counted from its PTX: a 3-bit row is a 2-bit plane (32
 bytes, byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of
 codes 8j..8j+7). A 6-bit pair index (the pair's 2-bit nibble, its 2 high bits above)
