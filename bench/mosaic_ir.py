@@ -6,9 +6,9 @@ any machine (no GPU needed): to show that a change leaves the kernel as it was.
     cmp /tmp/old.mlir /tmp/new.mlir
 
 The call is `decode_mosaic.decode_mosaic(..., start=3)` at B = 2, Hkv = 4, G = 7,
-S = 1024, k4v4 (random codes); --kwargs adds keyword arguments (a Python dict literal). The module sits bytecode-encoded in the custom call's
-backend config; its source locations change with any edit of the file, so they are left
-out.
+S = 1024, k4v4 (or --preset k3v3; random codes); --kwargs adds keyword arguments (a
+Python dict literal). The module sits bytecode-encoded in the custom call's backend
+config; its source locations change with any edit of the file, so they are left out.
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--kwargs", default="{}", help="extra keyword arguments, a dict literal")
+  ap.add_argument("--preset", default="k4v4", choices=("k4v4", "k3v3"))
   args = ap.parse_args(argv)
   kwargs = ast.literal_eval(args.kwargs)
   if not isinstance(kwargs, dict):
     raise SystemExit(f"--kwargs must be a dict literal, got {args.kwargs!r}")
-  keys, values = bk.presets(128)["k4v4"]
+  keys, values = bk.presets(128)[args.preset]
   qk, kc, kn, kcb, vc, vn, vcb, lengths = bk.make_inputs(
       jax.random.key(0), 2, 1024, keys, values, rows=7, kv_heads=4)
   fn = lambda qk, kc, kn, vc, vn, lengths: dm.decode_mosaic(

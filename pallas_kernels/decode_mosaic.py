@@ -519,6 +519,16 @@ def _load_asm(count: int, addr, offset: int):
   return [llvm.extractvalue(i32, pair, [i]) for i in range(2)]
 
 
+def _thread():
+  """(i32, f16x2, an i32 constant maker, lane, warp of the warpgroup) for a tile body."""
+  ir, arith, _, _, mgpu, _ = _mlir()
+  i32 = ir.IntegerType.get_signless(32)
+  c = lambda v: mgpu.utils.c(v, i32)
+  tid = mgpu.utils.thread_idx()
+  return (i32, ir.VectorType.get((2,), ir.F16Type.get()), c, arith.andi(tid, c(31)),
+          arith.andi(arith.shrui(tid, c(5)), c(3)))
+
+
 def _key_tile3(tokens: int):
   """inline_mgpu body: 3-bit key codes uint8 [T, 48] and the table (`smem_table3`) in SMEM
   -> the f16 [T, 128] wgmma A operand. Thread lane q (of 4) of row r loads the 2-bit
@@ -526,12 +536,8 @@ def _key_tile3(tokens: int):
   is register column m (`k_perm3`)."""
   def body(ctx, codes_ref, table_ref):
     del ctx
-    ir, arith, llvm, _, mgpu, fa = _mlir()
-    i32 = ir.IntegerType.get_signless(32)
-    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    c = lambda v: mgpu.utils.c(v, i32)
-    tid = mgpu.utils.thread_idx()
-    lane, warp = arith.andi(tid, c(31)), arith.andi(arith.shrui(tid, c(5)), c(3))
+    _, arith, llvm, _, mgpu, fa = _mlir()
+    i32, f16x2, c, lane, warp = _thread()
     q = arith.andi(lane, c(3))
     row = arith.addi(arith.muli(warp, c(16)), arith.shrui(lane, c(2)))  # 16 w + l4
     start = arith.addi(llvm.ptrtoint(i32, mgpu.utils.memref_ptr(codes_ref)),
@@ -564,12 +570,8 @@ def _value_tile3(tokens: int):
   holds that byte's 4 high bits, per token. Output k is register (J, code k = 2 mg + h)."""
   def body(ctx, codes_ref, table_ref):
     del ctx
-    ir, arith, llvm, _, mgpu, fa = _mlir()
-    i32 = ir.IntegerType.get_signless(32)
-    f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    c = lambda v: mgpu.utils.c(v, i32)
-    tid = mgpu.utils.thread_idx()
-    lane, warp = arith.andi(tid, c(31)), arith.andi(arith.shrui(tid, c(5)), c(3))
+    _, arith, llvm, _, mgpu, fa = _mlir()
+    i32, f16x2, c, lane, warp = _thread()
     l4, q, odd = arith.shrui(lane, c(2)), arith.andi(lane, c(3)), arith.andi(warp, c(1))
     chunk = arith.shrui(warp, c(1))
     group = arith.addi(arith.addi(arith.muli(chunk, c(16)), arith.muli(l4, c(2))), odd)
