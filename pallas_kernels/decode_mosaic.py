@@ -261,10 +261,10 @@ def smem_table(k_centroids, v_centroids) -> np.ndarray:
   return np.concatenate(rows, axis=1)
 
 
-# 3 bits (`key3_asm`, `value3_asm`; the design in the module docstring). A 3-bit row is a 2-bit plane (32 bytes,
-# byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j = the high bits of codes
-# 8j..8j+7). A pair of codes (2m, 2m+1) has a 6-bit index: its 2-bit nibble (code 2m in
-# bits 0..1) and its 2 high bits above (code 2m's in bit 4).
+# 3 bits (`key3_asm`, `value3_asm`; the design in the module docstring). A 3-bit row is a
+# 2-bit plane (32 bytes, byte j = codes 4j..4j+3) and a 1-bit plane (16 bytes, byte j =
+# the high bits of codes 8j..8j+7). A pair of codes (2m, 2m+1) has a 6-bit index: its 2-bit
+# nibble (code 2m in bits 0..1) and its 2 high bits above (code 2m's in bit 4).
 TABLE3_ROWS = 64
 
 

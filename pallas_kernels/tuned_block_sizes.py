@@ -10,8 +10,9 @@ falls back to ``(device_kind, "*", key_bits, value_bits)``, then to
 data, not of implementations. The configs are for one query group (up to 16 query rows);
 the kernel adds warps for more rows (a chunk of query tokens).
 
-``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 and k3v3) has the key ``(device_kind, lookup)``
-and the value :class:`MosaicDecodeConfig`; another device gets ``MOSAIC_DEFAULT[lookup]``.
+``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 and k3v3) has the key ``(device_kind,
+lookup)`` (lookup "prmt" or "smem", or "smem3" for the 3-bit kernel) and the value
+:class:`MosaicDecodeConfig`; another device gets ``MOSAIC_DEFAULT[lookup]``.
 
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
 
