@@ -15,12 +15,13 @@ per program), not by the bytes it reads; see the profile in `pallas_kernels.deco
 * Codes are dequantized straight into the wgmma's register A operand by inline PTX,
   never through shared memory as float16 tiles:
   S^T [T, N] = K [T, 128] @ Q^T and O^T [128, N] += V^T [128, T] @ P^T.
-  The default lookup up to 8 query rows (``"smem"``, `smem_word_asm`, session 15) reads a byte's two values
-  at once from a 64 KB table in shared memory (`smem_table`: 256 rows of 256 bytes, the
-  float16 pair of each byte for each of 32 lanes, keys in the first 128 bytes and values
-  in the rest, so a warp's 32 lookups hit 32 banks; one bulk copy from global memory per
-  program): per byte a `prmt` makes the address (the byte into bits 8..15 of the lane's
-  offset), an `add` the table's base (uniform), one `ld.shared.b32`; the values' pairs
+  The default lookup up to 8 query rows (``"smem"``, `smem_word_asm`, session 15) reads a
+  byte's two values at once from a 64 KB table in shared memory (`smem_table`: 256 rows
+  of 256 bytes, the float16 pair of each byte for each of 32 lanes, keys in the first 128
+  bytes and values in the rest, so a warp's 32 lookups hit 32 banks; one bulk copy from
+  global memory per program): per byte a `prmt` makes the address (the byte into bits
+  8..15 of the lane's offset), an `add` the table's base (uniform; ptxas folds it into the
+  load's address, session 17's SASS), one `ld.shared.b32`; the values' pairs
   are then regrouped by token with 2 `prmt`s per 2 outputs. 12 instructions per 8 key
   codes and 16 per 8 value codes, against 21 + 4 table copies for ``"prmt"`` (`word_asm`:
   byte permutes on tables in the PTX, 3 of them relabelling the sorted codes to
