@@ -474,9 +474,7 @@ def _value_tile(asm: str, tokens: int):
     c = lambda v: mgpu.utils.c(v, i32)
     extra = _table_operands(*table_ref, 128) if table_ref else []
     constraints = "=r,=r,=r,=r,r" + ",r" * len(extra)
-    tid = mgpu.utils.thread_idx()
-    lane = arith.andi(tid, c(31))
-    warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+    *_, lane, warp = _thread()
     r = arith.andi(lane, c(7))
     chunk = arith.xori(warp, arith.shrui(r, c(1)))
     offset = arith.addi(arith.addi(arith.muli(arith.shrui(lane, c(3)), c(8 * ROW_BYTES)),
