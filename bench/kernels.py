@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python bench/kernels.py --out DIR            # full grid
     PYTHONPATH=. python bench/kernels.py --quick --out DIR    # B=8/1, S=64K, D=128
+    PYTHONPATH=. python bench/kernels.py --dims 64 --presets k4v4,k3v3 --out DIR
+                                                # the full grid's D = 64 half, two presets
     PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
     PYTHONPATH=. python bench/kernels.py --sweep --quick --presets k4v4 \
         --implementations mosaic --out DIR                     # the Mosaic kernel's tilings
@@ -381,8 +383,16 @@ def main(argv=None):
                        '(default: the kernel\'s default)')
   ap.add_argument("--implementations", default="pallas,mosaic",
                   help='comma list of decode kernels to time: "pallas" (Triton-lowered) and '
-                       '"mosaic" (Mosaic GPU, k4v4 at D = 128 only)')
+                       '"mosaic" (Mosaic GPU, k4v4 and k3v3 at D = 128 only)')
+  ap.add_argument("--dims", default="128,64",
+                  help="comma list of head dims of the full grid (128 and 64; --quick: 128)")
   args = ap.parse_args(argv)
+  try:
+    dims = [int(d) for d in args.dims.split(",")]
+  except ValueError:
+    dims = []
+  if not dims or set(dims) - {128, 64}:
+    ap.error(f"--dims: a comma list of 128 and 64, got {args.dims!r}")
   impls = args.implementations.split(",")
   if not impls or set(impls) - {"pallas", "mosaic"}:
     ap.error(f'--implementations: a comma list of "pallas" and "mosaic", got '
@@ -459,7 +469,7 @@ def main(argv=None):
     dump()
 
   shapes = ([(8, 128, 65536), (1, 128, 65536)] if args.quick else
-            [(B, D, S) for D in (128, 64) for B in (8, 1)
+            [(B, D, S) for D in dims for B in (8, 1)
              for S in (4096, 16384, 65536, 131072)])
   names = args.presets.split(",") if args.presets else list(presets(128))
   lookups = args.lookups.split(",") if args.lookups else [None]

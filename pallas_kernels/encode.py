@@ -72,7 +72,7 @@ def _padded(n: int) -> int:
 
 
 def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, block_n,
-                   steps, num_rows, precision):
+                   steps, num_rows, precision, odd):
   ns = len(segs)
   it = iter(refs)
   # Per segment and bit plane p (width w, pb = 8 // w codes per byte, nb = d / pb bytes):
@@ -152,12 +152,13 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
             # float32 input as it is.
             u = (proj(unit, maps[u_]) if half
                  else proj(x, maps[u_]) / safe[:, None])  # [block_n, nb_pad]
+            find = search_odd if odd[i] else search
             if p == 0 and need_c:
-              idx, c = search(u, bounds, cents)
+              idx, c = find(u, bounds, cents)
               us.append(u)
               cs.append(c)
             else:
-              idx = search(u, bounds)
+              idx = find(u, bounds)
           else:  # qjl: sign(S r)
             idx = (proj(residual, maps[u_]) >= 0).astype(jnp.int32)
           byte = byte | (((idx >> shift) & ((1 << width) - 1)) << (u_ * width))
@@ -201,7 +202,20 @@ def search(u, bounds, values=None):
   levels = len(bounds) + 1
   if levels & (levels - 1):
     raise ValueError(f"search needs 2**b - 1 bounds, got {len(bounds)}")
-  above = []  # above[l]: u is in the upper half at level l
+  idx, above = _binary_search(u, bounds)
+  if values is None:
+    return idx
+  if len(values) != levels:
+    raise ValueError(f"search needs {levels} values for {len(bounds)} bounds, got "
+                     f"{len(values)}")
+  return idx, jnp.broadcast_to(_select_tree(above, values), u.shape)
+
+
+def _binary_search(u, bounds):
+  """(count of bounds below u, the comparisons: above[l] is u in the upper half at level
+  l) for 2**b - 1 sorted bounds."""
+  levels = len(bounds) + 1
+  above = []
 
   def boundary(l, depth=0, base=0):  # the boundary level l compares with
     if depth == l:
@@ -215,15 +229,65 @@ def search(u, bounds, values=None):
     l = len(above)
     above.append(u > boundary(l))
     idx = idx + jnp.where(above[l], levels >> (l + 1), 0)
+  return idx, above
+
+
+def _select_tree(above, values):
+  """values[count] from the binary search's comparisons: codes 2m and 2m + 1 differ in
+  the last comparison, pairs of pairs in the one before."""
+  for l in reversed(range(len(above))):
+    values = [jnp.where(above[l], hi, lo) for lo, hi in zip(values[::2], values[1::2])]
+  return values[0]
+
+
+def search_odd(u, bounds, values=None):
+  """:func:`search` for odd-symmetric bounds (``bounds[k] == -bounds[-1 - k]``, the middle
+  one 0) and values (``values[k] == -values[-1 - k]``), as Lloyd-Max codebooks are: the
+  sign comparison, then a binary search of |u| over the positive half (b - 1 comparisons
+  and 2**(b - 1) - b selects: 3 and 4 at 4 bits, against 4 and 11), the same counts as
+  :func:`search` for every u, ties, ±0, ±inf and NaN (0) included.
+
+  |u| is compared as the integer of its bits (the order of non-negative floats): a u at
+  or below 0 needs |u| >= bound where a positive one needs |u| > bound, so its bits get
+  1 added (unsigned, so NaN stays above every bound and counts 0)."""
+  levels = len(bounds) + 1
+  if levels & (levels - 1) or levels < 4:
+    raise ValueError(f"search_odd needs 2**b - 1 bounds with b >= 2, got {len(bounds)}")
+  half = levels // 2
+  top = u > bounds[half - 1]  # the upper half (u > 0)
+  bits = lax.bitcast_convert_type(u, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  mag = bits + jnp.where(top, jnp.uint32(0), jnp.uint32(1))
+  upper = [lax.bitcast_convert_type(b, jnp.uint32) for b in bounds[half:]]
+  m, above = _binary_search(mag, upper)
+  # Upper half: half + m; lower: half - 1 - m (m < half, so both are one xor).
+  idx = m ^ jnp.where(top, half, half - 1)
   if values is None:
     return idx
   if len(values) != levels:
-    raise ValueError(f"search needs {levels} values for {len(bounds)} bounds, got "
+    raise ValueError(f"search_odd needs {levels} values for {len(bounds)} bounds, got "
                      f"{len(values)}")
-  # Codes 2m and 2m + 1 differ in the last comparison, pairs of pairs in the one before.
-  for l in reversed(range(len(above))):
-    values = [jnp.where(above[l], hi, lo) for lo, hi in zip(values[::2], values[1::2])]
-  return idx, jnp.broadcast_to(values[0], u.shape)
+  v = _select_tree(above, values[half:])
+  return idx, jnp.where(top, v, -v)
+
+
+def _odd_segments(quantizer: qz.Quantizer) -> tuple[bool, ...]:
+  """Per segment: a codebook of 2 or more bits with odd-symmetric boundaries (the middle
+  one 0) and centroids, which :func:`search_odd` needs. Read from the quantizer's arrays
+  where they are concrete, else from the config's tables (which ``Quantizer.create``
+  casts to them)."""
+  arrays = (*quantizer.centroids, *quantizer.boundaries)
+  if any(isinstance(a, jax.core.Tracer) for a in arrays):
+    centroids = qz.segment_centroids(quantizer.config)
+    boundaries = qz.segment_boundaries(quantizer.config)
+  else:
+    centroids, boundaries = quantizer.centroids, quantizer.boundaries
+  odd = lambda a: np.array_equal(a, -a[::-1])
+  out = []
+  for seg, c, b in zip(quantizer.config.segments, centroids, boundaries):
+    c, b = np.asarray(c, np.float32), np.asarray(b, np.float32)
+    out.append(seg.kind == "codebook" and seg.bits >= 2 and odd(c) and odd(b)
+               and b[len(b) // 2] == 0)
+  return tuple(out)
 
 
 def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
@@ -242,7 +306,7 @@ def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
 def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla",
            interpret: bool = False, block_n: int | None = None, steps: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None,
-           precision: str = "highest") -> qz.Encoded:
+           precision: str = "highest", search: str = "auto") -> qz.Encoded:
   """Quantizes x [N, D] into per segment codes [N, P_i] uint8 and scales [N].
 
   ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
@@ -256,6 +320,11 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
   within ~1e-3 of its own size from a boundary) or "ieee" (float32 FMAs: the same codes as
   "highest", and far slower, see the module docstring). In interpret mode "highest" runs
   float32 dots.
+
+  ``search`` of the codes: "binary" (:func:`search`), "odd" (:func:`search_odd`, for
+  odd-symmetric codebooks: the sign, then half the table) or "auto" ("odd" for every
+  codebook segment of 2 or more bits whose boundaries and centroids are odd-symmetric, as
+  Lloyd-Max and e4m3 tables are). The codes are the same.
   """
   precisions = {"highest": (lax.Precision.HIGHEST if interpret
                             else lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
@@ -263,6 +332,8 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
                 "default": lax.Precision.DEFAULT, "float16": "float16"}
   if precision not in precisions:
     raise ValueError(f"precision must be one of {sorted(precisions)}, got {precision!r}")
+  if search not in ("auto", "binary", "odd"):
+    raise ValueError(f'search must be "auto", "binary" or "odd", got {search!r}')
   if implementation not in ("xla", "pallas"):
     raise ValueError(f'implementation must be "xla" or "pallas", got {implementation!r}')
   cfg = quantizer.config
@@ -289,6 +360,10 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
     raise ValueError(f"pallas encode needs a power-of-two head_dim, got {cfg.head_dim}")
   N, D = x.shape
   segs = cfg.segments
+  odd = tuple(search != "binary" and s for s in _odd_segments(quantizer))
+  if search == "odd" and not all(odd[i] for i, s in enumerate(segs) if s.kind == "codebook"):
+    raise ValueError('search="odd" needs odd-symmetric codebooks of 2 or more bits, got '
+                     f"segments {[(s.kind, s.bits) for s in segs]} with odd-symmetric {odd}")
   plane_maps = _plane_maps(quantizer)
   maps = [m for planes in plane_maps for m in planes]
   if precision == "float16":
@@ -309,7 +384,7 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
   kernel = functools.partial(
       _encode_kernel, segs=segs, plane_counts=tuple(len(p) for p in plane_maps),
       groups=tuple((s.start, s.stop) for s in segs), norm_correction=cfg.norm_correction,
-      block_n=block_n, steps=steps, num_rows=N, precision=precisions[precision])
+      block_n=block_n, steps=steps, num_rows=N, precision=precisions[precision], odd=odd)
   outs = pl.pallas_call(
       kernel,
       grid=grid,
@@ -335,19 +410,20 @@ def encode_reference(quantizer: qz.Quantizer, x: jax.Array) -> qz.Encoded:
   return qz.encode(quantizer, x)
 
 
-def bench(key, *, n: int = 1 << 20) -> dict:
+def bench(key, *, n: int = 1 << 20, calls: int = 10) -> dict:
   """Encode throughput on the device: n vectors of D = 128 (k4 mse and prod), the XLA
-  reference and the kernel at a few tilings and dot precisions."""
+  reference and the kernel at a few tilings, dot precisions and searches. Each sample
+  times `calls` calls dispatched back to back (one call alone adds ~0.1 ms of dispatch
+  to a ~0.3 ms kernel: session 18); median of 5."""
   out = {}
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
-  for block_n, steps, precision, warps in (
-      (64, 1, "highest", 4), (64, 1, "default", 4), (64, 1, "float16", 4),
-      (32, 4, "float16", 4), (64, 8, "float16", 4), (64, 8, "float16", 8),
-      (128, 4, "float16", 8)):
-    variants[f"pallas-{block_n}x{steps}-{precision}-w{warps}"] = dict(
+  for block_n, steps, precision, search in (
+      (64, 1, "highest", "auto"), (64, 1, "default", "auto"), (64, 1, "float16", "auto"),
+      (64, 1, "float16", "binary"), (32, 4, "float16", "auto"), (64, 8, "float16", "auto")):
+    variants[f"pallas-{block_n}x{steps}-{precision}-{search}"] = dict(
         implementation="pallas", block_n=block_n, steps=steps, precision=precision,
-        num_warps=warps)
+        search=search)
   for name, cfg in {"mse4": qz.QuantizerConfig(128, 4),
                     "prod4": qz.QuantizerConfig(128, 4, kind="prod")}.items():
     quant = qz.Quantizer.create(cfg)
@@ -361,8 +437,10 @@ def bench(key, *, n: int = 1 << 20) -> dict:
         ts = []
         for _ in range(5):
           t0 = time.perf_counter()
-          jax.block_until_ready(f(x))
-          ts.append(time.perf_counter() - t0)
+          for _ in range(calls):
+            got = f(x)
+          jax.block_until_ready(got)
+          ts.append((time.perf_counter() - t0) / calls)
         t = sorted(ts)[2]
         nbytes = x.nbytes + n * cfg.bytes_per_vector
         got = f(x[:65536])

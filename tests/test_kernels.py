@@ -7,6 +7,7 @@ skipped without a CUDA device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -741,6 +742,58 @@ def test_encode_search_counts_boundaries_below(bits):
     ek.search(jnp.asarray(u), [jnp.float32(0), jnp.float32(1)])
   with pytest.raises(ValueError, match=f"needs {2**bits} values .* got 3"):
     ek.search(jnp.asarray(u), [jnp.float32(b) for b in bounds], [jnp.float32(0)] * 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_encode_search_odd_counts_boundaries_below(bits):
+  # The sign-then-magnitude search on odd-symmetric tables: the count of boundaries below
+  # at ±boundaries, their neighbours, ±0, ±inf and NaNs of every payload (0, as search).
+  rng = np.random.default_rng(10 + bits)
+  upper = np.sort(np.abs(rng.normal(size=2**(bits - 1) - 1))).astype(np.float32)
+  bounds = np.concatenate([-upper[::-1], [0], upper]).astype(np.float32)
+  values = np.sort(np.abs(rng.normal(size=2**(bits - 1)))).astype(np.float32)
+  values = np.concatenate([-values[::-1], values])
+  nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00001], np.uint32).view(np.float32)
+  near = np.concatenate([np.nextafter(bounds, np.inf), np.nextafter(bounds, -np.inf)])
+  u = np.concatenate([rng.normal(size=3000), bounds, near[np.abs(near) > 1e-30],
+                      [0.0, -0.0, np.inf, -np.inf], nans]).astype(np.float32)
+  count = (u[:, None] > bounds[None, :]).sum(1)
+  as_scalars = lambda a: [jnp.float32(v) for v in a]
+  np.testing.assert_array_equal(np.asarray(ek.search_odd(jnp.asarray(u), as_scalars(bounds))),
+                                count)
+  idx, got = ek.search_odd(jnp.asarray(u), as_scalars(bounds), as_scalars(values))
+  np.testing.assert_array_equal(np.asarray(idx), count)
+  np.testing.assert_array_equal(np.asarray(got), values[count])
+  with pytest.raises(ValueError, match="b >= 2, got 1"):
+    ek.search_odd(jnp.asarray(u), [jnp.float32(0)])
+  with pytest.raises(ValueError, match=f"needs {2**bits} values .* got 3"):
+    ek.search_odd(jnp.asarray(u), as_scalars(bounds), [jnp.float32(0)] * 3)
+
+
+def test_encode_search_argument():
+  # "auto" takes the odd search for Lloyd-Max tables and the binary one for the QJL sign;
+  # all three give the reference's codes; "odd" refuses a table that is not symmetric.
+  cfg = ENCODE_CONFIGS["split_prod"]
+  quant = qz.Quantizer.create(cfg)
+  assert ek._odd_segments(quant) == (True, False, True, False)
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(40, cfg.head_dim)), jnp.float32)
+  ref = ek.encode(quant, x)
+  for search in ("auto", "binary", "odd"):
+    got = ek.encode(quant, x, implementation="pallas", interpret=True, block_n=16,
+                    search=search)
+    for a, b in zip(got.codes, ref.codes):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Under jit the quantizer's arrays are traced: the config's tables decide.
+  seen = []
+  jax.jit(lambda q: seen.append(ek._odd_segments(q)) or q.maps[0])(quant)
+  assert seen == [(True, False, True, False)]
+  skewed = dataclasses.replace(quant, boundaries=(quant.boundaries[0] + 1e-3,
+                                                  *quant.boundaries[1:]))
+  assert ek._odd_segments(skewed) == (False, False, True, False)
+  with pytest.raises(ValueError, match='search="odd" needs odd-symmetric'):
+    ek.encode(skewed, x, implementation="pallas", interpret=True, search="odd")
+  with pytest.raises(ValueError, match='search must be "auto", "binary" or "odd", got'):
+    ek.encode(quant, x, implementation="pallas", interpret=True, search="linear")
 
 
 @pytest.mark.parametrize("name", ["mse4", "split_prod"])

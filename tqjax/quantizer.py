@@ -170,9 +170,15 @@ def segment_centroids(config: QuantizerConfig) -> tuple[np.ndarray, ...]:
   return tuple(out)
 
 
+def segment_boundaries(config: QuantizerConfig) -> tuple[np.ndarray, ...]:
+  """Host-side float64 boundaries of every segment (the QJL segment's: 0, its sign)."""
+  return tuple(get_codebook(seg.dim, seg.bits, config.codebook).boundaries
+               if seg.kind == "codebook" else np.array([0.0]) for seg in config.segments)
+
+
 def _segment_tables(config: QuantizerConfig):
   """Host-side float64 maps, centroids and boundaries of every segment."""
-  maps, boundaries = [], []
+  maps = []
   for g, (start, stop, _) in enumerate(config.groups):
     dim = stop - start
     seeds = np.random.SeedSequence([config.seed, g]).generate_state(2)
@@ -180,12 +186,10 @@ def _segment_tables(config: QuantizerConfig):
       full = np.zeros((dim, config.head_dim))
       if seg.kind == "codebook":
         full[:, start:stop] = rotation_lib.rotation(config.rotation, dim, int(seeds[0]))
-        boundaries.append(get_codebook(dim, seg.bits, config.codebook).boundaries)
       else:
         full[:, start:stop] = rotation_lib.gaussian(dim, dim, int(seeds[1]))
-        boundaries.append(np.array([0.0]))
       maps.append(full)
-  return maps, segment_centroids(config), boundaries
+  return maps, segment_centroids(config), segment_boundaries(config)
 
 
 @jax.tree_util.register_dataclass
