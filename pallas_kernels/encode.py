@@ -46,6 +46,14 @@ against 499-508 before, 8 blocks of 64 469-482 (unchanged), XLA 1517-1549. Nsigh
 Compute (mse4, float16, 8 blocks of 64): the search is half of the instructions (FSEL
 25%, FSETP 14%, SEL 12%); 185 registers, 2 programs of 4 warps an SM; issue slots 47%
 busy.
+
+Session 18 (H100, 1M vectors, one process; these and session 17's numbers above timed one
+call at a time, ~0.1 ms of dispatch included, so 405 us then is 301.5 us timed calls back
+to back, as `bench` now does): codes by sign and magnitude (`search_odd`, the default for
+odd-symmetric tables): mse4 float16, 64 tokens a program, 257.9-264.2 us against 303.3-303.7
+with the binary search (1.29-1.32 TB/s, 53-54% of the 2.45 TB/s copy bandwidth); exact
+("highest") 936-1038 against 996; prod4 float16 797-801 against 803-806 (its two more
+projections dominate). XLA 1301 (mse4) and 2433 (prod4).
 """
 
 from __future__ import annotations
