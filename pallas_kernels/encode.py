@@ -53,7 +53,11 @@ to back, as `bench` now does): codes by sign and magnitude (`search_odd`, the de
 odd-symmetric tables): mse4 float16, 64 tokens a program, 257.9-264.2 us against 303.3-303.7
 with the binary search (1.29-1.32 TB/s, 53-54% of the 2.45 TB/s copy bandwidth); exact
 ("highest") 936-1038 against 996; prod4 float16 797-801 against 803-806 (its two more
-projections dominate). XLA 1301 (mse4) and 2433 (prod4).
+projections dominate). XLA 1301 (mse4) and 2433 (prod4). Next call (`bench`, via
+`bench/kernels.py --dims 64 --presets k4v4,k3v3 --no-check`; copy bandwidth 2.45 TB/s),
+mse4 | prod4: float16 253 (1.34 TB/s, 55%) | 785, binary search 292 | 778; the new
+"float16x3" (three float16 passes, float32-accurate) 482 | 2549 against "highest" 934 |
+11155 and one TF32 pass 516 | 2522: it is the default now.
 """
 
 from __future__ import annotations
@@ -85,23 +89,34 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
   it = iter(refs)
   # Per segment and bit plane p (width w, pb = 8 // w codes per byte, nb = d / pb bytes):
   # [pb, nb_pad, D] (float32, or float16 for precision "float16"), row u + pb * c of the
-  # segment map at [u, c] (zero padded).
+  # segment map at [u, c] (zero padded); for "float16x3" [2 * pb, nb_pad, D], the map's
+  # float16 rounding, then the float16 rounding of the rest.
   map_refs = [[next(it) for _ in range(plane_counts[i])] for i in range(ns)]
   cb_refs = [next(it) for _ in range(ns)]  # [2**b_i] float32
   bd_refs = [next(it) for _ in range(ns)]  # [2**b_i - 1] float32
   code_refs = [next(it) for _ in range(ns)]  # [steps * block_n, P_i] uint8
   scale_refs = [next(it) for _ in range(ns)]  # [steps * block_n] scale dtype
-  half = precision == "float16"
+  half = precision in ("float16", "float16x3")  # the dots take the unit vector
+  split = precision == "float16x3"  # maps in pairs (rounding, rest): see encode()
   if half:  # operands rounded to float16, float32 sums: one tensor-core pass
     dot_precision, operand = lax.Precision.DEFAULT, lambda a: a.astype(jnp.float16)
   else:
     dot_precision, operand = precision, lambda a: a
-  proj = lambda a, m: lax.dot_general(operand(a), m, (((1,), (1,)), ((), ())),
-                                      precision=dot_precision,
-                                      preferred_element_type=jnp.float32)
-  back = lambda a, m: lax.dot_general(operand(a), m, (((1,), (0,)), ((), ())),
-                                      precision=dot_precision,
-                                      preferred_element_type=jnp.float32)
+
+  def dot(a, m, dims):
+    if not split:
+      return lax.dot_general(operand(a), m, (dims, ((), ())), precision=dot_precision,
+                             preferred_element_type=jnp.float32)
+    # a m = a_hi m_hi + a_lo m_hi + a_hi m_lo + a_lo m_lo, the last term dropped (2**-22
+    # of the product): three float16 passes.
+    (m_hi, m_lo), a_hi = m, a.astype(jnp.float16)
+    a_lo = (a - a_hi.astype(jnp.float32)).astype(jnp.float16)
+    one = lambda p, q: lax.dot_general(p, q, (dims, ((), ())),
+                                       preferred_element_type=jnp.float32)
+    return one(a_hi, m_hi) + one(a_lo, m_hi) + one(a_hi, m_lo)
+
+  proj = lambda a, m: dot(a, m, ((1,), (1,)))
+  back = lambda a, m: dot(a, m, ((1,), (0,)))
 
   first = pl.program_id(0) * steps  # the program's first block
   # Small maps (float16, up to 32 KB: one 4-bit codebook segment of 128) and the codebooks
@@ -136,7 +151,8 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
         # The group's unit vector (residual moves on after a codebook segment); for float16
         # operands by a reciprocal and a multiply (the rounding to float16 is coarser than
         # either), else by the reference's division.
-        unit = (x * (1.0 / safe)[:, None] if half else x / safe[:, None]) * in_group[None, :]
+        unit = (x * (1.0 / safe)[:, None] if precision == "float16" else x / safe[:, None])
+        unit = unit * in_group[None, :]
         residual = unit
       if seg.kind == "codebook":
         # The centroids feed the norm correction and the residual a QJL segment after
@@ -151,6 +167,9 @@ def _encode_kernel(x_ref, *refs, segs, plane_counts, groups, norm_correction, bl
       for p, (shift, width) in enumerate(packing.planes(seg.bits)):
         maps = hoisted_maps[i][p] if hoist else map_refs[i][p]  # maps[u_]: [nb_pad, D]
         pb, nb_pad = map_refs[i][p].shape[:2]
+        if split:  # maps[u_]: the pair
+          pb //= 2
+          maps = [(maps[u_], maps[pb + u_]) for u_ in range(pb)]
         nb = packing.plane_bytes(seg.dim, width)
         byte = jnp.zeros((block_n, nb_pad), jnp.int32)
         us, cs = [], []
@@ -314,20 +333,28 @@ def _plane_maps(quantizer: qz.Quantizer) -> list[list[jax.Array]]:
 def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla",
            interpret: bool = False, block_n: int | None = None, steps: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None,
-           precision: str = "highest", search: str = "auto") -> qz.Encoded:
+           precision: str = "float16x3", search: str = "auto") -> qz.Encoded:
   """Quantizes x [N, D] into per segment codes [N, P_i] uint8 and scales [N].
 
   ``implementation="xla"`` is :func:`tqjax.quantizer.encode`; ``"pallas"`` the fused
   kernel (``interpret=True`` runs it on CPU), one program per ``steps`` blocks of
   ``block_n`` tokens (the segment maps read once a program). ``precision`` of the
-  kernel's projections: "highest" (float32 accuracy from three TF32 tensor-core passes;
-  codes equal the float32 reference except at near ties), "default" (one TF32 pass:
-  faster, codes at coordinate boundaries may differ; "high" is the same in Triton),
-  "float16" (the unit vector and the maps rounded to float16, float32 sums: one pass at
-  twice TF32's rate and half its operand bytes; a code moves where a coordinate lies
-  within ~1e-3 of its own size from a boundary) or "ieee" (float32 FMAs: the same codes as
-  "highest", and far slower, see the module docstring). In interpret mode "highest" runs
-  float32 dots.
+  kernel's projections:
+
+  - "float16x3" (the default): three float16 tensor-core passes, the unit vector and the
+    maps each split into their float16 rounding and the float16 rounding of the rest, all
+    products but rest x rest. Codes are the float32 reference's except at near ties, as
+    with "highest", in half its time (session 18, H100, 1M vectors of D = 128: 6e-6 of
+    the bytes differ against 1.2e-6; mse4 482 against 934 us, prod4 2549 against 11155).
+  - "highest": float32 accuracy from three TF32 passes.
+  - "default": one TF32 pass, faster; codes at coordinate boundaries may differ ("high"
+    is the same in Triton).
+  - "float16": the unit vector and the maps rounded to float16, float32 sums, one pass
+    at twice TF32's rate and half its operand bytes (the fastest: mse4 253 us); a code
+    moves where a coordinate lies within ~1e-3 of its own size from a boundary.
+  - "ieee": float32 FMAs, the same codes as "highest" and far slower (module docstring).
+
+  In interpret mode "highest" runs float32 dots.
 
   ``search`` of the codes: "binary" (:func:`search`), "odd" (:func:`search_odd`, for
   odd-symmetric codebooks: the sign, then half the table) or "auto" ("odd" for every
@@ -337,7 +364,8 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
   precisions = {"highest": (lax.Precision.HIGHEST if interpret
                             else lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
                 "ieee": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
-                "default": lax.Precision.DEFAULT, "float16": "float16"}
+                "default": lax.Precision.DEFAULT, "float16": "float16",
+                "float16x3": "float16x3"}
   if precision not in precisions:
     raise ValueError(f"precision must be one of {sorted(precisions)}, got {precision!r}")
   if search not in ("auto", "binary", "odd"):
@@ -376,6 +404,10 @@ def encode(quantizer: qz.Quantizer, x: jax.Array, *, implementation: str = "xla"
   maps = [m for planes in plane_maps for m in planes]
   if precision == "float16":
     maps = [m.astype(jnp.float16) for m in maps]
+  elif precision == "float16x3":  # [2 pb, nb_pad, D]: the rounding, then the rest's
+    hi = [m.astype(jnp.float16) for m in maps]
+    maps = [jnp.concatenate([h, (m - h.astype(jnp.float32)).astype(jnp.float16)])
+            for h, m in zip(hi, maps)]
   packed = [packing.packed_size(s.dim, s.bits) for s in segs]
   # A plane whose byte count is not a power of two is stored as a masked power-of-two
   # tile, so its array gets room for it (sliced off after the kernel).
@@ -427,7 +459,8 @@ def bench(key, *, n: int = 1 << 20, calls: int = 10) -> dict:
   x = jax.random.normal(key, (n, 128), jnp.float16)
   variants = {"xla": dict(implementation="xla")}
   for block_n, steps, precision, search in (
-      (64, 1, "highest", "auto"), (64, 1, "default", "auto"), (64, 1, "float16", "auto"),
+      (64, 1, "highest", "auto"), (64, 1, "float16x3", "auto"), (64, 1, "default", "auto"),
+      (64, 1, "float16", "auto"),
       (64, 1, "float16", "binary"), (32, 4, "float16", "auto"), (64, 8, "float16", "auto")):
     variants[f"pallas-{block_n}x{steps}-{precision}-{search}"] = dict(
         implementation="pallas", block_n=block_n, steps=steps, precision=precision,
