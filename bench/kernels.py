@@ -4,6 +4,8 @@
     PYTHONPATH=. python bench/kernels.py --quick --out DIR    # B=8/1, S=64K, D=128
     PYTHONPATH=. python bench/kernels.py --dims 64 --presets k4v4,k3v3 --out DIR
                                                 # the full grid's D = 64 half, two presets
+    PYTHONPATH=. python bench/kernels.py --sweep --dims 64 --presets k4v4,k3v3 \
+        --implementations pallas --no-encode --out DIR  # the Triton tilings at D = 64
     PYTHONPATH=. python bench/kernels.py --sweep --out DIR    # tiling sweep (tuning)
     PYTHONPATH=. python bench/kernels.py --sweep --quick --presets k4v4 \
         --implementations mosaic --out DIR                     # the Mosaic kernel's tilings
@@ -350,8 +352,8 @@ def layer_sweep(key, results, dump) -> None:
       dump()
 
 
-def check_variant(key, preset, implementation="pallas", **kw) -> float:
-  keys, values = presets(128)[preset]
+def check_variant(key, preset, implementation="pallas", head_dim=128, **kw) -> float:
+  keys, values = presets(head_dim)[preset]
   B, S = 2, 2048 + (128 if implementation == "mosaic" else 37)  # mosaic: whole 128-token steps
   if implementation == "mosaic" and "num_splits" in kw:  # a sweep's splits are for S = 64K
     kw = dict(kw, num_splits=min(kw["num_splits"], S // kw.get("block_s", 128)))
@@ -384,15 +386,19 @@ def main(argv=None):
   ap.add_argument("--implementations", default="pallas,mosaic",
                   help='comma list of decode kernels to time: "pallas" (Triton-lowered) and '
                        '"mosaic" (Mosaic GPU, k4v4 and k3v3 at D = 128 only)')
-  ap.add_argument("--dims", default="128,64",
-                  help="comma list of head dims of the full grid (128 and 64; --quick: 128)")
+  ap.add_argument("--dims", default=None,
+                  help="comma list of head dims (128, 64) of the full grid (default both) "
+                       "and of --sweep (default 128; the Mosaic kernel's rows at 128 only); "
+                       "--quick: 128")
   args = ap.parse_args(argv)
-  try:
-    dims = [int(d) for d in args.dims.split(",")]
-  except ValueError:
-    dims = []
-  if not dims or set(dims) - {128, 64}:
-    ap.error(f"--dims: a comma list of 128 and 64, got {args.dims!r}")
+  dims = None
+  if args.dims is not None:
+    try:
+      dims = [int(d) for d in args.dims.split(",")]
+    except ValueError:
+      dims = []
+    if not dims or set(dims) - {128, 64}:
+      ap.error(f"--dims: a comma list of 128 and 64, got {args.dims!r}")
   impls = args.implementations.split(",")
   if not impls or set(impls) - {"pallas", "mosaic"}:
     ap.error(f'--implementations: a comma list of "pallas" and "mosaic", got '
@@ -436,17 +442,20 @@ def main(argv=None):
                                           num_splits=n))
                   for B, splits in ((8, (8, 16, 32)), (1, (64, 128, 256)))
                   for bs in (128, 64) for st in (2, 3) for n in splits]
-    configs = [c for c in configs if c[3].get("implementation", "pallas") in impls]
-    for B, S, preset, kw in configs:
+    configs = [(D, *c) for D in dims or [128] for c in configs
+               if c[3].get("implementation", "pallas") in impls
+               and (D == 128 or c[3].get("implementation") != "mosaic")]
+    for D, B, S, preset, kw in configs:
       try:
-        err = check_variant(key, preset, **kw) if kw.get("lookup") != "none" else None
-        t, nbytes = bench_decode(B, S, 128, preset, key, **kw)
+        err = (check_variant(key, preset, head_dim=D, **kw) if kw.get("lookup") != "none"
+               else None)
+        t, nbytes = bench_decode(B, S, D, preset, key, **kw)
         lut = [] if kw.get("implementation") == "mosaic" else lut_bits(
-            B, S, *presets(128)[preset], **kw)
-        row = dict(B=B, S=S, preset=preset, us=round(t, 1), tbps=nbytes / t * 1e-6, err=err,
-                   lut_bits=lut, **kw)
+            B, S, *presets(D)[preset], **kw)
+        row = dict(D=D, B=B, S=S, preset=preset, us=round(t, 1), tbps=nbytes / t * 1e-6,
+                   err=err, lut_bits=lut, **kw)
       except Exception as e:
-        row = dict(B=B, S=S, preset=preset, error=repr(e)[:300], **kw)
+        row = dict(D=D, B=B, S=S, preset=preset, error=repr(e)[:300], **kw)
       results["sweep"].append(row)
       print("sweep", row, flush=True)
       dump()
@@ -469,7 +478,7 @@ def main(argv=None):
     dump()
 
   shapes = ([(8, 128, 65536), (1, 128, 65536)] if args.quick else
-            [(B, D, S) for D in dims for B in (8, 1)
+            [(B, D, S) for D in dims or (128, 64) for B in (8, 1)
              for S in (4096, 16384, 65536, 131072)])
   names = args.presets.split(",") if args.presets else list(presets(128))
   lookups = args.lookups.split(",") if args.lookups else [None]
@@ -497,7 +506,7 @@ def main(argv=None):
         label = f"{name}/{lookup}" if lookup else name
         lut = [] if lookup in kernels else lut_bits(B, S, *presets(D)[name], **kw)
         try:
-          err = check_variant(key, name, **kw) if lookup else None  # else checked above
+          err = check_variant(key, name, head_dim=D, **kw) if lookup else None  # else checked
           t, nbytes = bench_decode(B, S, D, name, key, **kw)
           results["rows"].append(dict(kind="tq_decode", name=label, B=B, D=D, S=S, us=t,
                                       bytes=nbytes, frac_copy_bw=nbytes / (t * 1e-6) / bw,
