@@ -1,12 +1,14 @@
 """A/B of Mosaic decode variants (kwargs of `decode_mosaic.decode_mosaic`) in one process:
-checked against the XLA reference, then timed alternately at the e2e layer and 64K.
+checked against the XLA reference, then timed alternately at the e2e layer and 64K (or
+the --shapes given).
 
     PYTHONPATH=. python bench/ab_mosaic.py --variants '{"a": {"num_splits": 33},
         "b": {"num_splits": 37}}'
 
 Session 16 (H100) chose one wave of programs for the table lookup: `--variants '{"1 wave":
 {"programs": 264}, "2 waves": {"programs": 528}, "4 waves": {"programs": 1056}}'` gives
-the splits it measured at each shape. `--preset k3v3` times the 3-bit kernel instead.
+the splits it measured at each shape. `--preset k3v3` times the 3-bit kernel instead,
+`--head-dim 64` the 4-bit kernel at 64 coordinates.
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
@@ -50,7 +52,22 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--preset", default="k4v4", choices=("k4v4", "k3v3"),
                   help="the cache's codes (the kernel's two code widths)")
+  ap.add_argument("--head-dim", type=int, default=128, choices=(128, 64),
+                  help="coordinates a head (64: k4v4 only)")
+  ap.add_argument("--shapes", default="layer B8,layer B1,64K B8,64K B1",
+                  help='a comma list of "layer B<batch>" (the e2e layer) and "<S>K B<batch>"'
+                       ' (S thousand-and-24s of tokens, 8 KV heads), e.g. "16K B1,128K B8"')
   args = ap.parse_args(argv)
+  if args.head_dim == 64 and args.preset != "k4v4":
+    raise SystemExit(f"--head-dim 64 takes --preset k4v4, got {args.preset}")
+  shapes = {}
+  for sname in args.shapes.split(","):
+    size, _, batch = sname.strip().partition(" B")
+    if not batch.isdigit() or not (size == "layer" or size[:-1].isdigit() and size[-1] == "K"):
+      raise SystemExit(f'--shapes: each is "layer B<batch>" or "<S>K B<batch>", got {sname!r} '
+                       f'in {args.shapes!r}')
+    shapes[sname.strip()] = ((int(batch), bk.E2E_SLOTS, bk.E2E_LAYER) if size == "layer" else
+                             (int(batch), int(size[:-1]) * 1024, {}))
   try:
     variants = json.loads(args.variants)
   except json.JSONDecodeError as e:
@@ -60,7 +77,7 @@ def main(argv=None):
     raise SystemExit(f"--variants must map names to objects of kwargs, got {variants!r}")
   if args.rounds < 1:
     raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
-  keys, values = bk.presets(128)[args.preset]
+  keys, values = bk.presets(args.head_dim)[args.preset]
   key = jax.random.key(3)
   # Correctness: rows of different lengths, a split boundary inside.
   qk, kc, kn, kcb, vc, vn, vcb, _ = bk.make_inputs(key, 3, 4480, keys, values, rows=7,
@@ -73,9 +90,6 @@ def main(argv=None):
           kw, qk, kc, kn, kcb, vc, vn, vcb, lengths)
       got = bk.finalize(jax.jit(f)(qk, kc, kn, vc, vn, lengths))
       print(f"check {name} {extra}: rel_err {bk.rel_err(got, ref):.2e}", flush=True)
-  shapes = {"layer B8": (8, bk.E2E_SLOTS, bk.E2E_LAYER),
-            "layer B1": (1, bk.E2E_SLOTS, bk.E2E_LAYER),
-            "64K B8": (8, 65536, {}), "64K B1": (1, 65536, {})}
   table = {}
   for sname, (B, S, shape) in shapes.items():
     extra = {}

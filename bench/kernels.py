@@ -444,7 +444,7 @@ def main(argv=None):
                   for bs in (128, 64) for st in (2, 3) for n in splits]
     configs = [(D, *c) for D in dims or [128] for c in configs
                if c[3].get("implementation", "pallas") in impls
-               and (D == 128 or c[3].get("implementation") != "mosaic")]
+               and (D == 128 or c[3].get("implementation") != "mosaic" or c[2] == "k4v4")]
     for D, B, S, preset, kw in configs:
       try:
         err = (check_variant(key, preset, head_dim=D, **kw) if kw.get("lookup") != "none"
@@ -496,8 +496,9 @@ def main(argv=None):
         results["rows"].append(dict(kind="baseline", name=name, B=B, D=D, S=S, error=t))
     for name in names:
       # The Mosaic GPU kernel (pallas_kernels.decode_mosaic) where it applies: k4v4 and k3v3
-      # at D = 128.
-      mosaic = (presets(D)[name] in (([(128, 4)], [(128, 4)]), ([(128, 3)], [(128, 3)]))
+      # at D = 128, k4v4 at 64.
+      mosaic = (presets(D)[name] in (([(128, 4)], [(128, 4)]), ([(128, 3)], [(128, 3)]),
+                                     ([(64, 4)], [(64, 4)]))
                 and "mosaic" in impls)
       kernels = ["mosaic"] if mosaic else []
       for lookup in (lookups if "pallas" in impls else []) + kernels:

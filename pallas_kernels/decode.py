@@ -1094,11 +1094,15 @@ def _check_mosaic(key_segs, value_segs, static_ck, static_cv, G, interpret, look
   widths = {s.bits for s in key_segs + value_segs}
   for segments, centroids, name in segs:
     if (len(segments) != 1 or segments[0].bits not in (3, 4) or len(widths) != 1
-        or segments[0].dim != decode_mosaic.DIM):
+        or segments[0].dim not in (decode_mosaic.DIM, 64)
+        or (segments[0].dim == 64 and segments[0].bits != 4)):
       raise ValueError(f'implementation="mosaic" takes one 4-bit or 3-bit {name} segment of '
-                       f'{decode_mosaic.DIM} coordinates, as wide as the other side\'s (the '
-                       f'k4v4 and k3v3 presets), got {[(s.dim, s.bits) for s in segments]} '
-                       '(dim, bits)')
+                       f'{decode_mosaic.DIM} coordinates, or a 4-bit one of 64, as wide as '
+                       f'the other side\'s (the k4v4 and k3v3 presets), got '
+                       f'{[(s.dim, s.bits) for s in segments]} (dim, bits)')
+    if segments[0].dim == 64 and lookup == "prmt":
+      raise ValueError('implementation="mosaic" takes lookup "smem" (or None) at 64 '
+                       'coordinates, got "prmt"')
     if segments[0].bits == 3 and lookup == "prmt":
       raise ValueError('implementation="mosaic" takes lookup "smem" (or None) for 3-bit '
                        'codes, got "prmt"')

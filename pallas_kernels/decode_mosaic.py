@@ -152,6 +152,22 @@ goes into bits 8..13 of the lane offset as here, in a 64-row table (`smem_table3
 * In all, ~700 lookup instructions a thread-step against ~450, for 0.76 of the bytes. On
   the H100, where the 4-bit kernel is at its bytes, that suggests ~3.3-3.6x fp16, not 4x.
 
+64 coordinates (4-bit, "smem" lookup only; written in session 18, first run in session 19
+on the H100: `pytest -m gpu -k decode_mosaic_gpu` passes, relative error 2.8e-5 in
+`bench/kernels.py`; the D = 128 modules are byte-identical, `bench/mosaic_ir.py`): keys
+as at 128 with 2
+words a thread-row (`k_perm(lookup, 64)`); V^T [64, T] is one M group, so a thread
+dequantizes one byte (2 coordinates) a token: `ldmatrix.x4.trans` on 32-byte rows (no
+swizzle: rows r and r + 4 of a matrix share banks) hands it a 16-bit slot, and warp
+parity picks its byte (`value3_group`, `value64_asm`: 2 lookups and 2 regrouping `prmt`s
+per 4 codes; `v_perm64`). Session 19, H100, `bench/kernels.py --dims 64 --presets
+k4v4,k3v3 --no-encode` (one wave of 264 programs, as at 128), x the fastest fp16 (torch
+cuDNN) at 4K/16K/64K/128K: B = 8 1.46/1.59/1.71/1.75 (the Triton kernel 1.07/1.02/0.99/
+1.00), B = 1 0.81/0.94 (Triton 0.84/0.68). fp16 at D = 64 reads at 3.1 TB/s as at 128;
+this kernel at 1.4 TB/s against ~2.0 at 128: a step holds half the bytes for the same
+softmax, barriers and table copy. Two waves of 2 programs an SM and 3 stages ("smem64")
+took 64K B = 8 from 202.9 to 171.8 us (1.6 TB/s, ~2.0x).
+
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
 sm_90 GPU (no interpret mode: Mosaic GPU's interpreter has no inline asm); a stacked
@@ -371,17 +387,28 @@ def v_perm3() -> np.ndarray:
   return perm
 
 
-def k_perm(lookup: str = "prmt") -> np.ndarray:
+def k_perm(lookup: str = "prmt", dim: int = DIM) -> np.ndarray:
   """Column c of a dequantized key tile holds coordinate k_perm()[c].
 
-  Thread lane q (of 4) loads words 4q..4q+3 of its rows; output j of word i goes to
-  column block 4i + j, columns 8(4i + j) + 2q + e, and holds code j + 4e of the word,
-  coordinate 8(4q + i) + j + 4e ("prmt"), or code 2j + e, coordinate 8(4q + i) + 2j + e
-  ("smem": byte j's pair)."""
-  i, j, q, e = np.meshgrid(*(np.arange(n) for n in (4, 4, 4, 2)), indexing="ij")
+  Thread lane q (of 4) loads words n q..n q + n - 1 of its rows (n = dim / 32 words);
+  output j of word i goes to column block 4i + j, columns 8(4i + j) + 2q + e, and holds
+  code j + 4e of the word, coordinate 8(n q + i) + j + 4e ("prmt"), or code 2j + e,
+  coordinate 8(n q + i) + 2j + e ("smem": byte j's pair)."""
+  n = dim // 32
+  i, j, q, e = np.meshgrid(*(np.arange(k) for k in (n, 4, 4, 2)), indexing="ij")
   code = j + 4 * e if lookup == "prmt" else 2 * j + e
-  perm = np.empty(DIM, np.int64)
-  perm[(8 * (4 * i + j) + 2 * q + e).ravel()] = (32 * q + 8 * i + code).ravel()
+  perm = np.empty(dim, np.int64)
+  perm[(8 * (4 * i + j) + 2 * q + e).ravel()] = (8 * (n * q + i) + code).ravel()
+  return perm
+
+
+def v_perm64() -> np.ndarray:
+  """Row R of the dequantized 4-bit V^T tile at 64 coordinates holds coordinate
+  v_perm64()[R]: warp w, lane group l4 holds rows 16 w + l4 + 8 h, code h of its byte
+  (`value3_group`: the bytes of a 32-byte row, two to a 16-bit slot)."""
+  w, l4, h = np.meshgrid(*(np.arange(n) for n in (4, 8, 2)), indexing="ij")
+  perm = np.empty(64, np.int64)
+  perm[(16 * w + l4 + 8 * h).ravel()] = (2 * value3_group(w, l4) + h).ravel()
   return perm
 
 
@@ -398,9 +425,10 @@ def v_perm() -> np.ndarray:
 
 # Each thread: 16 consecutive bytes (one load; 4 words) of the two token rows it holds in
 # the wgmma fragment (rows r and r + 8 of its warp's 16), lane q of 4 the bytes 16q ...
-def _code_layout():
+def _code_layout(row_bytes: int = ROW_BYTES):
   from jax.experimental.mosaic.gpu import fragmented_array as fa
-  return fa.TiledLayout(fa.Tiling(((64, ROW_BYTES), (16, ROW_BYTES), (8, ROW_BYTES), (16,))),
+  rb = row_bytes
+  return fa.TiledLayout(fa.Tiling(((64, rb), (16, rb), (8, rb), (rb // 4,))),
                         warp_dims=(-7,), lane_dims=(-3, -2), vector_dim=-1)
 
 
@@ -423,11 +451,11 @@ def _table_operands(table_ref, offset: int):
           llvm.ptrtoint(i32, mgpu.utils.memref_ptr(table_ref))]
 
 
-def _key_tile(asm: str, tokens: int):
-  """inline_mgpu body: key codes uint8 [T, 64] in SMEM (and the lookup table, for
-  `smem_word_asm`) -> the f16 [T, 128] wgmma A operand. Each thread loads the 4 words of
-  its two rows (`_code_layout`); output j of word i (4 outputs of f16x2) is register
-  column 4 i + j."""
+def _key_tile(asm: str, tokens: int, dim: int = DIM):
+  """inline_mgpu body: key codes uint8 [T, dim / 2] in SMEM (and the lookup table, for
+  `smem_word_asm`) -> the f16 [T, dim] wgmma A operand. Each thread loads the dim / 32
+  words of its two rows (`_code_layout`); output j of word i (4 outputs of f16x2) is
+  register column 4 i + j."""
   def body(ctx, codes_ref, *table_ref):
     del ctx
     ir, _, llvm, vector, mgpu, fa = _mlir()
@@ -435,15 +463,16 @@ def _key_tile(asm: str, tokens: int):
     constraints = "=r,=r,=r,=r,r" + ",r" * len(extra)
     i32 = ir.IntegerType.get_signless(32)
     f16x2 = ir.VectorType.get((2,), ir.F16Type.get())
-    codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(), is_signed=False,
-                                            optimized=False)  # 16 bytes per register
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, DIM)), dtype=object)
+    words = dim // 32  # a thread's quarter of a row
+    codes = fa.FragmentedArray.load_untiled(codes_ref, layout=_code_layout(dim // 2),
+                                            is_signed=False, optimized=False)
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((tokens, dim)), dtype=object)
     out_ty = llvm.StructType.get_literal([i32] * 4)
     for rt in range(tokens // 64):
       for h in range(2):  # rows r and r + 8
-        vec = vector.bitcast(ir.VectorType.get((4,), i32),
+        vec = vector.bitcast(ir.VectorType.get((words,), i32),
                              codes.registers[rt, 0, 0, 0, h, 0, 0, 0, 0])
-        for i in range(4):
+        for i in range(words):
           w = vector.extract(vec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([i]))
           out = llvm.inline_asm(out_ty, [w, *extra], asm, constraints,
@@ -606,6 +635,59 @@ def _value_tile3(tokens: int):
   return body
 
 
+# 4-bit codes at 64 coordinates (a 32-byte row), lookup "smem" only: keys as at 128 with 2
+# words a thread-row; values one byte (2 coordinates) a thread-token, `value64_asm`.
+def value64_asm() -> str:
+  """PTX: a word $2 as `ldmatrix.trans` gives it (a 16-bit slot of token A in the low half,
+  of token B in the high half), lane offset $3, `prmt` selectors $4 and $5 of the
+  thread's byte of the slot in token A and in token B (bits 8..15 of the offset), table
+  base $6 -> 2 f16x2 outputs: $0 = (code 0 of the byte in A, in B), $1 = (code 1, code 1).
+  Two lookups of byte pairs (`smem_table`) and two `prmt`s to regroup by token: 8
+  instructions per 4 codes, as `smem_word_asm` at 128."""
+  return "\n".join([
+      "{", ".reg .b32 a, pA, pB;",
+      "prmt.b32 a, $2, $3, $4;", "add.u32 a, a, $6;", "ld.shared.b32 pA, [a];",
+      "prmt.b32 a, $2, $3, $5;", "add.u32 a, a, $6;", "ld.shared.b32 pB, [a];",
+      "prmt.b32 $0, pA, pB, 0x5410;", "prmt.b32 $1, pA, pB, 0x7632;", "}"])
+
+
+def _value_tile64(tokens: int):
+  """inline_mgpu body: 4-bit value codes uint8 [T, 32] and the table (`smem_table`) in
+  SMEM -> f16 V^T [64, T] wgmma A operand. One `ldmatrix.x4.trans` gives a thread, for 4
+  tiles J of 8 tokens, the 16-bit slot l4 of chunk warp // 2 of tokens 8J + 2q and
+  8J + 2q + 1 (32-byte rows, no swizzle: rows r and r + 4 of a matrix share banks); it
+  keeps the slot's low or high byte by warp parity (`value3_group`). Output h is register
+  (J, h), code h of that byte (`v_perm64`)."""
+  def body(ctx, codes_ref, table_ref):
+    del ctx
+    _, arith, llvm, _, mgpu, fa = _mlir()
+    i32, f16x2, c, lane, warp = _thread()
+    odd, chunk = arith.andi(warp, c(1)), arith.shrui(warp, c(1))
+    # The byte into bits 8..15 of the lane offset: byte odd (token A) or 2 + odd (B).
+    sel_a = arith.addi(c(0x5504), arith.muli(odd, c(0x10)))
+    sel_b = arith.addi(c(0x5524), arith.muli(odd, c(0x10)))
+    base = llvm.ptrtoint(i32, mgpu.utils.memref_ptr(codes_ref))
+    rows = arith.addi(base, arith.addi(arith.muli(lane, c(32)), arith.muli(chunk, c(16))))
+    lane_offset, table = _table_operands(table_ref, 128)
+    load_ty = llvm.StructType.get_literal([i32] * 4)
+    load = ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4 + "
+            "%d];")
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((64, tokens)), dtype=object)
+    out_ty = llvm.StructType.get_literal([i32] * 2)
+    for g in range(tokens // 32):  # tiles J = 4g .. 4g + 3
+      words = llvm.inline_asm(load_ty, [rows], load % (g * 32 * 32), "=r,=r,=r,=r,r",
+                              has_side_effects=True)
+      for i in range(4):
+        out = llvm.inline_asm(out_ty, [llvm.extractvalue(i32, words, [i]), lane_offset,
+                                       sel_a, sel_b, table], value64_asm(),
+                              "=r,=r,r,r,r,r,r", has_side_effects=False)
+        for h in range(2):
+          regs[0, 4 * g + i, 0, 0, h, 0, 0, 0, 0] = mgpu.utils.bitcast(
+              llvm.extractvalue(i32, out, [h]), f16x2)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+  return body
+
+
 def split_window(split, split_len: int, S: int):
   """(first, read): split `split` owns tokens [first, min(first + split_len, S)) and reads
   the window [read, read + split_len), which stays inside S: the last split's moves back
@@ -617,13 +699,15 @@ def split_window(split, split_len: int, S: int):
 @functools.lru_cache(maxsize=None)
 def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: int,
            start: int, layer: int | None, k_centroids: tuple[float, ...],
-           v_centroids: tuple[float, ...], lookup: str):
+           v_centroids: tuple[float, ...], lookup: str, dim: int = DIM):
   split_len = -(-S // step // splits) * step  # tokens per split; the last may hold fewer
   smem = lookup == "smem"
   three = len(k_centroids) == 8  # 3-bit codes (`key3_asm`, `value3_asm`), "smem" only
-  row_bytes, table_rows = (ROW3_BYTES, TABLE3_ROWS) if three else (ROW_BYTES, 256)
+  row_bytes, table_rows = (ROW3_BYTES, TABLE3_ROWS) if three else (dim // 2, 256)
   if three:
     key_tile, value_tile = _key_tile3(step), _value_tile3(step)
+  elif dim != DIM:  # 64 coordinates, "smem" only
+    key_tile, value_tile = _key_tile(smem_word_asm(pairs=True), step, dim), _value_tile64(step)
   elif smem:
     key_tile, value_tile = (_key_tile(smem_word_asm(pairs=True), step),
                             _value_tile(smem_word_asm(pairs=False), step))
@@ -632,7 +716,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
     value_tile = _value_tile(word_asm(*tables(v_centroids)), step)
   # 4-bit value codes in (8, 64) tiles with a 64-byte swizzle for `ldmatrix`; 48-byte rows
   # hit distinct banks as they are.
-  v_transforms = (() if three else
+  v_transforms = (() if three or dim != DIM else
                   (plgpu.TilingTransform((8, ROW_BYTES)), plgpu.SwizzleTransform(64)))
   N, T = rows, step
 
@@ -659,7 +743,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       acc, m, l = carry
       keys = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(),) * (1 + smem),
-          return_type=plgpu.ShapeDtypeStruct((T, DIM), jnp.float16, layout=plgpu.Layout.WGMMA),
+          return_type=plgpu.ShapeDtypeStruct((T, dim), jnp.float16, layout=plgpu.Layout.WGMMA),
       )(key_tile)(kc_smem, *tables_)
 
       def qk(acc_ref):
@@ -690,9 +774,9 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
       plgpu.commit_smem()
       values = plgpu.inline_mgpu(
           arg_types=(plgpu.RefType(transforms=v_transforms),) + (plgpu.RefType(),) * smem,
-          return_type=plgpu.ShapeDtypeStruct((DIM, T), jnp.float16, layout=plgpu.Layout.WGMMA),
+          return_type=plgpu.ShapeDtypeStruct((dim, T), jnp.float16, layout=plgpu.Layout.WGMMA),
       )(value_tile)(vc_smem, *tables_)
-      acc = acc * lax.broadcast_in_dim(corr, (DIM, N), [1])
+      acc = acc * lax.broadcast_in_dim(corr, (dim, N), [1])
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, values, p_smem.T)
@@ -713,7 +797,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
     @pl.when((first < end) & (first + split_len > start))
     def _():
-      init = (plgpu.layout_cast(jnp.full((DIM, N), 0.0, jnp.float32), lay),
+      init = (plgpu.layout_cast(jnp.full((dim, N), 0.0, jnp.float32), lay),
               plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), lay.reduce(0)),
               plgpu.layout_cast(jnp.full((T, N), 0.0, jnp.float32), lay))
       pipe = plgpu.emit_pipeline(
@@ -729,7 +813,7 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 
     @pl.when((first >= end) | (first + split_len <= start))
     def _():
-      write(plgpu.layout_cast(jnp.full((DIM, N), 0.0, jnp.float32), lay),
+      write(plgpu.layout_cast(jnp.full((dim, N), 0.0, jnp.float32), lay),
             plgpu.layout_cast(jnp.full((N,), -jnp.inf, jnp.float32), lay.reduce(0)),
             plgpu.layout_cast(jnp.full((N,), 0.0, jnp.float32), lay.reduce(0)))
 
@@ -737,14 +821,14 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
                             plgpu.SwizzleTransform(nbytes))
   return plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((B, K, splits, DIM, N), jnp.float32),
+      out_type=(jax.ShapeDtypeStruct((B, K, splits, dim, N), jnp.float32),
                 jax.ShapeDtypeStruct((B, K, splits, 2, N), jnp.float32)),
       grid=(B, K, splits), grid_names=("b", "k", "split"),
       scratch_types=[
           plgpu.SMEM((32,), jnp.int32),  # a 128-byte row: TMA copies whole warpgroup multiples
-          plgpu.SMEM((N, DIM), jnp.float16, transforms=swizzle(128)),
+          plgpu.SMEM((N, dim), jnp.float16, transforms=swizzle(128)),
           plgpu.SMEM((N, T), jnp.float16, transforms=swizzle(min(128, 2 * T))),
-          plgpu.SMEM((DIM, N), jnp.float32),
+          plgpu.SMEM((dim, N), jnp.float32),
           plgpu.SMEM((2, N), jnp.float32),
           plgpu.Barrier(num_arrivals=2 + smem, num_barriers=1),
       ] + [plgpu.SMEM((table_rows, TABLE_WORDS), jnp.uint32)] * smem,
@@ -755,15 +839,16 @@ def _build(B: int, K: int, S: int, rows: int, step: int, splits: int, stages: in
 def default_tiling(B: int, K: int, S: int, lookup: str,
                    programs: int | None = None) -> tuple[int, int, int]:
   """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup ("prmt",
-  "smem", or "smem3" for the 3-bit kernel's): the tuned step (64 if it does not divide
-  S), the most splits that keep B * K * splits within the tuned number of programs (or
-  `programs`; at least 1 split, and at least 2 steps each: one-step splits pay a
-  pipeline's start for one step), then evened out into whole steps, none empty."""
+  "smem", or "smem3" for the 3-bit kernel's, "smem64" for the 4-bit one at 64
+  coordinates): the tuned step (64 if it does not divide S), the most splits that keep
+  B * K * splits within the tuned number of programs (or `programs`; at least 1 split,
+  and at least the tuned `min_steps` steps each: one-step splits pay a pipeline's start
+  for one step), then evened out into whole steps, none empty."""
   from pallas_kernels import tuned_block_sizes
   cfg = tuned_block_sizes.mosaic_decode_config(lookup)
   step = cfg.step if S % cfg.step == 0 else 64
   steps = S // step
-  splits = max(1, min((programs or cfg.target_programs) // (B * K), steps // 2))
+  splits = max(1, min((programs or cfg.target_programs) // (B * K), steps // cfg.min_steps))
   return step, whole_splits(steps, splits), cfg.num_stages
 
 
@@ -788,9 +873,14 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   (q,), (kc,), (kn,), (vc,), (vn,) = qk, k_codes, k_scales, v_codes, v_scales
   ck, cv = (tuple(float(x) for x in np.asarray(c, np.float32)) for c in (k_centroids[0],
                                                                          v_centroids[0]))
-  B, K, G, _ = q.shape
+  B, K, G, dim = q.shape
   S = kc.shape[-2]
   three = len(ck) == 8
+  if dim != DIM and (three or lookup not in (None, "smem")):
+    raise ValueError(f'mosaic decode: {dim} coordinates take 4-bit codes and lookup "smem", '
+                     f"got {len(ck)} centroids and lookup {lookup!r}")
+  if dim != DIM:
+    lookup = "smem"
   if lookup is None:
     from pallas_kernels.decode import symmetric_codebook
     lookup = "smem" if three else default_lookup(G, symmetric_codebook(ck)
@@ -799,7 +889,7 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
     raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
   if three and lookup != "smem":
     raise ValueError(f'mosaic decode: 3-bit codes take lookup "smem", got {lookup!r}')
-  auto = default_tiling(B, K, S, "smem3" if three else lookup)
+  auto = default_tiling(B, K, S, "smem3" if three else "smem64" if dim != DIM else lookup)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")
@@ -813,8 +903,9 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   rows = 8 if G <= 8 else 16
   ends = jnp.zeros((B, 32), jnp.int32).at[:, 0].set(jnp.clip(lengths, 0, S).astype(jnp.int32))
   pad = ((0, 0), (0, 0), (0, rows - G), (0, 0))
-  qp = jnp.pad(q[..., k_perm3() if three else k_perm(lookup)].astype(jnp.float16), pad)
-  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv, lookup)
+  qp = jnp.pad(q[..., k_perm3() if three else k_perm(lookup, dim)].astype(jnp.float16), pad)
+  kernel = _build(B, K, S, rows, step, num_splits, num_stages, start, layer, ck, cv, lookup,
+                  dim)
   table = ((jnp.asarray((smem_table3 if three else smem_table)(ck, cv)),)
            if lookup == "smem" else ())
   # The cache's uint8 codes as they are (the kernel reads 4 bytes as a word itself; a
@@ -824,5 +915,6 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   l = jnp.sum(w * ml[:, :, :, 1], axis=2)
   # A plain float32 sum (an einsum may take TF32 on the GPU).
   acc = jnp.sum(o * w[:, :, :, None, :], axis=2)  # [B, K, 128, rows]
-  acc = jnp.swapaxes(acc, -1, -2)[..., :G, :][..., np.argsort(v_perm3() if three else v_perm())]
+  rows_perm = v_perm3() if three else v_perm() if dim == DIM else v_perm64()
+  acc = jnp.swapaxes(acc, -1, -2)[..., :G, :][..., np.argsort(rows_perm)]
   return Partial(m[..., :G], l[..., :G], (acc,))

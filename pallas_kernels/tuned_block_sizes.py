@@ -11,7 +11,8 @@ data, not of implementations. The configs are for one query group (up to 16 quer
 the kernel adds warps for more rows (a chunk of query tokens).
 
 ``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 and k3v3) has the key ``(device_kind,
-lookup)`` (lookup "prmt" or "smem", or "smem3" for the 3-bit kernel) and the value
+lookup)`` (lookup "prmt" or "smem", or "smem3" for the 3-bit kernel, "smem64" for the
+4-bit one at 64 coordinates) and the value
 :class:`MosaicDecodeConfig`; another device gets ``MOSAIC_DEFAULT[lookup]``.
 
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
@@ -48,6 +49,7 @@ class MosaicDecodeConfig:
   step: int  # tokens per pipeline step (64 or 128: the wgmma M)
   num_stages: int
   target_programs: int  # batch * kv_heads * splits nearest this (`decode_mosaic.default_tiling`)
+  min_steps: int = 2  # steps a split at least (one-step splits pay a pipeline start a step)
 
 
 DEFAULT = DecodeConfig(block_s=64, num_warps=4, num_stages=2, target_programs=528)
@@ -81,8 +83,21 @@ _SMEM_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=264)
 # The 3-bit kernel ("smem3": its 16 KB table; 146 registers and 55 KB of shared memory a
 # program leave room for 3 an SM): one wave of 3 an SM, 396 on 132 SMs (session 17, below).
 _SMEM3_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=396)
+# The 4-bit kernel at 64 coordinates ("smem64"), session 19, H100. `bench/kernels.py --sweep
+# --dims 64 --presets k4v4 --implementations mosaic`, S = 64K, us: B = 8 8 splits (512
+# programs) 3 stages 171.8 (2 stages 179.2), 16 172.6/177.4, 32 175.7/175.5, 4 (the "smem"
+# wave of 264) 202.9 in the grid before; 64-token steps 214-240. B = 1 64 splits (512)
+# 32.0/32.4 (2/3 stages), 128 35.5/35.9, 256 42.4/44.1. `bench/ab_mosaic.py --head-dim 64
+# --shapes "16K B1,128K B1,16K B8,128K B8"`, programs (stages) 128 (3) | 264 (2) | 512 (3)
+# | 1024 (3), two rounds: 16K B = 1 16.4/16.8 | 11.6/13.0 | 14.6/15.5 | 16.3/14.8 (32 splits
+# of 4 steps best: hence 4 steps a split at least); 128K B = 1 69.8/68.3 | 56.5/53.7 |
+# 51.2/50.8 | 53.3/52.8; 16K B = 8 69.2/68.8 | 55.2/58.1 | 52.2/52.3 | 56.8/55.3; 128K
+# B = 8 484.8/487.5 | 398.3/387.6 | 332.4/329.4 | 327.8/323.1. A step holds half the bytes
+# of one at 128 for the same softmax, barriers and table copy: two waves of 2 programs an
+# SM hide more of them than one.
+_SMEM64 = MosaicDecodeConfig(step=128, num_stages=3, target_programs=512, min_steps=4)
 MOSAIC_DEFAULT = {"prmt": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
-                  "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE}
+                  "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE, "smem64": _SMEM64}
 MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {
     # Session 10 took 4 warpgroups an SM (528 programs a wave on the H200's 132 SMs); Nsight
     # Compute (session 11) shows 3 fit (168 registers, 47 KB of shared memory a block), so

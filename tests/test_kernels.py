@@ -552,6 +552,55 @@ def test_mosaic_3bit_ptx_dequantizes_every_code_into_the_wgmma_layout():
       66, 27)
 
 
+def test_mosaic_64_ptx_dequantizes_every_code_into_the_wgmma_layout():
+  # 4 bits at 64 coordinates ("smem" only): keys as at 128 with 2 words a thread-row
+  # (`k_perm(..., 64)`); values one byte of the 16-bit slot that `ldmatrix.trans` hands
+  # the thread from 32-byte rows (no swizzle), its low or high byte by warp parity
+  # (`value64_asm`, `v_perm64`). Every code value in every position, keys and values
+  # from different asymmetric codebooks, the table at a base that is not 256-aligned.
+  rng = np.random.default_rng(41)
+  kt, vt = (np.sort(rng.normal(size=16)).astype(np.float16) for _ in range(2))
+  base = 1040
+  shared = np.zeros(base // 4 + 256 * dm.TABLE_WORDS, np.uint32)
+  shared[base // 4:] = dm.smem_table(kt, vt).ravel()
+  T = 128
+  kc, vc = rng.integers(0, 16, (2, T, 64))
+  kc[:16], vc[:16] = np.arange(16)[:, None], np.arange(16)[:, None]
+  rows = lambda c: np.asarray(packing.pack(jnp.asarray(c), 4))  # [T, 32]
+  t = np.arange(128)
+  w, l4, q = t // 32, (t % 32) // 4, t % 4
+  f16 = lambda x: np.stack([x & 0xFFFF, x >> 16], -1).astype(np.uint16).view(np.float16)
+  lane = lambda v: 4 * (t % 32) + 128 * v
+
+  key_words, got = rows(kc).view(np.uint32), np.full((T, 64), np.nan, np.float16)  # [T, 8]
+  for rt in range(T // 64):
+    for h in range(2):
+      row = 64 * rt + 16 * w + l4 + 8 * h
+      for i in range(2):
+        outs = _run_ptx(dm.smem_word_asm(pairs=True),
+                        [key_words[row, 2 * q + i], lane(0), np.full(128, base)], 4, shared)
+        for j, out in enumerate(outs):
+          for e in range(2):
+            got[row, 8 * (4 * i + j) + 2 * q + e] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, kt[kc][:, dm.k_perm("smem", 64)])
+
+  vb, got = rows(vc), np.full((64, T), np.nan, np.float16)
+  slot = 16 * (w // 2) + 2 * l4  # the 16-bit slot's first byte
+  for J in range(T // 8):
+    A, B = 8 * J + 2 * q, 8 * J + 2 * q + 1  # the thread's two tokens
+    W = np.array([int(vb[A[i], slot[i]]) | int(vb[A[i], slot[i] + 1]) << 8
+                  | int(vb[B[i], slot[i]]) << 16 | int(vb[B[i], slot[i] + 1]) << 24
+                  for i in t], np.uint32)
+    inputs = [W, lane(1), 0x5504 + 0x10 * (w % 2), 0x5524 + 0x10 * (w % 2), np.full(128, base)]
+    for h, out in enumerate(_run_ptx(dm.value64_asm(), inputs, 2, shared)):
+      for e, tok in enumerate((A, B)):
+        got[16 * w + l4 + 8 * h, tok] = f16(out)[:, e]
+  np.testing.assert_array_equal(got, vt[vc][:, dm.v_perm64()].T)
+  assert sorted(dm.k_perm("smem", 64)) == sorted(dm.v_perm64()) == list(range(64))
+  assert dm.k_perm("smem", 128).tolist() == dm.k_perm("smem").tolist()
+  assert len(_ptx_instructions(dm.value64_asm())) == 8  # per 4 codes, as the docstring says
+
+
 def _ldmatrix_value_words(vc):
   """(J, warp, l4, q, word) for every thread and tile J of value codes vc [T, 128], as
   `decode_mosaic._value_tile` loads them: the tile sits in shared memory as TMA's 64-byte
@@ -601,6 +650,14 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
   assert tilings == ["smem3"]
   with pytest.raises(ValueError, match='takes lookup "smem" .* for 3-bit codes, got "prmt"'):
     dk.decode(*k3, implementation="mosaic", lookup="prmt")
+  # 4 bits at 64 coordinates: the value lookup's selectors in the kernel, "smem" only.
+  k64 = make_case(6, "mse4", B=2, K=2, G=4, S=256)  # 4 bits at 64
+  text64 = _lowered(lambda *a: dk.decode(*a[:3], k64[3], *a[3:5], k64[6], a[5],
+                                         implementation="mosaic"), *k64[:3], *k64[4:6], k64[7])
+  assert "mosaic_gpu" in text64 and "ld.shared.b32 pB" in text64
+  assert tilings == ["smem3", "smem64"]
+  with pytest.raises(ValueError, match='takes lookup "smem" .* at 64 coordinates'):
+    dk.decode(*k64, implementation="mosaic", lookup="prmt")
   with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
     dk.decode(*make_case(6, "lut_k5v4", S=256), implementation="mosaic")
   with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
@@ -643,21 +700,25 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
 # splits of 8 at B = 8, 4 heads, for 1056 programs (a power of two dividing 258 gave 2),
 # 129 of 2 at B = 1; for 1024 programs 32 splits would be 9 steps each: 29 of them. For
 # 264 programs 8 splits at B = 8 and 66, evened out to 65 of 4 steps, at B = 1; at 64K,
-# 8 heads, B = 1, 33 splits make 16 steps each, evened out to 32.
+# 8 heads, B = 1, 33 splits make 16 steps each, evened out to 32. With 4 steps a split at
+# least ("smem64"), 512 programs at 16K, B = 1 are 32 splits, not 64; at 64K, 64.
 @pytest.mark.parametrize("B,K,S,target,want", [
     (8, 4, 33024, 1056, (128, 33)), (1, 4, 33024, 1056, (128, 129)),
     (8, 4, 33024, 1024, (128, 29)), (8, 8, 65536, 1056, (128, 16)),
     (1, 8, 65536, 1056, (128, 128)), (2, 2, 4480, 1024, (128, 12)),
     (1, 1, 4160, 1024, (64, 22)), (1, 1, 64, 1024, (64, 1)),
     (8, 4, 33024, 264, (128, 8)), (1, 4, 33024, 264, (128, 65)),
-    (8, 8, 65536, 264, (128, 4)), (1, 8, 65536, 264, (128, 32)), (64, 8, 4096, 264, (128, 1))])
+    (8, 8, 65536, 264, (128, 4)), (1, 8, 65536, 264, (128, 32)), (64, 8, 4096, 264, (128, 1)),
+    (1, 8, 16384, (512, 4), (128, 32)), (1, 8, 65536, (512, 4), (128, 64)),
+    (8, 8, 16384, (512, 4), (128, 8))])
 def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, target, want,
                                                                     monkeypatch):
   from pallas_kernels import tuned_block_sizes as tbs
+  target, min_steps = target if isinstance(target, tuple) else (target, 2)
   asked = []
   monkeypatch.setattr(tbs, "mosaic_decode_config",
                       lambda lookup: asked.append(lookup) or tbs.MosaicDecodeConfig(
-                          step=128, num_stages=2, target_programs=target))
+                          step=128, num_stages=2, target_programs=target, min_steps=min_steps))
   step, splits, _ = dm.default_tiling(B, K, S, "smem")
   assert (step, splits) == want and asked == ["smem"]
   # An explicit number of programs (bench/ab_mosaic.py's "programs") instead of the tuned.
@@ -674,7 +735,7 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("preset,lookup", [("lut4", "prmt"), ("lut4", "smem"),
-                                           ("k3v3", "smem")])
+                                           ("k3v3", "smem"), ("mse4", "smem")])
 @pytest.mark.parametrize("G,start,layer,S,splits", [(4, 0, None, 4096, None),
                                                     (7, 5, None, 4096, None),
                                                     (12, 0, 1, 4096, None),
@@ -894,14 +955,15 @@ def test_tuned_block_sizes_lookup(monkeypatch):
   cfg = lambda kb, vb: tbs.decode_config(batch=8, kv_heads=8, seq_len=65536, head_dim=128,
                                          key_bits=kb, value_bits=vb)
   assert cfg((4,), (4,)) == tbs.DEFAULT  # this machine is no H200
-  tilings = dm.LOOKUPS + ("smem3",)
+  tilings = dm.LOOKUPS + ("smem3", "smem64")
   assert [tbs.mosaic_decode_config(lk) for lk in tilings] == [
       tbs.MOSAIC_DEFAULT[lk] for lk in tilings]
   monkeypatch.setattr(tbs, "_device_kind", lambda: "NVIDIA H200")
-  # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2, and
-  # for the 3-bit kernel 1 of 3.
+  # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2, for
+  # the 3-bit kernel 1 of 3, and for the 4-bit one at 64 coordinates 2 of 2 (no H200
+  # entry: the default).
   assert [tbs.mosaic_decode_config(lk).target_programs for lk in tilings] == [
-      1056, 264, 396]
+      1056, 264, 396, 512]
   assert cfg((4,), (4,)) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]
   assert cfg([4], [4]) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]  # lists as tuples
   assert cfg((3,), (3,)) == tbs.DECODE[("NVIDIA H200", "*", "*", "*")]
