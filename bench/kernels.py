@@ -20,8 +20,9 @@ fused decode per preset against the fp16 baselines measured in the same run: jax
 Pallas ``decode_attention.gqa`` (on its own [B, S, K, D] layout, which it transposes per
 call), the same Pallas kernel (``mqa``) on a [B, K, S, D] cache, the XLA reference
 (einsum), ``jax.nn.dot_product_attention(implementation="cudnn")`` and torch SDPA
-(each backend that accepts the shape); k4v4 at D = 128 also by the Mosaic GPU kernel
-(rows ".../mosaic", `pallas_kernels.decode_mosaic`). Also encode throughput.
+(each backend that accepts the shape); k4v4 and k3v3 at D = 128 and k4v4 at 64 also by
+the Mosaic GPU kernel (rows ".../mosaic", `pallas_kernels.decode_mosaic`). Also encode
+throughput.
 
 Timing: each jax function is jitted as a chain of n dependent calls (an optimization
 barrier between them) and timed by the device-synchronized wall clock for two chain
@@ -385,10 +386,10 @@ def main(argv=None):
                        '(default: the kernel\'s default)')
   ap.add_argument("--implementations", default="pallas,mosaic",
                   help='comma list of decode kernels to time: "pallas" (Triton-lowered) and '
-                       '"mosaic" (Mosaic GPU, k4v4 and k3v3 at D = 128 only)')
+                       '"mosaic" (Mosaic GPU: k4v4 and k3v3 at D = 128, k4v4 at 64)')
   ap.add_argument("--dims", default=None,
                   help="comma list of head dims (128, 64) of the full grid (default both) "
-                       "and of --sweep (default 128; the Mosaic kernel's rows at 128 only); "
+                       "and of --sweep (default 128; the Mosaic kernel's rows k4v4 only at 64); "
                        "--quick: 128")
   args = ap.parse_args(argv)
   dims = None

@@ -37,8 +37,8 @@ from tqjax.kvcache import CacheConfig, TurboQuantCache, preset as named_preset
 ATTENTION_NAME = "tqjax"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-# "mosaic": the Mosaic GPU decode kernel (the k4v4 preset at head_dim 128, at most 16 query
-# heads per KV head, sm_90; `pallas_kernels.decode_mosaic`).
+# "mosaic": the Mosaic GPU decode kernel (the k4v4 and k3v3 presets at head_dim 128, k4v4 at
+# 64; at most 16 query heads per KV head, sm_90; `pallas_kernels.decode_mosaic`).
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic")
 _MOSAIC_STEP = 128  # a mosaic cache's capacity is whole steps of the kernel
 _CAPACITY_BLOCK = 256  # capacities are multiples of this (fewer recompiles)

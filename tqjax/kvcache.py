@@ -44,7 +44,8 @@ from tqjax.dense_cache import DenseCache
 
 KeyTransform = Literal["none", "center", "center_scale"]
 KEY_TRANSFORMS = ("none", "center", "center_scale")
-# "mosaic": the Mosaic GPU decode kernel (k4v4 and k3v3; `pallas_kernels.decode_mosaic`);
+# "mosaic": the Mosaic GPU decode kernel (k4v4 and k3v3 at head_dim 128, k4v4 at 64;
+# `pallas_kernels.decode_mosaic`);
 # "pallas-interpret": the Triton kernel in interpret mode (CPU testing).
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "pallas-interpret")
 
