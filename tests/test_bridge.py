@@ -339,17 +339,19 @@ def test_smollm2_end_to_end():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
-@pytest.mark.parametrize("preset,capacity,impl", [("k4v4", 768, "pallas"),
-                                                 ("k5v3", 777, "pallas"),
-                                                 ("k4v4", 709, "mosaic")])
-def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity, impl):
-  # Real head shapes (D = 128, G = 7) in bfloat16 on the GPU, teacher-forced (the same
-  # tokens for every cache: free generation of a random model diverges at the first
+@pytest.mark.parametrize("preset,capacity,impl,head_dim", [("k4v4", 768, "pallas", 128),
+                                                          ("k5v3", 777, "pallas", 128),
+                                                          ("k4v4", 709, "mosaic", 128),
+                                                          ("k4v4", 709, "mosaic", 64)])
+def test_pallas_bridge_matches_xla_bridge_on_gpu(preset, capacity, impl, head_dim):
+  # Real head shapes (D = 128 or 64, G = 7) in bfloat16 on the GPU, teacher-forced (the
+  # same tokens for every cache: free generation of a random model diverges at the first
   # flipped argmax): the fused kernel's logits equal the jnp path's, and both stay near
   # the exact cache's.
   config = transformers.Qwen2Config(
     vocab_size=VOCAB, hidden_size=896, intermediate_size=512, num_hidden_layers=2,
-    num_attention_heads=7, num_key_value_heads=1, head_dim=128, max_position_embeddings=2048,
+    num_attention_heads=7, num_key_value_heads=1, head_dim=head_dim,
+    max_position_embeddings=2048,
     eos_token_id=None, bos_token_id=None, pad_token_id=None)
   model = hf_random.random_hf_model(config, 3, attn_implementation="sdpa").to("cuda", torch.bfloat16)
   ids = torch.randint(0, VOCAB, (2, 708), generator=torch.Generator().manual_seed(4)).cuda()

@@ -285,18 +285,18 @@ def test_pallas_path_lowers_to_the_triton_kernel_for_cuda():
   assert "triton" in lowered.as_text()
 
 
-def _keys128(rng, shape):
-  """Keys with per-channel offsets and spreads, at head_dim 128."""
-  return (rng.standard_normal(shape) * np.exp(rng.standard_normal(128))
-          + rng.standard_normal(128) * 5).astype(np.float32)
+def _channel_keys(rng, shape):
+  """Keys with per-channel offsets and spreads (channels: the last axis)."""
+  return (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape[-1]))
+          + rng.standard_normal(shape[-1]) * 5).astype(np.float32)
 
 
-def _mosaic_caches(rng, lengths, capacity, layers=1):
-  """k4v4 caches at head_dim 128 (what the Mosaic GPU kernel takes): {"xla", "mosaic"}."""
-  d = 128
+def _mosaic_caches(rng, lengths, capacity, layers=1, d=128):
+  """k4v4 caches at head_dim d (128 or 64: what the Mosaic GPU kernel takes):
+  {"xla", "mosaic"}."""
   dense = DenseCache.init(B, K, d, capacity, jnp.float32)
   s = max(lengths)
-  dense = dense.update(jnp.asarray(_keys128(rng, (B, s, K, d))),
+  dense = dense.update(jnp.asarray(_channel_keys(rng, (B, s, K, d))),
                        jnp.asarray(rng.standard_normal((B, s, K, d)), jnp.float32))
   dense = dataclasses.replace(dense, lengths=jnp.asarray(lengths, jnp.int32))
   config = kv.preset("k4v4", window=16, flush_block=8)
@@ -305,9 +305,10 @@ def _mosaic_caches(rng, lengths, capacity, layers=1):
           for name in ("xla", "mosaic")}
 
 
-def test_mosaic_path_lowers_to_the_mosaic_kernel_for_cuda():
-  caches = _mosaic_caches(np.random.default_rng(14), [70, 45], capacity=256, layers=2)
-  q = jnp.zeros((B, 1, H, 128), jnp.float32)
+@pytest.mark.parametrize("d", [128, 64])
+def test_mosaic_path_lowers_to_the_mosaic_kernel_for_cuda(d):
+  caches = _mosaic_caches(np.random.default_rng(14), [70, 45], capacity=256, layers=2, d=d)
+  q = jnp.zeros((B, 1, H, d), jnp.float32)
   text = jax.jit(lambda c, q: c[1].attend(q, scale=0.125)).trace(caches["mosaic"], q).lower(
     lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "triton" not in text
@@ -315,12 +316,13 @@ def test_mosaic_path_lowers_to_the_mosaic_kernel_for_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
-def test_mosaic_path_matches_xla_path_on_gpu():
+@pytest.mark.parametrize("d", [128, 64])
+def test_mosaic_path_matches_xla_path_on_gpu(d):
   rng = np.random.default_rng(15)
-  caches = _mosaic_caches(rng, [170, 45], capacity=256, layers=2)
-  k = jnp.asarray(_keys128(rng, (B, 1, K, 128)))
-  v = jnp.asarray(rng.standard_normal((B, 1, K, 128)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((B, 1, H, 128)), jnp.float32)
+  caches = _mosaic_caches(rng, [170, 45], capacity=256, layers=2, d=d)
+  k = jnp.asarray(_channel_keys(rng, (B, 1, K, d)))
+  v = jnp.asarray(rng.standard_normal((B, 1, K, d)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((B, 1, H, d)), jnp.float32)
   outs = {impl: np.asarray(jax.jit(lambda c, k, v, q: c[1].update(k, v).attend(q, scale=0.125))(
       c, k, v, q)) for impl, c in caches.items()}
   # The kernel feeds its dots half-precision queries: about 2^-11 relative error on scores.
