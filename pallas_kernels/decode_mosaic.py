@@ -164,9 +164,10 @@ per 4 codes; `v_perm64`). Session 19, H100, `bench/kernels.py --dims 64 --preset
 k4v4,k3v3 --no-encode` (one wave of 264 programs, as at 128), x the fastest fp16 (torch
 cuDNN) at 4K/16K/64K/128K: B = 8 1.46/1.59/1.71/1.75 (the Triton kernel 1.07/1.02/0.99/
 1.00), B = 1 0.81/0.94 (Triton 0.84/0.68). fp16 at D = 64 reads at 3.1 TB/s as at 128;
-this kernel at 1.4 TB/s against ~2.0 at 128: a step holds half the bytes for the same
-softmax, barriers and table copy. Two waves of 2 programs an SM and 3 stages ("smem64")
-took 64K B = 8 from 202.9 to 171.8 us (1.6 TB/s, ~2.0x).
+this kernel at 1.4 TB/s against 2.8 at 128 (202.9 us at B = 8, 64K in both): a step
+holds half the bytes for the same softmax, barriers, wgmma waits and table copy. Two
+waves of 2 programs an SM and 3 stages ("smem64" in `tuned_block_sizes`) took 64K B = 8
+from 202.9 to 171.8 us (1.7 TB/s; ~2.0x the first grid's fp16, not a same-run ratio).
 
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
