@@ -56,7 +56,7 @@ def main(argv=None):
                   help="coordinates a head (64: k4v4 only)")
   ap.add_argument("--shapes", default="layer B8,layer B1,64K B8,64K B1",
                   help='a comma list of "layer B<batch>" (the e2e layer) and "<S>K B<batch>"'
-                       ' (S thousand-and-24s of tokens, 8 KV heads), e.g. "16K B1,128K B8"')
+                       ' (S x 1024 tokens, 8 KV heads), e.g. "16K B1,128K B8"')
   args = ap.parse_args(argv)
   if args.head_dim == 64 and args.preset != "k4v4":
     raise SystemExit(f"--head-dim 64 takes --preset k4v4, got {args.preset}")

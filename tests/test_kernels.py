@@ -702,19 +702,19 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
 # 264 programs 8 splits at B = 8 and 66, evened out to 65 of 4 steps, at B = 1; at 64K,
 # 8 heads, B = 1, 33 splits make 16 steps each, evened out to 32. With 4 steps a split at
 # least ("smem64"), 512 programs at 16K, B = 1 are 32 splits, not 64; at 64K, 64.
-@pytest.mark.parametrize("B,K,S,target,want", [
-    (8, 4, 33024, 1056, (128, 33)), (1, 4, 33024, 1056, (128, 129)),
-    (8, 4, 33024, 1024, (128, 29)), (8, 8, 65536, 1056, (128, 16)),
-    (1, 8, 65536, 1056, (128, 128)), (2, 2, 4480, 1024, (128, 12)),
-    (1, 1, 4160, 1024, (64, 22)), (1, 1, 64, 1024, (64, 1)),
-    (8, 4, 33024, 264, (128, 8)), (1, 4, 33024, 264, (128, 65)),
-    (8, 8, 65536, 264, (128, 4)), (1, 8, 65536, 264, (128, 32)), (64, 8, 4096, 264, (128, 1)),
-    (1, 8, 16384, (512, 4), (128, 32)), (1, 8, 65536, (512, 4), (128, 64)),
-    (8, 8, 16384, (512, 4), (128, 8))])
-def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, target, want,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("B,K,S,target,min_steps,want", [
+    (8, 4, 33024, 1056, 2, (128, 33)), (1, 4, 33024, 1056, 2, (128, 129)),
+    (8, 4, 33024, 1024, 2, (128, 29)), (8, 8, 65536, 1056, 2, (128, 16)),
+    (1, 8, 65536, 1056, 2, (128, 128)), (2, 2, 4480, 1024, 2, (128, 12)),
+    (1, 1, 4160, 1024, 2, (64, 22)), (1, 1, 64, 1024, 2, (64, 1)),
+    (8, 4, 33024, 264, 2, (128, 8)), (1, 4, 33024, 264, 2, (128, 65)),
+    (8, 8, 65536, 264, 2, (128, 4)), (1, 8, 65536, 264, 2, (128, 32)),
+    (64, 8, 4096, 264, 2, (128, 1)),
+    (1, 8, 16384, 512, 4, (128, 32)), (1, 8, 65536, 512, 4, (128, 64)),
+    (8, 8, 16384, 512, 4, (128, 8))])
+def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, target, min_steps,
+                                                                    want, monkeypatch):
   from pallas_kernels import tuned_block_sizes as tbs
-  target, min_steps = target if isinstance(target, tuple) else (target, 2)
   asked = []
   monkeypatch.setattr(tbs, "mosaic_decode_config",
                       lambda lookup: asked.append(lookup) or tbs.MosaicDecodeConfig(
