@@ -16,6 +16,10 @@ Jobs:
   kernels  bench/kernels.py --quick (B = 8 and 1, S = 64K, D = 128, every preset against
            the fp16 baselines of the same run) plus the tiling sweep with --sweep and
            the Mosaic splits at the e2e model's layer with --layer-sweep
+  kernels64  the grid at head_dim 64 (k4v4, k3v3; B = 8 and 1, 4K-128K) against the fp16
+           baselines of the same run, in DIR/kernels64/ (several minutes: a call of its own)
+  profile  bench/decode_profile.py: the device time of one B = 1, 16K decode call by
+           program (kernel, query layout, split merge), D = 64 and 128, both kernels
   bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
   e2e      bench/e2e.py --quick --presets bf16,k4v4,k4v4@mosaic (the Flax model end to
            end, the Triton and the Mosaic kernel; several minutes with its
@@ -41,6 +45,10 @@ JOBS = {
                     "no:cacheprovider", "tests/test_kvcache.py", "tests/test_kernels.py",
                     "tests/test_bridge.py"], None),
   "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
+  "kernels64": (["bench/kernels.py", "--dims", "64", "--presets", "k4v4,k3v3", "--no-encode"],
+                "kernels64/kernels.json"),
+  "profile": (["bench/decode_profile.py", "--dims", "64,128", "--presets", "k4v4,k3v3",
+               "--implementations", "mosaic,pallas"], "decode_profile.json"),
   "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
   # The quick rows plus the Mosaic kernel's (k4v4@mosaic) on the same shapes.
   "e2e": (["bench/e2e.py", "--quick", "--presets", "bf16,k4v4,k4v4@mosaic",
@@ -55,8 +63,9 @@ JOBS = {
 # `--jobs tests --budget 560`), kernels --quick 117-140 s (with --layer-sweep more: session 13
 # on the H100 it ran out of a 169 s share before its encode rows), e2e --quick 110 s (session
 # 4, weights drawn per layer; 206 s before), bridge 95 s.
-SHARE = {"tests": 0.45, "mosaic-tests": 0.15, "kernels": 0.25, "bridge": 0.2, "e2e": 0.3,
-         "e2e2": 0.6}
+# kernels64: session 19's grid (k4v4, k3v3, checked) ran out of ~400 s at B = 1, 64K.
+SHARE = {"tests": 0.45, "mosaic-tests": 0.15, "kernels": 0.25, "kernels64": 0.9,
+         "profile": 0.15, "bridge": 0.2, "e2e": 0.3, "e2e2": 0.6}
 
 
 def headline(job: str, path: str | None, log: str) -> str:
@@ -68,7 +77,10 @@ def headline(job: str, path: str | None, log: str) -> str:
     return "no json"
   with open(path) as f:
     data = json.load(f)
-  if job == "kernels":
+  if job == "profile":
+    return " ".join(f"D{r['D']}/{r['preset']}/{r['implementation']}:{r['us']:.1f}us"
+                    for r in data.get("rows", []) if "us" in r)
+  if job in ("kernels", "kernels64"):
     rows = [r for r in data.get("rows", []) if "speedup" in r and r["kind"] == "tq_decode"]
     return " ".join(f"{r['name']}@B{r['B']}:{r['speedup']:.2f}x" for r in rows[:6])
   if job == "bridge":
@@ -86,7 +98,8 @@ def headline(job: str, path: str | None, log: str) -> str:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
-  ap.add_argument("--jobs", default=",".join(j for j in JOBS if j != "mosaic-tests"))
+  ap.add_argument("--jobs", default=",".join(
+      j for j in JOBS if j not in ("mosaic-tests", "kernels64", "profile")))
   ap.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
   ap.add_argument("--sweep", action="store_true", help="kernels: the tiling sweep too")
   ap.add_argument("--layer-sweep", action="store_true",
@@ -105,8 +118,9 @@ def main(argv=None) -> int:
   for i, job in enumerate(jobs):
     cmd, json_name = JOBS[job]
     cmd = [sys.executable, *cmd]
-    if not job.endswith("tests"):
-      cmd += ["--out", args.out]
+    path = os.path.join(args.out, json_name) if json_name else None
+    if path:
+      cmd += ["--out", os.path.dirname(path)]
     if job == "kernels" and args.sweep:
       cmd.append("--sweep")
     if job == "kernels" and args.layer_sweep:
@@ -127,7 +141,6 @@ def main(argv=None) -> int:
       f.write(log)
     print(f"--- {job}: {status} in {seconds:.0f} s; log tail:\n" + "\n".join(log.splitlines()[-15:]),
           flush=True)
-    path = os.path.join(args.out, json_name) if json_name else None
     summary.append((job, status, seconds, headline(job, path, log)))
   print(f"\n{'job':8s} {'status':8s} {'s':>5s}  headline")
   for job, status, seconds, text in summary:

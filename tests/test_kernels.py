@@ -8,6 +8,7 @@ skipped without a CUDA device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -970,3 +971,19 @@ def test_tuned_block_sizes_lookup(monkeypatch):
   exact = tbs.DecodeConfig(block_s=16, num_warps=2, num_stages=4, target_programs=7)
   monkeypatch.setitem(tbs.DECODE, ("NVIDIA H200", 128, (3,), (3,)), exact)
   assert cfg((3,), (3,)) == exact
+
+
+def test_decode_profile_breaks_a_call_into_programs(tmp_path, capsys):
+  # bench/decode_profile.py on the XLA CPU backend: the traced programs of one call, and a
+  # combination that cannot run here listed as skipped with its reason, not dropped.
+  from bench import decode_profile
+  decode_profile.main(["--dims", "64", "--presets", "k4v4", "--implementations",
+                       "xla,mosaic", "--seq", "256", "--calls", "2", "--planes", "/host:CPU",
+                       "--out", str(tmp_path)])
+  with open(tmp_path / "decode_profile.json") as f:
+    xla, mosaic = json.load(f)["rows"]
+  assert xla["us"] > 0 and xla["implementation"] == "xla"
+  events = [e for t in xla["timelines"] for e in t["events"]]
+  assert any("fusion" in name and us > 0 for name, us, _ in events)
+  assert mosaic["implementation"] == "mosaic" and "interpret" in mosaic["skipped"]
+  assert "D=64 k4v4 mosaic B=1 S=256: skipped" in capsys.readouterr().out
