@@ -966,9 +966,10 @@ def decode(
     v_codes, v_scales, v_centroids: the same for the value segments (dims d_j).
     lengths: [B] int32, valid compressed tokens per row (tokens >= length are ignored).
     implementation: "xla" (the jnp reference), "pallas" (the fused Triton-lowered kernel)
-      or "mosaic" (the fused Mosaic GPU kernel of `pallas_kernels.decode_mosaic`: one
-      4-bit key and one 4-bit value segment of 128 coordinates, symmetric codebooks, at
-      most 16 rows; sm_90 only; an error otherwise).
+      or "mosaic" (the fused Mosaic GPU kernel of `pallas_kernels.decode_mosaic`: one key
+      and one value segment, both 4-bit or both 3-bit, of 128 coordinates, or both 4-bit
+      of 64; symmetric codebooks under lookup "prmt"; at most 16 rows; sm_90 only; an
+      error otherwise).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes` ("mosaic": block_s is the step of 64 or 128
