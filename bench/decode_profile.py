@@ -7,8 +7,8 @@ around it (the query's layout before, the split merge after), from a `jax.profil
 Per case (head dim x preset x implementation; one the implementation does not take is
 listed as skipped with its reason): the call's time by `bench.kernels.time_jax` (a chain of
 dependent calls, as in `bench/kernels.py`), then `--calls` calls of that chain traced, every
-device event grouped by name and divided by the calls (`bench.profile`). At small shapes a
-call is a few microseconds of kernel among programs of 1-3 us each; the sum of the events
+device event grouped by name and divided by the calls (`bench.profile`; the chain's own
+1e-30 perturbation of the query is one small program a call). The sum of the events
 against the call's time shows the launch gaps. Inputs are `bench/kernels.py`'s (Hq = 32,
 Hkv = 8, random codes). Writes ``decode_profile.json`` to --out.
 """
