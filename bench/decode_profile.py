@@ -24,16 +24,11 @@ import jax
 
 from bench import kernels as bk
 from bench import profile as bp
-from pallas_kernels import decode as dk
 
 
 def profile_case(D: int, preset: str, implementation: str, B: int, S: int, *, calls: int,
                  planes: str, top: int, **kw) -> dict:
-  keys, values = bk.presets(D)[preset]
-  qk, kc, kn, kcb, vc, vn, vcb, lengths = bk.make_inputs(jax.random.key(0), B, S, keys, values)
-  fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
-      qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw)
-  args = (qk, kc, kn, vc, vn, lengths)
+  fn, args = bk.decode_call(B, S, D, preset, jax.random.key(0), implementation, **kw)
   us = bk.time_jax(fn, args)
   chain = bk._chain(fn, calls)
   jax.block_until_ready(chain(*args))
@@ -52,7 +47,7 @@ def main(argv=None) -> int:
   ap.add_argument("--implementations", default="mosaic,pallas")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--seq", type=int, default=16384, help="cached tokens a row")
-  ap.add_argument("--kwargs", default="{}", help="JSON: more arguments of dk.decode")
+  ap.add_argument("--kwargs", default="{}", help="JSON: more arguments of pallas_kernels.decode.decode")
   ap.add_argument("--calls", type=int, default=10, help="calls traced (events are divided)")
   ap.add_argument("--top", type=int, default=12, help="events a timeline")
   ap.add_argument("--planes", default="/device:",

@@ -314,9 +314,8 @@ def check_decode(key, results, impl_kwargs) -> bool:
   return ok
 
 
-def bench_decode(B, S, D, preset, key, implementation="pallas", shape=None, **kw):
-  """(us, bytes read) of one decode call; `shape`: dict(kv_heads, rows, valid) instead of
-  the module's Hkv = 8, G = 4 and every slot valid."""
+def decode_call(B, S, D, preset, key, implementation="pallas", shape=None, **kw):
+  """(fn, args) of one decode call on random inputs, as `bench_decode` times it."""
   keys, values = presets(D)[preset]
   shape = shape or {}
   lengths = (jnp.full((B,), shape["valid"], jnp.int32) if "valid" in shape else None)
@@ -326,8 +325,15 @@ def bench_decode(B, S, D, preset, key, implementation="pallas", shape=None, **kw
   # Centroids are closed over: constants of the compiled program, as in the cache.
   fn = lambda qk, kc, kn, vc, vn, lengths: dk.decode(
       qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation=implementation, **kw)
-  t = time_jax(fn, (qk, kc, kn, vc, vn, lengths))
-  return t, compressed_bytes(B, S, keys, values, kv_heads=shape.get("kv_heads", HKV))
+  return fn, (qk, kc, kn, vc, vn, lengths)
+
+
+def bench_decode(B, S, D, preset, key, implementation="pallas", shape=None, **kw):
+  """(us, bytes read) of one decode call; `shape`: dict(kv_heads, rows, valid) instead of
+  the module's Hkv = 8, G = 4 and every slot valid."""
+  t = time_jax(*decode_call(B, S, D, preset, key, implementation, shape, **kw))
+  keys, values = presets(D)[preset]
+  return t, compressed_bytes(B, S, keys, values, kv_heads=(shape or {}).get("kv_heads", HKV))
 
 
 # One attention layer of the e2e model at Qwen2.5-7B shapes: 4 KV heads of 7 query heads,
