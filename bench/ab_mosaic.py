@@ -80,9 +80,9 @@ def main(argv=None):
   keys, values = bk.presets(args.head_dim)[args.preset]
   key = jax.random.key(3)
   # Correctness: rows of different lengths, a split boundary inside.
-  qk, kc, kn, kcb, vc, vn, vcb, _ = bk.make_inputs(key, 3, 4480, keys, values, rows=7,
+  qk, kc, kn, kcb, vc, vn, vcb, _ = bk.make_inputs(key, 3, 4608, keys, values, rows=7,
                                                    kv_heads=2)
-  lengths = jnp.asarray([4480, 3400, 1], jnp.int32)
+  lengths = jnp.asarray([4608, 3400, 1], jnp.int32)
   ref = bk.finalize(dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla"))
   for name, kw in variants.items():
     for extra in ({}, {"num_splits": 4}):

@@ -973,7 +973,7 @@ def decode(
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     block_s, num_splits, num_warps, num_stages: kernel tiling; default from
       :mod:`pallas_kernels.tuned_block_sizes` ("mosaic": block_s is the step of 64 or 128
-      tokens, no num_warps).
+      tokens, or 256 at 64 coordinates; no num_warps).
     orient: "rows" (query rows are the dot's M) or "tokens" (tokens are M); tiling.
     lookup: "lut" (2-, 3- and 4-bit segments of 64 or 128 coordinates, 4 bits with a
       symmetric codebook, look codes up 4 at a time with byte permutes, see

@@ -897,9 +897,11 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")
-  if step not in (64, 128) or S % step or S == 0:
-    raise ValueError(f"mosaic decode: step must be 64 or 128 and divide S = {S} (> 0), got "
-                     f"{step}")
+  # 256-token steps at 64 coordinates: the registers of a 128-token step at 128.
+  steps_ok = (64, 128) if dim == DIM else (64, 128, 256)
+  if step not in steps_ok or S % step or S == 0:
+    raise ValueError(f"mosaic decode: step must be one of {steps_ok} at {dim} coordinates "
+                     f"and divide S = {S} (> 0), got {step}")
   if not 1 <= num_splits <= S // step:
     raise ValueError(f"mosaic decode: num_splits must be in [1, S / step = {S // step}], "
                      f"got {num_splits}")

@@ -657,6 +657,9 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
                                          implementation="mosaic"), *k64[:3], *k64[4:6], k64[7])
   assert "mosaic_gpu" in text64 and "ld.shared.b32 pB" in text64
   assert tilings == ["smem3", "smem64"]
+  assert "mosaic_gpu" in _lowered(lambda *a: dk.decode(  # 256-token steps at 64
+      *a[:3], k64[3], *a[3:5], k64[6], a[5], implementation="mosaic", block_s=256,
+      num_stages=2), *k64[:3], *k64[4:6], k64[7])
   with pytest.raises(ValueError, match='takes lookup "smem" .* at 64 coordinates'):
     dk.decode(*k64, implementation="mosaic", lookup="prmt")
   with pytest.raises(ValueError, match="one 4-bit or 3-bit key segment of 128"):
@@ -669,8 +672,10 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", interpret=True)
   with pytest.raises(ValueError, match=r"\['num_warps'\] apply to \"pallas\" only"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", num_warps=2)
-  with pytest.raises(ValueError, match="step must be 64 or 128 .* got 32"):
+  with pytest.raises(ValueError, match=r"step must be one of \(64, 128\) at 128 .* got 32"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", block_s=32)
+  with pytest.raises(ValueError, match=r"step must be one of \(64, 128\) at 128 .* got 256"):
+    dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", block_s=256)
   with pytest.raises(ValueError, match=r"num_splits must be in \[1, S / step = 2\], got 3"):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", num_splits=3)
   asym = make_case(6, "lut4", S=256)
