@@ -8,7 +8,8 @@ the --shapes given).
 Session 16 (H100) chose one wave of programs for the table lookup: `--variants '{"1 wave":
 {"programs": 264}, "2 waves": {"programs": 528}, "4 waves": {"programs": 1056}}'` gives
 the splits it measured at each shape. `--preset k3v3` times the 3-bit kernel instead,
-`--head-dim 64` the 4-bit kernel at 64 coordinates.
+`--head-dim 64` the 4-bit kernel at 64 coordinates; `--baselines` adds the fastest fp16
+baseline of each S shape and the variants' best as multiples of it.
 
 Each shape's variants are timed in turn (`bench.kernels.time_jax`), --rounds times over, so
 drift shows as a spread and not as a difference; the table last. Session 13 (H100) it
@@ -57,6 +58,9 @@ def main(argv=None):
   ap.add_argument("--shapes", default="layer B8,layer B1,64K B8,64K B1",
                   help='a comma list of "layer B<batch>" (the e2e layer) and "<S>K B<batch>"'
                        ' (S x 1024 tokens, 8 KV heads), e.g. "16K B1,128K B8"')
+  ap.add_argument("--baselines", action="store_true",
+                  help="time the fp16 baselines (`bench.kernels.baselines`) of each S shape "
+                       "first, and give each variant's best as a multiple of the fastest")
   args = ap.parse_args(argv)
   if args.head_dim == 64 and args.preset != "k4v4":
     raise SystemExit(f"--head-dim 64 takes --preset k4v4, got {args.preset}")
@@ -96,6 +100,12 @@ def main(argv=None):
     if shape:
       extra = dict(rows=shape["rows"], kv_heads=shape["kv_heads"],
                    lengths=jnp.full((B,), shape["valid"], jnp.int32))
+    if args.baselines and not shape:
+      times = {n: t for n, t in bk.baselines(B, S, args.head_dim, key).items()
+               if isinstance(t, float)}
+      fastest = min(times, key=times.get)
+      table[(sname, "fp16")] = [times[fastest]]
+      print(f"{sname} fp16: fastest {fastest} {times[fastest]:.1f} us of {times}", flush=True)
     qk, kc, kn, kcb, vc, vn, vcb, lengths = bk.make_inputs(key, B, S, keys, values, **extra)
     for r in range(args.rounds):
       for name, kw in variants.items():
@@ -104,10 +114,14 @@ def main(argv=None):
         t = bk.time_jax(fn, (qk, kc, kn, vc, vn, lengths))
         table.setdefault((sname, name), []).append(t)
         print(f"{sname} {name} round {r}: {t:.1f} us", flush=True)
-  print(f"\n{'shape':10s} " + " ".join(f"{n:>16s}" for n in variants))
+  print(f"\n{'shape':10s} " + " ".join(f"{n:>16s}" for n in variants)
+        + (f" {'fp16':>8s}" if args.baselines else ""))
   for sname in shapes:
-    print(f"{sname:10s} " + " ".join(
-        f"{'/'.join(f'{t:.1f}' for t in table[(sname, n)]):>16s}" for n in variants))
+    base = table.get((sname, "fp16"), [None])[0]
+    cell = lambda ts: "/".join(f"{t:.1f}" for t in ts) + (
+        f" {base / min(ts):.2f}x" if base else "")
+    print(f"{sname:10s} " + " ".join(f"{cell(table[(sname, n)]):>16s}" for n in variants)
+          + (f" {base:8.1f}" if base else ""))
 
 
 if __name__ == "__main__":

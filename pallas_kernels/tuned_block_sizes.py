@@ -46,7 +46,7 @@ class EncodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicDecodeConfig:
-  step: int  # tokens per pipeline step (64 or 128: the wgmma M)
+  step: int  # tokens per pipeline step (64 or 128: the wgmma M; 256 at 64 coordinates)
   num_stages: int
   target_programs: int  # batch * kv_heads * splits nearest this (`decode_mosaic.default_tiling`)
   min_steps: int = 2  # steps a split at least (one-step splits pay a pipeline start a step)
@@ -94,8 +94,14 @@ _SMEM3_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=396
 # 51.2/50.8 | 53.3/52.8; 16K B = 8 69.2/68.8 | 55.2/58.1 | 52.2/52.3 | 56.8/55.3; 128K
 # B = 8 484.8/487.5 | 398.3/387.6 | 332.4/329.4 | 327.8/323.1. A step holds half the bytes
 # of one at 128 for the same softmax, barriers and table copy: two waves of 2 programs an
-# SM hide more of them than one.
-_SMEM64 = MosaicDecodeConfig(step=128, num_stages=3, target_programs=512, min_steps=4)
+# SM hide more of them than one. Session 21, H100, 256-token steps (a step's registers as
+# at 128 coordinates; 2 stages), `bench/ab_mosaic.py --head-dim 64 --baselines --shapes
+# "16K B1,64K B1,128K B1,64K B8"`, us, two rounds, 128-token steps (this tiling before) |
+# 256-token steps with one wave (264 programs) | with 512: 16K B = 1 16.9/13.4 | 12.6/14.2
+# | 30.7/16.1; 64K B = 1 32.9/32.8 | 29.7/28.2 | 32.2/30.7; 128K B = 1 54.8/55.2 |
+# 45.8/44.6 | 49.9/60.8; 64K B = 8 177.2/174.5 | 146.2 | 141.1 (one round; the call's
+# time ran out). One wave of 2-step splits at least, as at 128 coordinates.
+_SMEM64 = MosaicDecodeConfig(step=256, num_stages=2, target_programs=264)
 MOSAIC_DEFAULT = {"prmt": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
                   "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE, "smem64": _SMEM64}
 MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {

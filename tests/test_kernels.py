@@ -727,6 +727,11 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
                           step=128, num_stages=2, target_programs=target, min_steps=min_steps))
   step, splits, _ = dm.default_tiling(B, K, S, "smem")
   assert (step, splits) == want and asked == ["smem"]
+  # A tuned step that does not divide S is halved until it does (64 divides every S).
+  monkeypatch.setattr(tbs, "mosaic_decode_config", lambda lookup: tbs.MosaicDecodeConfig(
+      step=256, num_stages=2, target_programs=target, min_steps=min_steps))
+  assert dm.default_tiling(B, K, S, "smem64")[0] == (
+      256 if S % 256 == 0 else 128 if S % 128 == 0 else 64)
   # An explicit number of programs (bench/ab_mosaic.py's "programs") instead of the tuned.
   assert dm.default_tiling(B, K, S, "smem", 1)[1] == 1
   split_len = -(-S // step // splits) * step
@@ -966,10 +971,10 @@ def test_tuned_block_sizes_lookup(monkeypatch):
       tbs.MOSAIC_DEFAULT[lk] for lk in tilings]
   monkeypatch.setattr(tbs, "_device_kind", lambda: "NVIDIA H200")
   # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2, for
-  # the 3-bit kernel 1 of 3, and for the 4-bit one at 64 coordinates 2 of 2 (no H200
-  # entry: the default).
-  assert [tbs.mosaic_decode_config(lk).target_programs for lk in tilings] == [
-      1056, 264, 396, 512]
+  # the 3-bit kernel 1 of 3, and for the 4-bit one at 64 coordinates 1 of 2 in 256-token
+  # steps (no H200 entry: the default).
+  assert [(tbs.mosaic_decode_config(lk).target_programs, tbs.mosaic_decode_config(lk).step)
+          for lk in tilings] == [(1056, 128), (264, 128), (396, 128), (264, 256)]
   assert cfg((4,), (4,)) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]
   assert cfg([4], [4]) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]  # lists as tuples
   assert cfg((3,), (3,)) == tbs.DECODE[("NVIDIA H200", "*", "*", "*")]
