@@ -88,11 +88,16 @@ def main(argv=None):
                                                    kv_heads=2)
   lengths = jnp.asarray([4608, 3400, 1], jnp.int32)
   ref = bk.finalize(dk.decode(qk, kc, kn, kcb, vc, vn, vcb, lengths, implementation="xla"))
-  for name, kw in variants.items():
+  for name, kw in list(variants.items()):
     for extra in ({}, {"num_splits": 4}):
       f = lambda qk, kc, kn, vc, vn, lengths, kw=dict(kw, **extra): run(
           kw, qk, kc, kn, kcb, vc, vn, vcb, lengths)
-      got = bk.finalize(jax.jit(f)(qk, kc, kn, vc, vn, lengths))
+      try:
+        got = bk.finalize(jax.jit(f)(qk, kc, kn, vc, vn, lengths))
+      except Exception as e:  # a variant that does not build is reported, the rest run
+        print(f"check {name} {extra}: failed, not timed: {repr(e)[:300]}", flush=True)
+        del variants[name]
+        break
       print(f"check {name} {extra}: rel_err {bk.rel_err(got, ref):.2e}", flush=True)
   table = {}
   for sname, (B, S, shape) in shapes.items():
