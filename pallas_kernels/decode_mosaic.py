@@ -173,7 +173,8 @@ At B = 1, 16K (`bench/decode_profile.py`) the kernel takes 8.0 of the call's 10.
 (fp16 jax cuDNN 8.6 us: 0.83x); the XLA programs around it take under 1 us. Session 21
 (H100, `bench/ab_mosaic.py --head-dim 64 --baselines`, two rounds, x the fastest fp16
 of the same run): 256-token steps (a step's registers as at 128 coordinates), 2 stages,
-one wave of 264 programs, now "smem64": B = 8, 64K 146.2 us (2.33x; 128-token steps
+one wave of 264 programs, now "smem64" (up to 8 query rows; with 16, "smem64x16" keeps
+the tiling before, which the GPU tests ran with): B = 8, 64K 146.2 us (2.33x; 128-token steps
 177.2/174.5, 1.95x), B = 1 16K 12.6/14.2 (0.93x torch cuDNN's 11.7; 16.9/13.4), 64K
 29.7/28.2 (1.73x; 32.9/32.8), 128K 45.8/44.6 (1.99x; 54.8/55.2).
 
@@ -856,7 +857,7 @@ def default_tiling(B: int, K: int, S: int, lookup: str,
                    programs: int | None = None) -> tuple[int, int, int]:
   """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup ("prmt",
   "smem", or "smem3" for the 3-bit kernel's, "smem64" for the 4-bit one at 64
-  coordinates): the tuned step (halved, down to 64, until it divides S), the most splits
+  coordinates, "smem64x16" there with 16 query rows): the tuned step (halved, down to 64, until it divides S), the most splits
   that keep
   B * K * splits within the tuned number of programs (or `programs`; at least 1 split,
   and at least the tuned `min_steps` steps each: one-step splits pay a pipeline's start
@@ -908,7 +909,9 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
     raise ValueError(f"mosaic decode: lookup must be one of {LOOKUPS}, got {lookup!r}")
   if three and lookup != "smem":
     raise ValueError(f'mosaic decode: 3-bit codes take lookup "smem", got {lookup!r}')
-  auto = default_tiling(B, K, S, "smem3" if three else "smem64" if dim != DIM else lookup)
+  tiling = ("smem3" if three else lookup if dim == DIM else "smem64" if G <= 8 else
+            "smem64x16")
+  auto = default_tiling(B, K, S, tiling)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")

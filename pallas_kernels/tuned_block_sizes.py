@@ -12,7 +12,7 @@ the kernel adds warps for more rows (a chunk of query tokens).
 
 ``MOSAIC_DECODE`` (the Mosaic GPU kernel, k4v4 and k3v3) has the key ``(device_kind,
 lookup)`` (lookup "prmt" or "smem", or "smem3" for the 3-bit kernel, "smem64" for the
-4-bit one at 64 coordinates) and the value
+4-bit one at 64 coordinates, "smem64x16" there with 16 query rows) and the value
 :class:`MosaicDecodeConfig`; another device gets ``MOSAIC_DEFAULT[lookup]``.
 
 ``ENCODE`` has the key ``(device_kind, head_dim)`` and the value :class:`EncodeConfig`.
@@ -102,8 +102,13 @@ _SMEM3_ONE_WAVE = MosaicDecodeConfig(step=128, num_stages=2, target_programs=396
 # 45.8/44.6 | 49.9/60.8; 64K B = 8 177.2/174.5 | 146.2 | 141.1 (one round; the call's
 # time ran out). One wave of 2-step splits at least, as at 128 coordinates.
 _SMEM64 = MosaicDecodeConfig(step=256, num_stages=2, target_programs=264)
+# 16 query rows (a group of 9-16) at 64 coordinates ("smem64x16"): 256-token steps were
+# measured with 8 rows only, so the tiling of sessions 19-20 (whose GPU tests took groups
+# of 12): 128-token steps, 3 stages, two waves, 4 steps a split at least.
+_SMEM64X16 = MosaicDecodeConfig(step=128, num_stages=3, target_programs=512, min_steps=4)
 MOSAIC_DEFAULT = {"prmt": MosaicDecodeConfig(step=128, num_stages=2, target_programs=1024),
-                  "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE, "smem64": _SMEM64}
+                  "smem": _SMEM_ONE_WAVE, "smem3": _SMEM3_ONE_WAVE, "smem64": _SMEM64,
+                  "smem64x16": _SMEM64X16}
 MOSAIC_DECODE: dict[tuple[str, str], MosaicDecodeConfig] = {
     # Session 10 took 4 warpgroups an SM (528 programs a wave on the H200's 132 SMs); Nsight
     # Compute (session 11) shows 3 fit (168 registers, 47 KB of shared memory a block), so

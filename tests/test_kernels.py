@@ -657,6 +657,10 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
                                          implementation="mosaic"), *k64[:3], *k64[4:6], k64[7])
   assert "mosaic_gpu" in text64 and "ld.shared.b32 pB" in text64
   assert tilings == ["smem3", "smem64"]
+  k64x16 = make_case(6, "mse4", B=2, K=2, G=12, S=256)  # 16 query rows: their own tiling
+  _lowered(lambda *a: dk.decode(*a[:3], k64x16[3], *a[3:5], k64x16[6], a[5],
+                                implementation="mosaic"), *k64x16[:3], *k64x16[4:6], k64x16[7])
+  assert tilings == ["smem3", "smem64", "smem64x16"]
   assert "mosaic_gpu" in _lowered(lambda *a: dk.decode(  # 256-token steps at 64
       *a[:3], k64[3], *a[3:5], k64[6], a[5], implementation="mosaic", block_s=256,
       num_stages=2), *k64[:3], *k64[4:6], k64[7])
@@ -966,15 +970,15 @@ def test_tuned_block_sizes_lookup(monkeypatch):
   cfg = lambda kb, vb: tbs.decode_config(batch=8, kv_heads=8, seq_len=65536, head_dim=128,
                                          key_bits=kb, value_bits=vb)
   assert cfg((4,), (4,)) == tbs.DEFAULT  # this machine is no H200
-  tilings = dm.LOOKUPS + ("smem3", "smem64")
+  tilings = dm.LOOKUPS + ("smem3", "smem64", "smem64x16")
   assert [tbs.mosaic_decode_config(lk) for lk in tilings] == [
       tbs.MOSAIC_DEFAULT[lk] for lk in tilings]
   monkeypatch.setattr(tbs, "_device_kind", lambda: "NVIDIA H200")
   # The Mosaic kernel's programs by lookup: 2.67 waves of 3 programs an SM, 1 of 2, for
   # the 3-bit kernel 1 of 3, and for the 4-bit one at 64 coordinates 1 of 2 in 256-token
-  # steps (no H200 entry: the default).
+  # steps, with 16 query rows 2 of 2 in 128-token steps (no H200 entry: the default).
   assert [(tbs.mosaic_decode_config(lk).target_programs, tbs.mosaic_decode_config(lk).step)
-          for lk in tilings] == [(1056, 128), (264, 128), (396, 128), (264, 256)]
+          for lk in tilings] == [(1056, 128), (264, 128), (396, 128), (264, 256), (512, 128)]
   assert cfg((4,), (4,)) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]
   assert cfg([4], [4]) == tbs.DECODE[("NVIDIA H200", "*", (4,), (4,))]  # lists as tuples
   assert cfg((3,), (3,)) == tbs.DECODE[("NVIDIA H200", "*", "*", "*")]
