@@ -174,8 +174,8 @@ At B = 1, 16K (`bench/decode_profile.py`) the kernel takes 8.0 of the call's 10.
 (H100, `bench/ab_mosaic.py --head-dim 64 --baselines`, two rounds, x the fastest fp16
 of the same run): 256-token steps (a step's registers as at 128 coordinates), 2 stages,
 one wave of 264 programs, now "smem64" (up to 8 query rows; with 16, "smem64x16" keeps
-the tiling before, which the GPU tests ran with): B = 8, 64K 146.2 us (2.33x; 128-token steps
-177.2/174.5, 1.95x), B = 1 16K 12.6/14.2 (0.93x torch cuDNN's 11.7; 16.9/13.4), 64K
+the tiling before, which the GPU tests ran with): B = 8, 64K 146.2 us (2.33x; 128-token
+steps 177.2/174.5, 1.95x), B = 1 16K 12.6/14.2 (0.93x torch cuDNN's 11.7; 16.9/13.4), 64K
 29.7/28.2 (1.73x; 32.9/32.8), 128K 45.8/44.6 (1.99x; 54.8/55.2).
 
 Tried and measured slower (session 21, H100, `bench/ab_mosaic.py`, branch
@@ -183,7 +183,7 @@ Tried and measured slower (session 21, H100, `bench/ab_mosaic.py`, branch
 writing them into shared memory itself (32 loads and 16-byte stores a thread, then a
 warpgroup barrier), against one 64 KB bulk copy: D = 128 B = 1 16K 18.6/18.2 against
 15.1/15.3 us, 64K B = 8 212.7/214.1 against 204.8/201.7; no gain at 64 coordinates or
-for the 3-bit kernel. The table's copy is not what the B = 1 call waits on.
+for the 3-bit kernel. A cheaper way to the table did not shorten the B = 1 call.
 
 Limits: whole splits past a row's length are skipped, but a split that holds the length
 runs all its steps (masked); S must be a multiple of the step (64); the kernel needs an
@@ -857,11 +857,11 @@ def default_tiling(B: int, K: int, S: int, lookup: str,
                    programs: int | None = None) -> tuple[int, int, int]:
   """(step, splits, stages) from `tuned_block_sizes.MOSAIC_DECODE` for the lookup ("prmt",
   "smem", or "smem3" for the 3-bit kernel's, "smem64" for the 4-bit one at 64
-  coordinates, "smem64x16" there with 16 query rows): the tuned step (halved, down to 64, until it divides S), the most splits
-  that keep
-  B * K * splits within the tuned number of programs (or `programs`; at least 1 split,
-  and at least the tuned `min_steps` steps each: one-step splits pay a pipeline's start
-  for one step), then evened out into whole steps, none empty."""
+  coordinates, "smem64x16" there with 16 query rows): the tuned step (halved, down to 64,
+  until it divides S), the most splits that keep B * K * splits within the tuned number
+  of programs (or `programs`; at least 1 split, and at least the tuned `min_steps` steps
+  each: one-step splits pay a pipeline's start for one step), then evened out into whole
+  steps, none empty."""
   from pallas_kernels import tuned_block_sizes
   cfg = tuned_block_sizes.mosaic_decode_config(lookup)
   step = cfg.step
