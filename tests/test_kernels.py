@@ -754,10 +754,13 @@ def test_mosaic_splits_cover_every_token_once_from_inside_the_cache(B, K, S, tar
 @pytest.mark.parametrize("G,start,layer,S,splits", [(4, 0, None, 4096, None),
                                                     (7, 5, None, 4096, None),
                                                     (12, 0, 1, 4096, None),
-                                                    (4, 3, None, 4480, 4)])
+                                                    (4, 3, None, 4480, 4),
+                                                    (7, 3, None, 4608, 4)])
 def test_decode_mosaic_gpu_matches_reference(G, start, layer, S, splits, preset, lookup):
   # S = 4480 in 4 splits: 9, 9, 9 and 8 steps of 128, the last read from token 3328; row 1
-  # ends inside that overlap.
+  # ends inside that overlap. mse4 (64 coordinates) takes 256-token steps up to 8 rows
+  # ("smem64"): S = 4608 in 4 splits of 5, 5, 5 and 3 steps, the last read from 3328; at
+  # S = 4480 the step halves to 128, and 12 rows take the 16-row tiling ("smem64x16").
   args = make_case(8, preset, B=3, K=2, G=G, S=S, lengths=[S, 3400 if splits else 1000, 0])
   ref = dk.decode(*args, implementation="xla", start=start)
   qk, kc, kn, kcb, vc, vn, vcb, lengths = args
