@@ -33,15 +33,10 @@ from pallas_kernels import decode_mosaic as dm
 
 
 def run(fn_kw, qk, kc, kn, kcb, vc, vn, vcb, lengths):
-  """`decode_mosaic` with the variant's kwargs; "module" names another module with the
-  same function (e.g. a copy of the kernel before a change); "programs" sets num_splits
-  (unless given) for the shape as `default_tiling` would for that many programs."""
+  """`decode_mosaic` with the variant's kwargs ("programs" among them: the splits for that
+  many programs, by the tiling the kernel picks for the shape); "module" names another
+  module with the same function (e.g. a copy of the kernel before a change)."""
   fn_kw = dict(fn_kw)
-  programs = fn_kw.pop("programs", None)
-  if programs is not None and "num_splits" not in fn_kw:
-    (B, K, _, _), S = qk[0].shape, kc[0].shape[-2]
-    fn_kw["num_splits"] = dm.default_tiling(B, K, S, fn_kw.get("lookup") or "smem",
-                                            programs)[1]
   module = importlib.import_module(fn_kw.pop("module")) if "module" in fn_kw else dm
   return module.decode_mosaic(qk, kc, kn, kcb, vc, vn, vcb, lengths, **fn_kw)
 

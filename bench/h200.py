@@ -18,6 +18,10 @@ Jobs:
            the Mosaic splits at the e2e model's layer with --layer-sweep
   kernels64  the grid at head_dim 64 (k4v4, k3v3; B = 8 and 1, 4K-128K) against the fp16
            baselines of the same run, in DIR/kernels64/ (several minutes: a call of its own)
+  ab64     bench/ab_mosaic.py --head-dim 64 --baselines: the 4-bit Mosaic kernel at 64
+           coordinates with the tuned 264 programs against 132 and 66 and 3 stages, at
+           16K B = 1 (0.93x fp16 on the H100, session 21: the target's one miss for k4v4),
+           64K B = 1 and B = 8; the table of us and x fastest fp16 last
   profile  bench/decode_profile.py: the device time of one B = 1, 16K decode call by
            program (kernel, query layout, split merge), D = 64 and 128, both kernels
   bridge   bench/bridge.py (Qwen2.5-7B shapes, stock cache vs the bridge, 8K-64K)
@@ -47,6 +51,10 @@ JOBS = {
   "kernels": (["bench/kernels.py", "--quick"], "kernels.json"),
   "kernels64": (["bench/kernels.py", "--dims", "64", "--presets", "k4v4,k3v3", "--no-encode"],
                 "kernels64/kernels.json"),
+  "ab64": (["bench/ab_mosaic.py", "--head-dim", "64", "--baselines", "--rounds", "2",
+            "--shapes", "16K B1,64K B1,64K B8", "--variants",
+            json.dumps({"264 tuned": {}, "132": {"programs": 132}, "66": {"programs": 66},
+                        "3 stages": {"num_stages": 3}})], None),
   "profile": (["bench/decode_profile.py", "--dims", "64,128", "--presets", "k4v4,k3v3",
                "--implementations", "mosaic,pallas"], "decode_profile.json"),
   "bridge": (["bench/bridge.py", "--contexts", "8192,32768,65536"], "bridge.json"),
@@ -65,7 +73,7 @@ JOBS = {
 # 4, weights drawn per layer; 206 s before), bridge 95 s.
 # kernels64: session 19's grid (k4v4, k3v3, checked) ran out of ~400 s at B = 1, 64K.
 SHARE = {"tests": 0.45, "mosaic-tests": 0.15, "kernels": 0.25, "kernels64": 0.9,
-         "profile": 0.15, "bridge": 0.2, "e2e": 0.3, "e2e2": 0.6}
+         "ab64": 0.3, "profile": 0.15, "bridge": 0.2, "e2e": 0.3, "e2e2": 0.6}
 
 
 def headline(job: str, path: str | None, log: str) -> str:
@@ -73,6 +81,10 @@ def headline(job: str, path: str | None, log: str) -> str:
   if job.endswith("tests"):
     lines = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l]
     return lines[-1].strip() if lines else log.strip().splitlines()[-1:][0] if log else ""
+  if job.startswith("ab"):  # bench/ab_mosaic.py: its table, the last lines of the log
+    at = log.rfind("\nshape ")
+    table = log[at:].strip().splitlines() if at >= 0 else []
+    return " | ".join(" ".join(l.split()) for l in table)[:400] if table else "no table"
   if path is None or not os.path.exists(path):
     return "no json"
   with open(path) as f:
@@ -99,7 +111,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--jobs", default=",".join(
-      j for j in JOBS if j not in ("mosaic-tests", "kernels64", "profile")))
+      j for j in JOBS if j not in ("mosaic-tests", "kernels64", "ab64", "profile")))
   ap.add_argument("--budget", type=float, default=540.0, help="seconds for all jobs")
   ap.add_argument("--sweep", action="store_true", help="kernels: the tiling sweep too")
   ap.add_argument("--layer-sweep", action="store_true",

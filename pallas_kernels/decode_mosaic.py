@@ -880,13 +880,15 @@ def whole_splits(steps: int, splits: int) -> int:
 def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centroids,
                   lengths, *, start: int = 0, layer: int | None = None,
                   step: int | None = None, num_splits: int | None = None,
-                  num_stages: int | None = None, lookup: str | None = None):
+                  num_stages: int | None = None, lookup: str | None = None,
+                  programs: int | None = None):
   """`pallas_kernels.decode.decode` by the Mosaic GPU kernel; the arguments are checked
   there (this takes what that function passes, see its docstring). Returns a `Partial`.
 
   lookup: "prmt" (`word_asm`: byte permutes on tables in the PTX) or "smem" (`smem_word_asm`:
   loads from a 64 KB table in shared memory); None: `default_lookup`. 3-bit codes (k3v3)
-  take "smem" only (`key3_asm`, `value3_asm`).
+  take "smem" only (`key3_asm`, `value3_asm`). programs: the programs the splits aim at
+  instead of the tuned number (`default_tiling`; an explicit num_splits wins).
   """
   from pallas_kernels.decode import Partial, _merge_weights
 
@@ -911,7 +913,10 @@ def decode_mosaic(qk, k_codes, k_scales, k_centroids, v_codes, v_scales, v_centr
     raise ValueError(f'mosaic decode: 3-bit codes take lookup "smem", got {lookup!r}')
   tiling = ("smem3" if three else lookup if dim == DIM else "smem64" if G <= 8 else
             "smem64x16")
-  auto = default_tiling(B, K, S, tiling)
+  if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int)
+                               or programs < 1):
+    raise ValueError(f"mosaic decode: programs must be a positive int or None, got {programs!r}")
+  auto = default_tiling(B, K, S, tiling, programs)
   step, num_splits, num_stages = step or auto[0], num_splits or auto[1], num_stages or auto[2]
   if num_stages < 1:
     raise ValueError(f"mosaic decode: num_stages must be >= 1, got {num_stages}")

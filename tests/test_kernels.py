@@ -705,6 +705,28 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
 
 
 # The most splits of whole steps that keep B * K * splits within the tuned number of
+def test_decode_mosaic_programs_take_the_kernels_own_tiling(monkeypatch):
+  # `programs` (bench/ab_mosaic.py's variants) goes to the tiling the kernel picks: at 64
+  # coordinates the 256-token steps of "smem64", so 16 programs at B = 2, 2 heads are 4
+  # splits of 4 steps (splits sized for "smem"'s 128-token steps could exceed S / step).
+  case = make_case(6, "mse4", B=2, K=2, G=4, S=4096)
+  built, tilings = [], []
+  tiling = dm.default_tiling
+  monkeypatch.setattr(dm, "default_tiling", lambda *a: tilings.append(a) or tiling(*a))
+  monkeypatch.setattr(dm, "_build", lambda *a: built.append(a) or (_ for _ in ()).throw(
+      RuntimeError("built")))
+  with pytest.raises(RuntimeError, match="built"):
+    dm.decode_mosaic(*case, programs=16)
+  assert tilings == [(2, 2, 4096, "smem64", 16)]
+  assert built[0][4:7] == (256, 4, 2)  # step, splits, stages
+  with pytest.raises(RuntimeError, match="built"):
+    dm.decode_mosaic(*case, programs=16, num_splits=2)  # an explicit num_splits wins
+  assert built[1][5] == 2
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match=f"programs must be a positive int or None, got {bad!r}"):
+      dm.decode_mosaic(*case, programs=bad)
+
+
 # programs (for "prmt" 1056 on the H200, else 1024; for "smem" one wave, 264), at least 2
 # steps each where S has them: the e2e cache of 33,024 tokens (258 steps of 128) gets 33
 # splits of 8 at B = 8, 4 heads, for 1056 programs (a power of two dividing 258 gave 2),
