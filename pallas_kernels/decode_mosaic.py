@@ -152,6 +152,19 @@ goes into bits 8..13 of the lane offset as here, in a 64-row table (`smem_table3
 * In all, ~700 lookup instructions a thread-step against ~450, for 0.76 of the bytes. On
   the H100, where the 4-bit kernel is at its bytes, that suggests ~3.3-3.6x fp16, not 4x.
 
+Considered for 3 bits and not built (session 23, on paper and the CPU, no GPU came): a
+lookup with no table. A codebook on the float8 e5m2 grid (the high byte of a float16:
+centroids ± {1, 3, 5, 8} times a scale) costs +0.96% distortion at 128 coordinates
+(0.03397 -> 0.03429, `codebook.expected_distortion`; +0.91% at 64, +4.2% for 4 bits). Then
+one `prmt` with the 8 high bytes as its table makes a float16 pair (its low bytes zero by
+sign-replicating a positive entry), but only from a selector with the two codes as 3-bit
+nibbles 1 and 3 and 0xC in nibbles 0 and 2, and building those from the two planes costs
+what the table lookups cost now. Counted: keys 33 instructions per 16 codes, as `key3_asm`
+(26 with the 1-bit plane stored in a spread order, a cache format change); values ~20 per 8
+against 27; ~550 lookup instructions a thread-step against ~700 (k4v4: ~450). Between the
+H100's k3v3 (~700, 250 us at B = 8, 64K) and k4v4 (~450, 206 us) that is ~225 us, ~3.1x
+fp16, where 4x needs <= 174 us. Not worth a new codebook and cache format.
+
 64 coordinates (4-bit, "smem" lookup only; written in session 18, first run in session 19
 on the H100: `pytest -m gpu -k decode_mosaic_gpu` passes, relative error 2.8e-5 in
 `bench/kernels.py`; the D = 128 modules are byte-identical, `bench/mosaic_ir.py`): keys
