@@ -704,7 +704,6 @@ def test_decode_mosaic_lowers_for_cuda_and_checks_its_arguments(monkeypatch):
     dk.decode(*make_case(6, "lut4", S=256), implementation="mosaic", lookup="lut")
 
 
-# The most splits of whole steps that keep B * K * splits within the tuned number of
 def test_decode_mosaic_programs_take_the_kernels_own_tiling(monkeypatch):
   # `programs` (bench/ab_mosaic.py's variants) goes to the tiling the kernel picks: at 64
   # coordinates the 256-token steps of "smem64", so 16 programs at B = 2, 2 heads are 4
@@ -727,6 +726,7 @@ def test_decode_mosaic_programs_take_the_kernels_own_tiling(monkeypatch):
       dm.decode_mosaic(*case, programs=bad)
 
 
+# The most splits of whole steps that keep B * K * splits within the tuned number of
 # programs (for "prmt" 1056 on the H200, else 1024; for "smem" one wave, 264), at least 2
 # steps each where S has them: the e2e cache of 33,024 tokens (258 steps of 128) gets 33
 # splits of 8 at B = 8, 4 heads, for 1056 programs (a power of two dividing 258 gave 2),
